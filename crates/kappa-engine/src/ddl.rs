@@ -1,0 +1,282 @@
+//! CREATE TABLE, CREATE [MATERIALIZED] VIEW, DROP.
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::{Field, Schema};
+use datafusion::sql::sqlparser::ast::{
+    ColumnOption, CreateTable, CreateView, ObjectType, Statement, TableConstraint,
+};
+use kappa_common::{KappaError, RelationId, Result, SqlState};
+use kappa_sql::catalog::{Relation, RelationKind};
+use kappa_sql::parse::{normalize_ident, object_name};
+
+use crate::context::{TableReads, session_context};
+use crate::{Engine, Output, types};
+
+pub(crate) async fn execute(engine: &Engine, stmt: Statement) -> Result<Output> {
+    match stmt {
+        Statement::CreateTable(ct) => create_table(engine, ct).await,
+        Statement::CreateView(cv) => create_view(engine, cv).await,
+        Statement::Drop {
+            object_type,
+            if_exists,
+            names,
+            cascade,
+            ..
+        } => drop(engine, object_type, if_exists, names, cascade).await,
+        _ => Err(KappaError::internal("not a DDL statement")),
+    }
+}
+
+async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
+    let name = object_name(&ct.name)?;
+    if engine.catalog().get(&name).is_some() {
+        if ct.if_not_exists {
+            return Ok(Output::command("CREATE TABLE"));
+        }
+        return Err(KappaError::user(
+            SqlState::DUPLICATE_TABLE,
+            format!("relation \"{name}\" already exists"),
+        ));
+    }
+    if ct.query.is_some() {
+        return Err(KappaError::not_supported("CREATE TABLE … AS SELECT"));
+    }
+    if ct.columns.is_empty() {
+        return Err(KappaError::user(
+            SqlState::INVALID_TABLE_DEFINITION,
+            "a table needs at least one column",
+        ));
+    }
+    let mut fields = Vec::with_capacity(ct.columns.len());
+    let mut names: Vec<String> = Vec::new();
+    let mut pk: Option<Vec<usize>> = None;
+    let set_pk = |pk: &mut Option<Vec<usize>>, cols: Vec<usize>| -> Result<()> {
+        if pk.is_some() {
+            return Err(KappaError::user(
+                SqlState::INVALID_TABLE_DEFINITION,
+                "multiple primary keys are not allowed",
+            ));
+        }
+        *pk = Some(cols);
+        Ok(())
+    };
+    for (i, col) in ct.columns.iter().enumerate() {
+        let cname = normalize_ident(&col.name);
+        if names.contains(&cname) {
+            return Err(KappaError::user(
+                SqlState::DUPLICATE_COLUMN,
+                format!("column \"{cname}\" specified more than once"),
+            ));
+        }
+        let ty = types::arrow_type(&col.data_type)?;
+        let mut nullable = true;
+        for opt in &col.options {
+            match &opt.option {
+                ColumnOption::Null => {}
+                ColumnOption::NotNull => nullable = false,
+                ColumnOption::PrimaryKey(_) => {
+                    nullable = false;
+                    set_pk(&mut pk, vec![i])?;
+                }
+                other => {
+                    return Err(KappaError::not_supported(format!("the column option {other}")));
+                }
+            }
+        }
+        names.push(cname.clone());
+        fields.push((cname, ty, nullable));
+    }
+    for c in &ct.constraints {
+        match c {
+            TableConstraint::PrimaryKey(p) => {
+                let mut cols = vec![];
+                for ic in &p.columns {
+                    let cname = ic.column.expr.to_string();
+                    let cname = crate::fold(&cname);
+                    let idx = names.iter().position(|n| *n == cname).ok_or_else(|| {
+                        KappaError::user(
+                            SqlState::UNDEFINED_COLUMN,
+                            format!("column \"{cname}\" named in key does not exist"),
+                        )
+                    })?;
+                    fields[idx].2 = false;
+                    cols.push(idx);
+                }
+                set_pk(&mut pk, cols)?;
+            }
+            other => return Err(KappaError::not_supported(format!("the table constraint {other}"))),
+        }
+    }
+    let schema = Arc::new(Schema::new(
+        fields
+            .into_iter()
+            .map(|(n, t, nullable)| Field::new(n, t, nullable))
+            .collect::<Vec<_>>(),
+    ));
+    let mut catalog = engine.catalog().as_ref().clone();
+    let id = catalog.next_id();
+    engine
+        .runtime()
+        .create_table(id, &name, schema.clone(), pk.clone())?;
+    engine.barrier().await?;
+    catalog.insert(Relation {
+        id,
+        name,
+        kind: RelationKind::Table { primary_key: pk },
+        schema,
+        definition: None,
+        depends_on: vec![],
+        plan_text: None,
+    })?;
+    engine.set_catalog(catalog);
+    Ok(Output::command("CREATE TABLE"))
+}
+
+/// Relations a query names directly (views are not expanded), by id.
+fn direct_dependencies(engine: &Engine, query: &datafusion::sql::sqlparser::ast::Query) -> Result<Vec<RelationId>> {
+    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(Box::new(
+        query.clone(),
+    ))));
+    let (tables, _ctes) = datafusion::sql::resolve::resolve_table_references(&stmt, true)?;
+    let cat = engine.catalog();
+    let mut out = vec![];
+    for t in tables {
+        if let Some(r) = cat.get(t.table())
+            && !out.contains(&r.id)
+        {
+            out.push(r.id);
+        }
+    }
+    Ok(out)
+}
+
+async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
+    let name = object_name(&cv.name)?;
+    let tag = if cv.materialized {
+        "CREATE MATERIALIZED VIEW"
+    } else {
+        "CREATE VIEW"
+    };
+    if let Some(existing) = engine.catalog().get(&name) {
+        if cv.if_not_exists {
+            return Ok(Output::command(tag));
+        }
+        let _ = existing;
+        if cv.or_replace {
+            return Err(KappaError::not_supported("CREATE OR REPLACE of a view"));
+        }
+        return Err(KappaError::user(
+            SqlState::DUPLICATE_TABLE,
+            format!("relation \"{name}\" already exists"),
+        ));
+    }
+    if !cv.columns.is_empty() {
+        return Err(KappaError::not_supported("a column list in CREATE VIEW"));
+    }
+    let depends_on = direct_dependencies(engine, &cv.query)?;
+    let definition = cv.query.to_string();
+    let catalog = engine.catalog();
+    let snapshot = engine.runtime().snapshot();
+    let ctx = session_context(
+        catalog.clone(),
+        snapshot,
+        engine.runtime().clone(),
+        TableReads::Committed,
+        true,
+    );
+    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(cv.query)));
+    let plan = ctx.state().statement_to_plan(stmt).await?;
+    let fields = plan.schema().as_arrow().fields().clone();
+    let mut seen = std::collections::HashSet::new();
+    for f in fields.iter() {
+        if !seen.insert(f.name().clone()) {
+            return Err(KappaError::user(
+                SqlState::DUPLICATE_COLUMN,
+                format!("column \"{}\" specified more than once; give the columns distinct names with AS", f.name()),
+            ));
+        }
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let mut new_catalog = catalog.as_ref().clone();
+    let id = new_catalog.next_id();
+    let plan_text = if cv.materialized {
+        let optimized = ctx.state().optimize(&plan)?;
+        let resolve = |t: &datafusion::common::TableReference| -> Result<RelationId> {
+            catalog
+                .get(t.table())
+                .filter(|r| !matches!(r.kind, RelationKind::View))
+                .map(|r| r.id)
+                .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
+        };
+        let graph = kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, &name))?;
+        let text = graph.to_string();
+        engine.runtime().create_view(id, graph)?;
+        Some(text)
+    } else {
+        None
+    };
+    new_catalog.insert(Relation {
+        id,
+        name,
+        kind: if cv.materialized {
+            RelationKind::MaterializedView
+        } else {
+            RelationKind::View
+        },
+        // The sink keeps DataFusion's nullability; readers see the same schema.
+        schema,
+        definition: Some(definition),
+        depends_on,
+        plan_text,
+    })?;
+    engine.set_catalog(new_catalog);
+    Ok(Output::command(tag))
+}
+
+async fn drop(
+    engine: &Engine,
+    object_type: ObjectType,
+    if_exists: bool,
+    names: Vec<datafusion::sql::sqlparser::ast::ObjectName>,
+    cascade: bool,
+) -> Result<Output> {
+    let (want, tag) = match object_type {
+        ObjectType::Table => ("table", "DROP TABLE"),
+        ObjectType::View => ("view", "DROP VIEW"),
+        ObjectType::MaterializedView => ("materialized view", "DROP MATERIALIZED VIEW"),
+        other => return Err(KappaError::not_supported(format!("DROP {other}"))),
+    };
+    for n in names {
+        let name = object_name(&n)?;
+        let catalog = engine.catalog();
+        let Some(rel) = catalog.get(&name) else {
+            if if_exists {
+                continue;
+            }
+            return Err(KappaError::user(
+                SqlState::UNDEFINED_TABLE,
+                format!("{want} \"{name}\" does not exist"),
+            ));
+        };
+        if rel.kind.describe() != want {
+            return Err(KappaError::user(
+                SqlState::WRONG_OBJECT_TYPE,
+                format!("\"{name}\" is a {}, not a {want}; use DROP {}", rel.kind.describe(), rel.kind.describe().to_uppercase()),
+            ));
+        }
+        let order = catalog.drop_order(&name, cascade)?;
+        let mut new_catalog = catalog.as_ref().clone();
+        for r in &order {
+            new_catalog.remove(&r.name);
+        }
+        // The catalog goes first: no new statement can name a relation that is going away.
+        engine.set_catalog(new_catalog);
+        for r in order {
+            if !matches!(r.kind, RelationKind::View) {
+                engine.runtime().drop_relation(r.id)?;
+            }
+        }
+    }
+    Ok(Output::command(tag))
+}

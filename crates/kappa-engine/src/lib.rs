@@ -1,0 +1,364 @@
+//! Statement execution: the catalog, DDL, DML, COPY, ad-hoc queries, FLUSH and session
+//! settings. The wire protocol calls in here with parsed statements and gets [`Output`]s
+//! back; everything below is protocol-agnostic.
+//!
+//! # Consistency
+//! - Each statement commits on its own; a write is applied atomically (all rows or none).
+//! - A query reads one committed epoch of every relation (a consistent cut).
+//! - Read-your-writes: a session's query after its own write first commits an epoch, so it
+//!   sees the write in tables and in every view.
+
+mod context;
+mod copy;
+mod ddl;
+mod dml;
+mod session;
+pub mod types;
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::sql::sqlparser::ast::Statement;
+use kappa_common::{KappaError, Result, SqlState};
+use kappa_runtime::Runtime;
+use kappa_sql::catalog::Catalog;
+use kappa_state::{MemStateStore, StateStore};
+
+pub use context::TableReads;
+pub use copy::{CopyFormat, CopyIn};
+pub use session::Session;
+
+/// What a statement returns to the client.
+pub enum Output {
+    Rows {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// A command tag such as `INSERT 0 3` or `CREATE TABLE`.
+    Command { tag: String, rows: Option<usize> },
+    /// The statement is `COPY … FROM STDIN`: the client sends data next.
+    CopyIn(CopyIn),
+    TransactionStart,
+    TransactionEnd(&'static str),
+}
+
+impl Output {
+    fn command(tag: &str) -> Self {
+        Output::Command {
+            tag: tag.to_string(),
+            rows: None,
+        }
+    }
+
+    fn rows_affected(tag: &str, n: usize) -> Self {
+        Output::Command {
+            tag: tag.to_string(),
+            rows: Some(n),
+        }
+    }
+}
+
+pub struct EngineConfig {
+    /// How often the runtime commits an epoch on its own.
+    pub barrier_interval: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            barrier_interval: Duration::from_millis(100),
+        }
+    }
+}
+
+pub struct Engine {
+    catalog: RwLock<Arc<Catalog>>,
+    runtime: Arc<Runtime>,
+    /// Serializes DDL so catalog changes and runtime changes happen in one order.
+    ddl: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    /// Starts an engine with in-memory state and its background barrier loop.
+    pub fn start(config: EngineConfig) -> Arc<Self> {
+        let store: Arc<dyn StateStore> = Arc::new(MemStateStore);
+        let engine = Arc::new(Self {
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            runtime: Arc::new(Runtime::new(store)),
+            ddl: tokio::sync::Mutex::new(()),
+        });
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(config.barrier_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(engine) = weak.upgrade() else { break };
+                if let Err(e) = engine.barrier().await {
+                    tracing::error!(error = %e, "barrier failed");
+                }
+            }
+        });
+        engine
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn set_catalog(&self, c: Catalog) {
+        match self.catalog.write() {
+            Ok(mut g) => *g = Arc::new(c),
+            Err(p) => *p.into_inner() = Arc::new(c),
+        }
+    }
+
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Commits an epoch and returns when every view has caught up with every write that
+    /// finished before the call.
+    pub async fn barrier(&self) -> Result<u64> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || rt.barrier())
+            .await
+            .map_err(|e| KappaError::internal(format!("barrier task failed: {e}")))?
+    }
+
+    /// A DataFusion context over the current catalog.
+    pub fn context(&self, reads: TableReads) -> datafusion::prelude::SessionContext {
+        context::session_context(
+            self.catalog(),
+            self.runtime.snapshot(),
+            self.runtime.clone(),
+            reads,
+            false,
+        )
+    }
+
+    /// Executes one statement. `sql` is Kappa's own command syntax when it is one of the
+    /// extensions (FLUSH, SHOW MATERIALIZED VIEWS, …), else the parsed statement is used.
+    pub async fn execute(&self, session: &Session, stmt: Statement) -> Result<Output> {
+        use Statement as S;
+        let out = match stmt {
+            S::Query(_) | S::Explain { .. } => self.query(session, stmt).await,
+            S::Insert(_) | S::Update(_) | S::Delete(_) => {
+                let out = self.dml(stmt).await;
+                if out.is_ok() {
+                    session.wrote();
+                }
+                out
+            }
+            S::Copy { .. } => copy::start(self, stmt),
+            S::CreateTable(_) | S::CreateView(_) | S::Drop { .. } => {
+                let _ddl = self.ddl.lock().await;
+                ddl::execute(self, stmt).await
+            }
+            S::StartTransaction { .. } => {
+                session.begin();
+                Ok(Output::TransactionStart)
+            }
+            S::Commit { .. } => {
+                session.end();
+                Ok(Output::TransactionEnd("COMMIT"))
+            }
+            S::Rollback { .. } => session.rollback().map(|_| Output::TransactionEnd("ROLLBACK")),
+            S::Set(set) => session.set(set),
+            S::ShowVariable { variable } => session.show(&variable),
+            S::ShowTables { .. } => self.show_relations(&["table"]),
+            S::ShowViews { materialized, .. } => {
+                if materialized {
+                    self.show_relations(&["materialized view"])
+                } else {
+                    self.show_relations(&["view"])
+                }
+            }
+            S::ExplainTable { table_name, .. } => {
+                self.describe(&kappa_sql::parse::object_name(&table_name)?)
+            }
+            other => Err(KappaError::not_supported(format!(
+                "the statement {}",
+                statement_keyword(&other)
+            ))),
+        }?;
+        Ok(out)
+    }
+
+    /// Runs a Kappa command that is not standard SQL, if `sql` is one. Returns `None` for
+    /// anything else.
+    pub async fn execute_extension(&self, session: &Session, sql: &str) -> Option<Result<Output>> {
+        let words: Vec<String> = sql
+            .trim()
+            .trim_end_matches(';')
+            .split_whitespace()
+            .map(|w| w.to_string())
+            .collect();
+        let upper: Vec<String> = words.iter().map(|w| w.to_uppercase()).collect();
+        let u: Vec<&str> = upper.iter().map(|s| s.as_str()).collect();
+        Some(match u.as_slice() {
+            ["FLUSH"] => self.barrier().await.map(|_| Output::command("FLUSH")),
+            ["SHOW", "MATERIALIZED", "VIEWS"] => self.show_relations(&["materialized view"]),
+            ["SHOW", "VIEWS"] => self.show_relations(&["view"]),
+            ["SHOW", "TABLES"] => self.show_relations(&["table"]),
+            ["SHOW", "RELATIONS"] => self.show_relations(&["table", "materialized view", "view"]),
+            ["EXPLAIN", "MATERIALIZED", "VIEW", _] => self.explain_view(&words[3]),
+            ["DESCRIBE", _] | ["DESC", _] => self.describe(&fold(&words[1])),
+            ["SHOW", "COLUMNS", "FROM", _] => self.describe(&fold(&words[3])),
+            _ => {
+                let _ = session;
+                return None;
+            }
+        })
+    }
+
+    async fn query(&self, session: &Session, stmt: Statement) -> Result<Output> {
+        if session.take_unflushed_writes() {
+            self.barrier().await?;
+        }
+        let ctx = self.context(TableReads::Committed);
+        let df_stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
+        let plan = ctx.state().statement_to_plan(df_stmt).await?;
+        if matches!(plan, datafusion::logical_expr::LogicalPlan::Ddl(_) | datafusion::logical_expr::LogicalPlan::Dml(_) | datafusion::logical_expr::LogicalPlan::Statement(_)) {
+            return Err(KappaError::not_supported(format!("{}", plan.display())));
+        }
+        let df = ctx.execute_logical_plan(plan).await?;
+        let schema: SchemaRef = Arc::new(df.schema().as_arrow().clone());
+        let batches = df.collect().await?;
+        Ok(Output::Rows { schema, batches })
+    }
+
+    /// The result columns a statement would return, without running it (for Describe in
+    /// the extended protocol). `None` for statements that return no rows.
+    pub async fn describe_statement(
+        &self,
+        stmt: &Statement,
+    ) -> Result<(Option<SchemaRef>, Vec<Option<datafusion::arrow::datatypes::DataType>>)> {
+        match stmt {
+            Statement::Query(_) | Statement::Explain { .. } => {
+                let ctx = self.context(TableReads::Committed);
+                let df_stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt.clone()));
+                let plan = ctx.state().statement_to_plan(df_stmt).await?;
+                let params = plan.get_parameter_types()?;
+                let mut types = vec![];
+                for i in 1..=params.len() {
+                    types.push(params.get(&format!("${i}")).cloned().flatten());
+                }
+                Ok((Some(Arc::new(plan.schema().as_arrow().clone())), types))
+            }
+            Statement::ShowTables { .. }
+            | Statement::ShowViews { .. }
+            | Statement::ExplainTable { .. }
+            | Statement::ShowVariable { .. } => Ok((None, vec![])),
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
+                Ok((None, dml::parameter_types(self, stmt).await.unwrap_or_default()))
+            }
+            _ => Ok((None, vec![])),
+        }
+    }
+
+    fn show_relations(&self, kinds: &[&str]) -> Result<Output> {
+        use datafusion::arrow::array::StringArray;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let cat = self.catalog();
+        let rels: Vec<_> = cat
+            .relations()
+            .filter(|r| kinds.contains(&r.kind.describe()))
+            .collect();
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("kind", DataType::Utf8, false),
+        ]));
+        let names: StringArray = rels.iter().map(|r| Some(r.name.clone())).collect();
+        let kinds: StringArray = rels.iter().map(|r| Some(r.kind.describe())).collect();
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(names), Arc::new(kinds)])?;
+        Ok(Output::Rows {
+            schema,
+            batches: vec![batch],
+        })
+    }
+
+    fn describe(&self, name: &str) -> Result<Output> {
+        use datafusion::arrow::array::StringArray;
+        use datafusion::arrow::datatypes::{DataType, Field, Schema};
+        let cat = self.catalog();
+        let rel = cat.require(name)?;
+        let pk = match &rel.kind {
+            kappa_sql::catalog::RelationKind::Table { primary_key } => primary_key.clone(),
+            _ => None,
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("column_name", DataType::Utf8, false),
+            Field::new("data_type", DataType::Utf8, false),
+            Field::new("is_nullable", DataType::Utf8, false),
+            Field::new("primary_key", DataType::Utf8, false),
+        ]));
+        let f = rel.schema.fields();
+        let names: StringArray = f.iter().map(|f| Some(f.name().clone())).collect();
+        let types: StringArray = f.iter().map(|f| Some(types::pg_type_name(f.data_type()))).collect();
+        let nulls: StringArray = f
+            .iter()
+            .map(|f| Some(if f.is_nullable() { "YES" } else { "NO" }))
+            .collect();
+        let pks: StringArray = (0..f.len())
+            .map(|i| {
+                Some(if pk.as_ref().is_some_and(|p| p.contains(&i)) { "YES" } else { "NO" })
+            })
+            .collect();
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(names), Arc::new(types), Arc::new(nulls), Arc::new(pks)],
+        )?;
+        Ok(Output::Rows {
+            schema,
+            batches: vec![batch],
+        })
+    }
+
+    fn explain_view(&self, name: &str) -> Result<Output> {
+        let cat = self.catalog();
+        let name = fold(name);
+        let rel = cat.require(&name)?;
+        let text = rel.plan_text.clone().ok_or_else(|| {
+            KappaError::user(
+                SqlState::WRONG_OBJECT_TYPE,
+                format!("\"{name}\" is a {}, not a materialized view", rel.kind.describe()),
+            )
+        })?;
+        Ok(plan_rows(&text))
+    }
+}
+
+/// A plan as rows of one text column, as EXPLAIN returns it.
+fn plan_rows(text: &str) -> Output {
+    use datafusion::arrow::array::StringArray;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
+    let lines: StringArray = text.lines().map(Some).collect();
+    match RecordBatch::try_new(schema.clone(), vec![Arc::new(lines)]) {
+        Ok(b) => Output::Rows {
+            schema,
+            batches: vec![b],
+        },
+        Err(_) => Output::command("EXPLAIN"),
+    }
+}
+
+/// PostgreSQL's identifier folding for a bare word: quoted keeps case, unquoted lowers.
+fn fold(word: &str) -> String {
+    if let Some(inner) = word.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+        inner.to_string()
+    } else {
+        word.to_lowercase()
+    }
+}
+
+fn statement_keyword(stmt: &Statement) -> String {
+    let s = stmt.to_string();
+    s.split_whitespace().take(2).collect::<Vec<_>>().join(" ")
+}

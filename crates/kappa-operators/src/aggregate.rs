@@ -1,0 +1,643 @@
+//! Group-by aggregation with retraction.
+//!
+//! # State
+//! - `groups`: group key (Arrow row format of the group columns; empty for a scalar
+//!   aggregate) → [`GroupState`]: the group's row count (sum of weights) and one accumulator
+//!   per aggregate. A group with row count 0 is deleted.
+//! - `extremes`: for every `min`/`max`, the multiset of the non-null argument values per
+//!   group, as `agg index (u16 BE) ‖ key length (u32 BE) ‖ group key ‖ value (row format)` →
+//!   count. The row format sorts like the values, so the current minimum is the first entry
+//!   under the `(agg, group)` prefix and the maximum the last: deleting the current extreme
+//!   just exposes the next one.
+//!
+//! # Output
+//! Changes are consolidated per epoch: at the barrier every group touched during the epoch
+//! emits `-old` (if it had a row) and `+new` (if it has one now), and nothing if the row did
+//! not change. A grouped aggregate has a row for exactly the groups with row count > 0; a
+//! scalar aggregate (no GROUP BY) always has exactly one row, emitted at the first barrier
+//! even over an empty input, as SQL requires (`count` 0, other aggregates NULL).
+//!
+//! # Correctness
+//! `count` and integer/decimal `sum` are exact (i128 accumulators). Float `sum`/`avg` use
+//! compensated (Neumaier) summation, and reset to exactly zero when a group's non-null count
+//! returns to zero, so retracting every value leaves no residue; they can still differ from
+//! a batch engine in the last bits, as any two float summation orders can.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::scalar::ScalarValue;
+use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
+use kappa_plan::AggFunc;
+use kappa_state::{StateTable, decode_count, encode_count};
+
+use crate::Operator;
+
+/// A compiled aggregate call.
+pub struct AggSpec {
+    pub func: AggFunc,
+    /// The argument; `None` for `count(*)`.
+    pub arg: Option<Arc<dyn PhysicalExpr>>,
+    pub filter: Option<Arc<dyn PhysicalExpr>>,
+    pub input_type: DataType,
+    pub output_type: DataType,
+}
+
+/// How an aggregate accumulates, chosen from its function and argument type.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Count,
+    /// Exact sum of integers or decimals as unscaled i128; `scale` is the input's.
+    SumInt { scale: i8 },
+    SumFloat,
+    AvgInt,
+    AvgFloat,
+    Extreme { max: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Acc {
+    Count(i64),
+    Int { sum: i128, n: i64 },
+    Float { sum: f64, comp: f64, n: i64 },
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct GroupState {
+    rows: i64,
+    accs: Vec<Acc>,
+}
+
+struct Dirty {
+    /// The aggregate values the group's output row had before this epoch; `None` if the
+    /// group had no row.
+    before: Option<Vec<ScalarValue>>,
+    state: GroupState,
+}
+
+pub struct HashAggregate {
+    group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+    group_converter: Option<RowConverter>,
+    aggs: Vec<AggSpec>,
+    kinds: Vec<Kind>,
+    /// Per aggregate, for min/max: encodes the argument values.
+    value_converters: Vec<Option<RowConverter>>,
+    schema: SchemaRef,
+    groups: Box<dyn StateTable>,
+    extremes: Box<dyn StateTable>,
+    dirty: HashMap<Box<[u8]>, Dirty>,
+    key_buf: Vec<u8>,
+}
+
+fn kind_of(spec: &AggSpec) -> Result<Kind> {
+    let t = &spec.input_type;
+    let int_like = t.is_integer() || matches!(t, DataType::Decimal128(..));
+    let float_like = t.is_floating();
+    Ok(match spec.func {
+        AggFunc::Count => Kind::Count,
+        AggFunc::Min => Kind::Extreme { max: false },
+        AggFunc::Max => Kind::Extreme { max: true },
+        AggFunc::Sum if int_like => Kind::SumInt {
+            scale: match t {
+                DataType::Decimal128(_, s) => *s,
+                _ => 0,
+            },
+        },
+        AggFunc::Sum if float_like => Kind::SumFloat,
+        AggFunc::Avg if t.is_integer() && spec.output_type == DataType::Float64 => Kind::AvgInt,
+        AggFunc::Avg if float_like && spec.output_type == DataType::Float64 => Kind::AvgFloat,
+        f => {
+            return Err(KappaError::not_supported(format!(
+                "{}({t}) in a materialized view",
+                f.name()
+            )));
+        }
+    })
+}
+
+impl HashAggregate {
+    pub fn new(
+        group_exprs: Vec<Arc<dyn PhysicalExpr>>,
+        group_types: Vec<DataType>,
+        aggs: Vec<AggSpec>,
+        schema: SchemaRef,
+        groups: Box<dyn StateTable>,
+        extremes: Box<dyn StateTable>,
+    ) -> Result<Self> {
+        let group_converter = if group_exprs.is_empty() {
+            None
+        } else {
+            Some(RowConverter::new(
+                group_types.into_iter().map(SortField::new).collect(),
+            )?)
+        };
+        let kinds = aggs.iter().map(kind_of).collect::<Result<Vec<_>>>()?;
+        let value_converters = aggs
+            .iter()
+            .zip(&kinds)
+            .map(|(a, k)| match k {
+                Kind::Extreme { .. } => {
+                    RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
+                }
+                _ => Ok(None),
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        Ok(Self {
+            group_exprs,
+            group_converter,
+            aggs,
+            kinds,
+            value_converters,
+            schema,
+            groups,
+            extremes,
+            dirty: HashMap::new(),
+            key_buf: Vec::new(),
+        })
+    }
+
+    fn is_scalar(&self) -> bool {
+        self.group_converter.is_none()
+    }
+
+    fn empty_state(&self) -> GroupState {
+        GroupState {
+            rows: 0,
+            accs: self
+                .kinds
+                .iter()
+                .map(|k| match k {
+                    Kind::Count => Acc::Count(0),
+                    Kind::SumInt { .. } | Kind::AvgInt => Acc::Int { sum: 0, n: 0 },
+                    Kind::SumFloat | Kind::AvgFloat => Acc::Float {
+                        sum: 0.0,
+                        comp: 0.0,
+                        n: 0,
+                    },
+                    Kind::Extreme { .. } => Acc::None,
+                })
+                .collect(),
+        }
+    }
+
+    fn extreme_prefix(buf: &mut Vec<u8>, agg: usize, group: &[u8]) {
+        buf.clear();
+        buf.extend_from_slice(&(agg as u16).to_be_bytes());
+        buf.extend_from_slice(&(group.len() as u32).to_be_bytes());
+        buf.extend_from_slice(group);
+    }
+
+    /// The aggregate values of a group, reading extremes from the state table.
+    fn outputs(&self, state: &GroupState, group: &[u8]) -> Result<Vec<ScalarValue>> {
+        let mut prefix = Vec::new();
+        let mut out = Vec::with_capacity(self.aggs.len());
+        for (i, (spec, kind)) in self.aggs.iter().zip(&self.kinds).enumerate() {
+            let null = ScalarValue::try_from(&spec.output_type)?;
+            let v = match (kind, state.accs[i]) {
+                (Kind::Count, Acc::Count(c)) => ScalarValue::Int64(Some(c)),
+                (Kind::SumInt { scale }, Acc::Int { sum, n }) => {
+                    if n == 0 {
+                        null
+                    } else {
+                        ScalarValue::Decimal128(Some(sum), 38, *scale).cast_to(&spec.output_type)?
+                    }
+                }
+                (Kind::SumFloat, Acc::Float { sum, comp, n }) => {
+                    if n == 0 {
+                        null
+                    } else {
+                        ScalarValue::Float64(Some(sum + comp)).cast_to(&spec.output_type)?
+                    }
+                }
+                (Kind::AvgInt, Acc::Int { sum, n }) => {
+                    if n == 0 {
+                        null
+                    } else {
+                        ScalarValue::Float64(Some(sum as f64 / n as f64))
+                    }
+                }
+                (Kind::AvgFloat, Acc::Float { sum, comp, n }) => {
+                    if n == 0 {
+                        null
+                    } else {
+                        ScalarValue::Float64(Some((sum + comp) / n as f64))
+                    }
+                }
+                (Kind::Extreme { max }, _) => {
+                    Self::extreme_prefix(&mut prefix, i, group);
+                    let entry = if *max {
+                        self.extremes.last_with_prefix(&prefix)
+                    } else {
+                        self.extremes.first_with_prefix(&prefix)
+                    };
+                    match (entry, &self.value_converters[i]) {
+                        (Some((k, _)), Some(conv)) => {
+                            let parser = conv.parser();
+                            let arr = conv.convert_rows([parser.parse(&k[prefix.len()..])])?;
+                            ScalarValue::try_from_array(&arr[0], 0)?
+                        }
+                        _ => null,
+                    }
+                }
+                _ => return Err(KappaError::internal("aggregate state does not match its kind")),
+            };
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn encode_state(state: &GroupState) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + state.accs.len() * 24);
+        b.extend_from_slice(&state.rows.to_le_bytes());
+        for a in &state.accs {
+            match *a {
+                Acc::Count(c) => b.extend_from_slice(&c.to_le_bytes()),
+                Acc::Int { sum, n } => {
+                    b.extend_from_slice(&sum.to_le_bytes());
+                    b.extend_from_slice(&n.to_le_bytes());
+                }
+                Acc::Float { sum, comp, n } => {
+                    b.extend_from_slice(&sum.to_le_bytes());
+                    b.extend_from_slice(&comp.to_le_bytes());
+                    b.extend_from_slice(&n.to_le_bytes());
+                }
+                Acc::None => {}
+            }
+        }
+        b
+    }
+
+    fn decode_state(&self, bytes: &[u8]) -> Result<GroupState> {
+        let corrupt = || KappaError::internal("corrupt aggregate state");
+        let mut pos = 0usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let s = bytes.get(pos..pos + n).ok_or_else(corrupt)?;
+            pos += n;
+            Ok(s)
+        };
+        let arr8 = |s: &[u8]| -> [u8; 8] { s.try_into().unwrap_or([0; 8]) };
+        let rows = i64::from_le_bytes(arr8(take(8)?));
+        let mut accs = Vec::with_capacity(self.kinds.len());
+        for k in &self.kinds {
+            accs.push(match k {
+                Kind::Count => Acc::Count(i64::from_le_bytes(arr8(take(8)?))),
+                Kind::SumInt { .. } | Kind::AvgInt => {
+                    let sum = i128::from_le_bytes(take(16)?.try_into().unwrap_or([0; 16]));
+                    Acc::Int {
+                        sum,
+                        n: i64::from_le_bytes(arr8(take(8)?)),
+                    }
+                }
+                Kind::SumFloat | Kind::AvgFloat => Acc::Float {
+                    sum: f64::from_le_bytes(arr8(take(8)?)),
+                    comp: f64::from_le_bytes(arr8(take(8)?)),
+                    n: i64::from_le_bytes(arr8(take(8)?)),
+                },
+                Kind::Extreme { .. } => Acc::None,
+            });
+        }
+        Ok(GroupState { rows, accs })
+    }
+
+    /// Makes sure `group` is in the dirty set, loading it (and its current output) from state.
+    fn touch(&mut self, group: &[u8]) -> Result<()> {
+        if self.dirty.contains_key(group) {
+            return Ok(());
+        }
+        let stored = self.groups.get(group);
+        let (state, before) = match stored {
+            Some(bytes) => {
+                let state = self.decode_state(&bytes)?;
+                let before = Some(self.outputs(&state, group)?);
+                (state, before)
+            }
+            None => (self.empty_state(), None),
+        };
+        self.dirty.insert(group.into(), Dirty { before, state });
+        Ok(())
+    }
+}
+
+/// Argument columns of one batch, prepared once per batch for the per-row loop.
+enum ArgValues {
+    None,
+    Nulls(ArrayRef),
+    Int(ArrayRef),
+    Float(ArrayRef),
+    Rows(ArrayRef, Rows),
+}
+
+fn add_float(sum: &mut f64, comp: &mut f64, x: f64) {
+    // Neumaier's compensated summation.
+    let t = *sum + x;
+    if sum.abs() >= x.abs() {
+        *comp += (*sum - t) + x;
+    } else {
+        *comp += (x - t) + *sum;
+    }
+    *sum = t;
+}
+
+impl Operator for HashAggregate {
+    fn process(&mut self, _input: usize, batch: ChangeBatch, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let data = batch.data();
+        let keys = match &self.group_converter {
+            Some(conv) => {
+                let cols = self
+                    .group_exprs
+                    .iter()
+                    .map(|e| e.evaluate(data)?.into_array(n))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                Some(conv.convert_columns(&cols)?)
+            }
+            None => None,
+        };
+        let mut args = Vec::with_capacity(self.aggs.len());
+        let mut filters: Vec<Option<BooleanArray>> = Vec::with_capacity(self.aggs.len());
+        for (i, spec) in self.aggs.iter().enumerate() {
+            let arr = match &spec.arg {
+                Some(e) => Some(e.evaluate(data)?.into_array(n)?),
+                None => None,
+            };
+            args.push(match (arr, self.kinds[i]) {
+                (None, _) => ArgValues::None,
+                (Some(a), Kind::Count) => ArgValues::Nulls(a),
+                (Some(a), Kind::SumInt { .. } | Kind::AvgInt) => match a.data_type() {
+                    DataType::Decimal128(..) => ArgValues::Int(a),
+                    _ => ArgValues::Int(cast(&a, &DataType::Int64)?),
+                },
+                (Some(a), Kind::SumFloat | Kind::AvgFloat) => {
+                    ArgValues::Float(cast(&a, &DataType::Float64)?)
+                }
+                (Some(a), Kind::Extreme { .. }) => {
+                    let conv = self.value_converters[i]
+                        .as_ref()
+                        .ok_or_else(|| KappaError::internal("min/max without converter"))?;
+                    let rows = conv.convert_columns(std::slice::from_ref(&a))?;
+                    ArgValues::Rows(a, rows)
+                }
+            });
+            filters.push(match &spec.filter {
+                Some(f) => Some(f.evaluate(data)?.into_array(n)?.as_boolean().clone()),
+                None => None,
+            });
+        }
+        let weights = batch.weights();
+        let mut key_buf = std::mem::take(&mut self.key_buf);
+        for row in 0..n {
+            let w = weights.value(row);
+            let group: &[u8] = match &keys {
+                Some(k) => k.row(row).data(),
+                None => &[],
+            };
+            self.touch(group)?;
+            let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
+            {
+                let d = self
+                    .dirty
+                    .get_mut(group)
+                    .ok_or_else(|| KappaError::internal("group vanished"))?;
+                d.state.rows += w;
+                for (i, arg) in args.iter().enumerate() {
+                    if let Some(f) = &filters[i]
+                        && !(f.is_valid(row) && f.value(row))
+                    {
+                        continue;
+                    }
+                    match (arg, &mut d.state.accs[i]) {
+                        (ArgValues::None, Acc::Count(c)) => *c += w,
+                        (ArgValues::Nulls(a), Acc::Count(c)) => {
+                            if a.is_valid(row) {
+                                *c += w
+                            }
+                        }
+                        (ArgValues::Int(a), Acc::Int { sum, n }) => {
+                            if a.is_valid(row) {
+                                let v: i128 = match a.data_type() {
+                                    DataType::Decimal128(..) => {
+                                        a.as_primitive::<Decimal128Type>().value(row)
+                                    }
+                                    _ => a.as_primitive::<Int64Type>().value(row) as i128,
+                                };
+                                *sum += v * w as i128;
+                                *n += w;
+                                if *n == 0 {
+                                    *sum = 0;
+                                }
+                            }
+                        }
+                        (ArgValues::Float(a), Acc::Float { sum, comp, n }) => {
+                            if a.is_valid(row) {
+                                let v = a.as_primitive::<Float64Type>().value(row);
+                                add_float(sum, comp, v * w as f64);
+                                *n += w;
+                                if *n == 0 {
+                                    *sum = 0.0;
+                                    *comp = 0.0;
+                                }
+                            }
+                        }
+                        (ArgValues::Rows(a, _), Acc::None) => {
+                            if a.is_valid(row) {
+                                extreme_updates.push((i, row));
+                            }
+                        }
+                        _ => return Err(KappaError::internal("aggregate argument mismatch")),
+                    }
+                }
+            }
+            for (i, r) in extreme_updates {
+                let ArgValues::Rows(_, rows) = &args[i] else {
+                    continue;
+                };
+                Self::extreme_prefix(&mut key_buf, i, group);
+                key_buf.extend_from_slice(rows.row(r).data());
+                let old = self.extremes.get(&key_buf).map(|v| decode_count(&v)).unwrap_or(0);
+                let new = old + w;
+                if new < 0 {
+                    return Err(KappaError::internal("min/max value retracted more than inserted"));
+                }
+                if new == 0 {
+                    self.extremes.delete(&key_buf);
+                } else {
+                    self.extremes.put(Arc::from(key_buf.as_slice()), encode_count(new));
+                }
+            }
+        }
+        self.key_buf = key_buf;
+        Ok(())
+    }
+
+    fn on_barrier(&mut self, _epoch: Epoch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if self.is_scalar() && self.groups.get(&[]).is_none() {
+            // The scalar aggregate's single row exists from the start.
+            self.touch(&[])?;
+        }
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let scalar = self.is_scalar();
+        let mut out_keys: Vec<Box<[u8]>> = Vec::new();
+        let mut out_vals: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut out_weights: Vec<i64> = Vec::new();
+        let dirty = std::mem::take(&mut self.dirty);
+        for (group, d) in dirty {
+            if d.state.rows < 0 {
+                return Err(KappaError::internal("group row count became negative"));
+            }
+            let after = if d.state.rows > 0 || scalar {
+                Some(self.outputs(&d.state, &group)?)
+            } else {
+                None
+            };
+            if d.state.rows == 0 && !scalar {
+                self.groups.delete(&group);
+            } else {
+                self.groups
+                    .put(Arc::from(&*group), Arc::from(Self::encode_state(&d.state)));
+            }
+            if d.before == after {
+                continue;
+            }
+            if let Some(b) = d.before {
+                out_keys.push(group.clone());
+                out_vals.push(b);
+                out_weights.push(-1);
+            }
+            if let Some(a) = after {
+                out_keys.push(group);
+                out_vals.push(a);
+                out_weights.push(1);
+            }
+        }
+        if out_keys.is_empty() {
+            return Ok(());
+        }
+        let mut columns: Vec<ArrayRef> = match &self.group_converter {
+            Some(conv) => {
+                let parser = conv.parser();
+                conv.convert_rows(out_keys.iter().map(|k| parser.parse(k)))?
+            }
+            None => vec![],
+        };
+        for i in 0..self.aggs.len() {
+            let vals = out_vals.iter().map(|v| v[i].clone());
+            let arr = ScalarValue::iter_to_array(vals)?;
+            let arr = if arr.data_type() != &self.aggs[i].output_type {
+                cast(&arr, &self.aggs[i].output_type)?
+            } else {
+                arr
+            };
+            columns.push(arr);
+        }
+        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        out.push(ChangeBatch::new(data, Int64Array::from(out_weights))?);
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "StreamHashAgg"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::logical_expr::col;
+    use datafusion::prelude::SessionContext;
+    use kappa_state::MemStateTable;
+
+    use super::*;
+    use crate::testing::{assert_changes, changes, df_schema, schema};
+
+    const IN: &str = "k:utf8, v:i64";
+
+    fn agg(funcs: &[AggFunc], out: &str, grouped: bool) -> HashAggregate {
+        let ctx = SessionContext::new();
+        let input = df_schema(IN);
+        let v = ctx.create_physical_expr(col("v"), &input).unwrap();
+        let k = ctx.create_physical_expr(col("k"), &input).unwrap();
+        let specs = funcs
+            .iter()
+            .map(|&func| AggSpec {
+                func,
+                arg: Some(v.clone()),
+                filter: None,
+                input_type: DataType::Int64,
+                output_type: if func == AggFunc::Avg { DataType::Float64 } else { DataType::Int64 },
+            })
+            .collect();
+        let (g, t) = if grouped { (vec![k], vec![DataType::Utf8]) } else { (vec![], vec![]) };
+        HashAggregate::new(
+            g,
+            t,
+            specs,
+            schema(out),
+            Box::new(MemStateTable::default()),
+            Box::new(MemStateTable::default()),
+        )
+        .unwrap()
+    }
+
+    fn epoch(op: &mut HashAggregate, lines: &str) -> Vec<ChangeBatch> {
+        let mut out = vec![];
+        op.process(0, changes(IN, lines), &mut out).unwrap();
+        op.on_barrier(1, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn max_survives_deleting_the_current_extreme() {
+        use AggFunc::*;
+        let mut op = agg(&[Count, Sum, Max, Min], "k:utf8, c:i64, s:i64, mx:i64, mn:i64", true);
+        let out = epoch(&mut op, "+ a | 10\n+ a | 7\n+ b | 5");
+        assert_changes(&out, "+ a | 2 | 17 | 10 | 7\n+ b | 1 | 5 | 5 | 5");
+        let out = epoch(&mut op, "- a | 10");
+        assert_changes(&out, "- a | 2 | 17 | 10 | 7\n+ a | 1 | 7 | 7 | 7");
+        // Duplicate values: deleting one copy of the max keeps the other.
+        let out = epoch(&mut op, "+2 a | 9\n- a | 9");
+        assert_changes(&out, "- a | 1 | 7 | 7 | 7\n+ a | 2 | 16 | 9 | 7");
+    }
+
+    #[test]
+    fn group_disappears_when_its_last_row_is_deleted() {
+        let mut op = agg(&[AggFunc::Count], "k:utf8, c:i64", true);
+        epoch(&mut op, "+ b | 5");
+        let out = epoch(&mut op, "- b | 5");
+        assert_changes(&out, "- b | 1");
+        assert!(op.groups.is_empty());
+        assert!(op.extremes.is_empty());
+    }
+
+    #[test]
+    fn changes_within_an_epoch_consolidate() {
+        let mut op = agg(&[AggFunc::Sum], "k:utf8, s:i64", true);
+        epoch(&mut op, "+ a | 1");
+        // Insert and delete in the same epoch: the output row does not change, nothing emitted.
+        let out = epoch(&mut op, "+ a | 4\n- a | 4");
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn scalar_aggregate_always_has_one_row() {
+        let mut op = agg(&[AggFunc::Count, AggFunc::Sum, AggFunc::Avg], "c:i64, s:i64, a:f64", false);
+        let mut out = vec![];
+        op.on_barrier(1, &mut out).unwrap();
+        assert_changes(&out, "+ 0 | NULL | NULL");
+        let out = epoch(&mut op, "+ x | 3\n+ y | 4\n+ z | NULL");
+        assert_changes(&out, "- 0 | NULL | NULL\n+ 2 | 7 | 3.5");
+        let out = epoch(&mut op, "- x | 3\n- y | 4\n- z | NULL");
+        assert_changes(&out, "- 2 | 7 | 3.5\n+ 0 | NULL | NULL");
+    }
+}

@@ -1,0 +1,41 @@
+//! Streaming operators. Each consumes and produces changelogs ([`ChangeBatch`]: rows with
+//! signed weights) and keeps whatever state it needs in [`kappa_state::StateTable`]s.
+//!
+//! The runtime, not the operator, aligns barriers: it hands an operator every batch of an
+//! epoch through [`Operator::process`], from whichever input, and then calls
+//! [`Operator::on_barrier`] once. An operator that needs a whole epoch's input before it can
+//! answer (an aggregate emits one consolidated change per group per epoch) does its work there.
+
+mod aggregate;
+mod filter;
+mod materialize;
+mod project;
+mod source;
+pub mod testing;
+mod union;
+
+use kappa_common::{ChangeBatch, Epoch, Result};
+
+pub use aggregate::{AggSpec, HashAggregate};
+pub use filter::Filter;
+pub use materialize::Materialize;
+pub use project::Project;
+pub use source::SourceScan;
+pub use union::Union;
+
+/// A streaming operator.
+pub trait Operator: Send {
+    /// Consumes one batch that arrived on input number `input` (0-based, in the order of the
+    /// plan node's inputs) and appends any changes it causes to `out`.
+    fn process(&mut self, input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>)
+    -> Result<()>;
+
+    /// Every input has delivered all of the epoch's batches. Operators that buffer or
+    /// consolidate emit here. Default: nothing to do.
+    fn on_barrier(&mut self, _epoch: Epoch, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Short name for diagnostics.
+    fn name(&self) -> &'static str;
+}

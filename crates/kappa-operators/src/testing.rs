@@ -1,0 +1,119 @@
+//! Changelog literals for tests.
+//!
+//! ```text
+//! + 1 | ann      insert (1, 'ann') once
+//! -2 3 | bob     delete two copies of (3, 'bob')
+//! ```
+//! Column types are given as `name:type` with type one of `i64`, `f64`, `utf8`, `bool`;
+//! `NULL` is a null cell.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use kappa_common::ChangeBatch;
+
+/// A schema from `"a:i64, b:utf8"`. Panics on a malformed literal (tests only).
+pub fn schema(spec: &str) -> SchemaRef {
+    let fields: Vec<Field> = spec
+        .split(',')
+        .map(|f| {
+            let (name, ty) = f.trim().split_once(':').expect("name:type");
+            let ty = match ty.trim() {
+                "i64" => DataType::Int64,
+                "f64" => DataType::Float64,
+                "utf8" => DataType::Utf8,
+                "bool" => DataType::Boolean,
+                other => panic!("unknown type {other}"),
+            };
+            Field::new(name.trim(), ty, true)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+pub fn df_schema(spec: &str) -> DFSchema {
+    DFSchema::try_from(schema(spec).as_ref().clone()).expect("valid schema")
+}
+
+/// A change batch from a schema literal and changelog lines.
+pub fn changes(schema_spec: &str, lines: &str) -> ChangeBatch {
+    let schema = schema(schema_spec);
+    let mut weights = vec![];
+    let mut cells: Vec<Vec<Option<String>>> = vec![vec![]; schema.fields().len()];
+    for line in lines.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (w, rest) = parse_weight(line);
+        weights.push(w);
+        let vals: Vec<&str> = rest.split('|').map(str::trim).collect();
+        assert_eq!(vals.len(), cells.len(), "wrong number of cells in {line:?}");
+        for (c, v) in cells.iter_mut().zip(vals) {
+            c.push((v != "NULL").then(|| v.to_string()));
+        }
+    }
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .zip(cells)
+        .map(|(f, c)| -> ArrayRef {
+            match f.data_type() {
+                DataType::Int64 => Arc::new(
+                    c.iter()
+                        .map(|v| v.as_ref().map(|s| s.parse::<i64>().expect("i64")))
+                        .collect::<Int64Array>(),
+                ),
+                DataType::Float64 => Arc::new(
+                    c.iter()
+                        .map(|v| v.as_ref().map(|s| s.parse::<f64>().expect("f64")))
+                        .collect::<Float64Array>(),
+                ),
+                DataType::Boolean => Arc::new(
+                    c.iter()
+                        .map(|v| v.as_ref().map(|s| s == "true"))
+                        .collect::<BooleanArray>(),
+                ),
+                _ => Arc::new(c.iter().map(|v| v.as_deref()).collect::<StringArray>()),
+            }
+        })
+        .collect();
+    let data = RecordBatch::try_new(schema, columns).expect("valid batch");
+    ChangeBatch::new(data, Int64Array::from(weights)).expect("valid change batch")
+}
+
+fn parse_weight(line: &str) -> (i64, &str) {
+    let sign = match line.as_bytes()[0] {
+        b'+' => 1,
+        b'-' => -1,
+        _ => panic!("changelog line must start with + or -: {line:?}"),
+    };
+    let rest = &line[1..];
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n = if digits.is_empty() { 1 } else { digits.parse().expect("weight") };
+    (sign * n, rest[digits.len()..].trim())
+}
+
+/// The changes consolidated: row text → net weight, zero weights dropped.
+pub fn consolidate(batches: &[ChangeBatch]) -> BTreeMap<String, i64> {
+    let mut m = BTreeMap::new();
+    for b in batches {
+        for line in b.to_string().lines() {
+            let (w, row) = parse_weight(line);
+            *m.entry(row.to_string()).or_insert(0) += w;
+        }
+    }
+    m.retain(|_, w| *w != 0);
+    m
+}
+
+/// Asserts that `batches` consolidate to the same changes as the changelog `expected`.
+pub fn assert_changes(batches: &[ChangeBatch], expected: &str) {
+    let mut want = BTreeMap::new();
+    for line in expected.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let (w, row) = parse_weight(line);
+        let row = row.split('|').map(str::trim).collect::<Vec<_>>().join(" | ");
+        *want.entry(row).or_insert(0) += w;
+    }
+    want.retain(|_, w| *w != 0);
+    assert_eq!(consolidate(batches), want);
+}

@@ -1,0 +1,184 @@
+//! The `StreamGraph`: the plan of one materialized view as the planner hands it to the runtime.
+//!
+//! A graph is a list of nodes in topological order (every node's inputs come before it) whose
+//! last node is the sink. Expressions are DataFusion logical `Expr`s, each resolved against the
+//! schema of the node's first input, so the runtime compiles them with DataFusion's physical
+//! expression planner and the planner never needs to know the runtime.
+//!
+//! Every node consumes and produces changelogs (`ChangeBatch`: rows with signed weights), and
+//! every node's output is exactly its `schema`, column for column.
+
+use std::fmt;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::common::DFSchemaRef;
+use datafusion::logical_expr::Expr;
+use kappa_common::RelationId;
+
+pub type NodeId = usize;
+
+#[derive(Clone, Debug)]
+pub struct StreamGraph {
+    pub nodes: Vec<StreamNode>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StreamNode {
+    pub kind: NodeKind,
+    pub inputs: Vec<NodeId>,
+    /// The node's output schema (DataFusion's, with qualifiers, so expressions of the
+    /// consuming node resolve against it).
+    pub schema: DFSchemaRef,
+    /// No row this node emits can ever be retracted (e.g. a scan of an insert-only log).
+    /// Operators downstream may use it to skip retraction bookkeeping.
+    pub append_only: bool,
+}
+
+#[derive(Clone, Debug)]
+pub enum NodeKind {
+    /// The changelog of a relation (engine table or materialized view), restricted to the
+    /// columns in `projection` (all when `None`), in that order.
+    Source {
+        relation: RelationId,
+        name: String,
+        projection: Option<Vec<usize>>,
+    },
+    /// One output column per expression, evaluated row by row; weights pass through.
+    Project { exprs: Vec<Expr> },
+    /// Keeps the rows whose predicate is true; weights pass through.
+    Filter { predicate: Expr },
+    /// Group-by aggregation with retraction. Output columns: the group expressions, then one
+    /// column per aggregate. With no group expressions the output is always exactly one row
+    /// (SQL's scalar aggregate), even over an empty input.
+    Aggregate {
+        group_exprs: Vec<Expr>,
+        aggregates: Vec<AggCall>,
+    },
+    /// The multiset sum of all inputs (UNION ALL).
+    Union,
+    /// Keeps the relation `relation` equal to the sum of all changes it receives, and
+    /// publishes it at each epoch commit.
+    Materialize { relation: RelationId, name: String },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AggFunc {
+    Count,
+    Sum,
+    Avg,
+    Min,
+    Max,
+}
+
+impl AggFunc {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "count" => Self::Count,
+            "sum" => Self::Sum,
+            "avg" | "mean" => Self::Avg,
+            "min" => Self::Min,
+            "max" => Self::Max,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Count => "count",
+            Self::Sum => "sum",
+            Self::Avg => "avg",
+            Self::Min => "min",
+            Self::Max => "max",
+        }
+    }
+}
+
+/// One aggregate call: `func(args…) FILTER (WHERE filter)`.
+#[derive(Clone, Debug)]
+pub struct AggCall {
+    pub func: AggFunc,
+    /// Argument expressions over the aggregate's input. `count(*)` has a non-null literal.
+    pub args: Vec<Expr>,
+    pub filter: Option<Expr>,
+    /// Type of the argument (after DataFusion's coercion); `Null` for none.
+    pub input_type: DataType,
+    /// Type of the aggregate's output column, as DataFusion's batch plan types it.
+    pub output_type: DataType,
+}
+
+impl StreamGraph {
+    pub fn sink(&self) -> Option<&StreamNode> {
+        self.nodes.last()
+    }
+
+    /// The relations this graph reads, each once, in first-use order.
+    pub fn sources(&self) -> Vec<RelationId> {
+        let mut out = Vec::new();
+        for n in &self.nodes {
+            if let NodeKind::Source { relation, .. } = n.kind
+                && !out.contains(&relation)
+            {
+                out.push(relation);
+            }
+        }
+        out
+    }
+
+    fn fmt_node(&self, f: &mut fmt::Formatter<'_>, id: NodeId, depth: usize) -> fmt::Result {
+        let node = &self.nodes[id];
+        let pad = "  ".repeat(depth);
+        let list = |es: &[Expr]| es.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ");
+        let line = match &node.kind {
+            NodeKind::Source {
+                name, projection, ..
+            } => {
+                let cols: Vec<&str> = node.schema.fields().iter().map(|f| f.name().as_str()).collect();
+                match projection {
+                    None => format!("StreamScan: {name} [{}]", cols.join(", ")),
+                    Some(_) => format!("StreamScan: {name} projection=[{}]", cols.join(", ")),
+                }
+            }
+            NodeKind::Project { exprs } => format!("StreamProject: {}", list(exprs)),
+            NodeKind::Filter { predicate } => format!("StreamFilter: {predicate}"),
+            NodeKind::Aggregate {
+                group_exprs,
+                aggregates,
+            } => {
+                let aggs: Vec<String> = aggregates
+                    .iter()
+                    .map(|a| {
+                        let mut s = format!("{}({})", a.func.name(), list(&a.args));
+                        if let Some(fl) = &a.filter {
+                            s.push_str(&format!(" FILTER ({fl})"));
+                        }
+                        s
+                    })
+                    .collect();
+                let kind = if group_exprs.is_empty() { "StreamSimpleAgg" } else { "StreamHashAgg" };
+                format!(
+                    "{kind}: group_by=[{}], aggs=[{}]{}",
+                    list(group_exprs),
+                    aggs.join(", "),
+                    if self.nodes[node.inputs[0]].append_only { " (append-only input)" } else { "" }
+                )
+            }
+            NodeKind::Union => "StreamUnion".to_string(),
+            NodeKind::Materialize { name, .. } => format!("StreamMaterialize: {name}"),
+        };
+        writeln!(f, "{pad}{line}")?;
+        for &i in &node.inputs {
+            self.fmt_node(f, i, depth + 1)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for StreamGraph {
+    /// The plan as an indented tree, sink first, as `EXPLAIN` shows it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.nodes.is_empty() {
+            return writeln!(f, "(empty plan)");
+        }
+        self.fmt_node(f, self.nodes.len() - 1, 0)
+    }
+}

@@ -1,0 +1,108 @@
+//! From a `StreamGraph` to running operators.
+
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::common::DFSchema;
+use datafusion::logical_expr::{Expr, ExprSchemable};
+use datafusion::physical_expr::PhysicalExpr;
+use datafusion::prelude::SessionContext;
+use kappa_common::{KappaError, RelationId, Result};
+use kappa_operators::{
+    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union,
+};
+use kappa_plan::{NodeKind, StreamGraph};
+use kappa_state::{RowMultiset, StateStore};
+
+use crate::dataflow::Dataflow;
+
+fn arrow_schema(s: &DFSchema) -> SchemaRef {
+    Arc::new(Schema::new(s.as_arrow().fields().clone()))
+}
+
+fn compile(ctx: &SessionContext, e: &Expr, input: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
+    Ok(ctx.create_physical_expr(e.clone(), input)?)
+}
+
+pub(crate) fn build_dataflow(
+    ctx: &SessionContext,
+    relation: RelationId,
+    graph: StreamGraph,
+    store: &dyn StateStore,
+) -> Result<Dataflow> {
+    let sink = graph
+        .sink()
+        .ok_or_else(|| KappaError::internal("empty stream graph"))?;
+    let contents = Arc::new(Mutex::new(RowMultiset::new(
+        arrow_schema(&sink.schema),
+        store.create_table(&format!("mv{relation}.contents")),
+    )?));
+    let mut ops: Vec<Box<dyn Operator>> = Vec::with_capacity(graph.nodes.len());
+    for (i, node) in graph.nodes.iter().enumerate() {
+        let schema = arrow_schema(&node.schema);
+        let input = || -> Result<&DFSchema> {
+            node.inputs
+                .first()
+                .map(|&j| graph.nodes[j].schema.as_ref())
+                .ok_or_else(|| KappaError::internal("node without input"))
+        };
+        let op: Box<dyn Operator> = match &node.kind {
+            NodeKind::Source { projection, .. } => {
+                Box::new(SourceScan::new(projection.clone(), schema))
+            }
+            NodeKind::Project { exprs } => {
+                let input = input()?;
+                let exprs = exprs
+                    .iter()
+                    .map(|e| compile(ctx, e, input))
+                    .collect::<Result<Vec<_>>>()?;
+                Box::new(Project::new(exprs, schema))
+            }
+            NodeKind::Filter { predicate } => Box::new(Filter::new(compile(ctx, predicate, input()?)?)),
+            NodeKind::Aggregate {
+                group_exprs,
+                aggregates,
+            } => {
+                let input = input()?;
+                let groups = group_exprs
+                    .iter()
+                    .map(|e| compile(ctx, e, input))
+                    .collect::<Result<Vec<_>>>()?;
+                let group_types = group_exprs
+                    .iter()
+                    .map(|e| e.get_type(input))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let specs = aggregates
+                    .iter()
+                    .map(|a| {
+                        Ok(AggSpec {
+                            func: a.func,
+                            arg: match a.args.first() {
+                                Some(e) => Some(compile(ctx, e, input)?),
+                                None => None,
+                            },
+                            filter: match &a.filter {
+                                Some(f) => Some(compile(ctx, f, input)?),
+                                None => None,
+                            },
+                            input_type: a.input_type.clone(),
+                            output_type: a.output_type.clone(),
+                        })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Box::new(HashAggregate::new(
+                    groups,
+                    group_types,
+                    specs,
+                    schema,
+                    store.create_table(&format!("mv{relation}.n{i}.groups")),
+                    store.create_table(&format!("mv{relation}.n{i}.extremes")),
+                )?)
+            }
+            NodeKind::Union => Box::new(Union::new(schema)),
+            NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),
+        };
+        ops.push(op);
+    }
+    Ok(Dataflow::new(relation, graph, ops, contents))
+}

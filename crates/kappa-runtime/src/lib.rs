@@ -1,0 +1,258 @@
+//! The runtime: runs every materialized view's dataflow, epoch by epoch.
+//!
+//! # Epochs and the consistent cut
+//! A barrier ([`Runtime::barrier`]) first takes a cut of every engine table's changelog
+//! under the DML gate — so a statement's write is either wholly in the epoch or wholly in a
+//! later one, and any write that finished before another one started is in the same or an
+//! earlier epoch. It then drives each view's operators over the epoch's changes (views in
+//! creation order, which is a topological order: a view can only read relations created
+//! before it) and finally publishes one [`Snapshot`] holding every relation's contents at
+//! that epoch. Readers only ever see published snapshots, so they see all views at the same
+//! epoch, never a view half-way through one.
+//!
+//! Operators see each epoch as: every batch from every input, then `on_barrier` once. This
+//! slice schedules that synchronously on the thread that runs the barrier; the operator
+//! contract is the same one an asynchronous, channel-based scheduler will drive.
+
+mod build;
+mod dataflow;
+mod table;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::prelude::SessionContext;
+use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
+use kappa_plan::StreamGraph;
+use kappa_state::{MultisetSnapshot, StateStore};
+
+pub use table::{Table, TableWrite};
+
+use dataflow::Dataflow;
+
+/// Rows per batch when a snapshot is decoded for readers and for backfill.
+pub const READ_BATCH_SIZE: usize = 8192;
+
+/// One relation's contents at a committed epoch.
+pub struct RelationSnapshot {
+    pub data: MultisetSnapshot,
+    /// Set if the view stopped updating because its dataflow failed; readers get the error.
+    pub failure: Option<String>,
+    batches: OnceLock<Arc<Vec<RecordBatch>>>,
+}
+
+impl RelationSnapshot {
+    fn new(data: MultisetSnapshot, failure: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            data,
+            failure,
+            batches: OnceLock::new(),
+        })
+    }
+
+    /// The contents as Arrow batches, decoded once per snapshot and shared by all readers.
+    pub fn batches(&self) -> Result<Arc<Vec<RecordBatch>>> {
+        if let Some(b) = self.batches.get() {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(self.data.to_batches(READ_BATCH_SIZE)?);
+        Ok(self.batches.get_or_init(|| b).clone())
+    }
+}
+
+/// Every relation's contents at one committed epoch: the consistent cut readers query.
+#[derive(Default)]
+pub struct Snapshot {
+    pub epoch: Epoch,
+    pub relations: HashMap<RelationId, Arc<RelationSnapshot>>,
+}
+
+struct Inner {
+    epoch: Epoch,
+    tables: BTreeMap<RelationId, Arc<Table>>,
+    /// In creation order (a topological order).
+    views: Vec<Dataflow>,
+}
+
+pub struct Runtime {
+    inner: Mutex<Inner>,
+    /// Held shared by every DML statement while it applies its write, exclusively by the
+    /// barrier while it cuts the tables' changelogs.
+    gate: Arc<RwLock<()>>,
+    published: RwLock<Arc<Snapshot>>,
+    store: Arc<dyn StateStore>,
+    ctx: SessionContext,
+}
+
+impl Runtime {
+    pub fn new(store: Arc<dyn StateStore>) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                epoch: 0,
+                tables: BTreeMap::new(),
+                views: Vec::new(),
+            }),
+            gate: Arc::new(RwLock::new(())),
+            published: RwLock::new(Arc::new(Snapshot::default())),
+            store,
+            ctx: SessionContext::new(),
+        }
+    }
+
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>> {
+        self.inner
+            .lock()
+            .map_err(|_| KappaError::internal("runtime lock poisoned"))
+    }
+
+    /// The last committed cut.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        match self.published.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn StateStore> {
+        &self.store
+    }
+
+    /// Registers a new, empty engine table. It is visible (empty) after the next barrier.
+    pub fn create_table(
+        &self,
+        id: RelationId,
+        name: &str,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        primary_key: Option<Vec<usize>>,
+    ) -> Result<Arc<Table>> {
+        let table = Arc::new(Table::new(
+            id,
+            name,
+            schema,
+            primary_key,
+            self.store.as_ref(),
+            self.gate.clone(),
+        )?);
+        self.lock()?.tables.insert(id, table.clone());
+        Ok(table)
+    }
+
+    pub fn table(&self, id: RelationId) -> Option<Arc<Table>> {
+        self.lock().ok()?.tables.get(&id).cloned()
+    }
+
+    /// Builds a view's dataflow, fills it from the current contents of its inputs (the
+    /// relations' contents at the last committed epoch are exactly what their future
+    /// changes will apply to), and commits an epoch so the view is visible on return.
+    pub fn create_view(&self, relation: RelationId, graph: StreamGraph) -> Result<()> {
+        let mut inner = self.lock()?;
+        let current = self.snapshot();
+        let mut view = build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref())?;
+        let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
+        for src in view.graph.sources() {
+            let snap = current.relations.get(&src).ok_or_else(|| {
+                KappaError::internal(format!("relation {src} has no committed snapshot"))
+            })?;
+            if let Some(f) = &snap.failure {
+                return Err(KappaError::user(
+                    kappa_common::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("cannot read a failed view: {f}"),
+                ));
+            }
+            let batches = snap.batches()?;
+            backfill.insert(
+                src,
+                batches.iter().cloned().map(ChangeBatch::inserts).collect(),
+            );
+        }
+        let epoch = inner.epoch;
+        view.run_epoch(epoch, &backfill)?;
+        inner.views.push(view);
+        self.barrier_locked(&mut inner)
+    }
+
+    /// Removes a relation's dataflow or table. Readers stop seeing it at the next commit.
+    pub fn drop_relation(&self, relation: RelationId) -> Result<()> {
+        let mut inner = self.lock()?;
+        inner.tables.remove(&relation);
+        inner.views.retain(|v| v.relation != relation);
+        self.barrier_locked(&mut inner)
+    }
+
+    /// Runs one epoch: cuts the tables' changelogs, drives every view, publishes the new
+    /// snapshot. Returns when the epoch is visible to readers.
+    pub fn barrier(&self) -> Result<Epoch> {
+        let mut inner = self.lock()?;
+        self.barrier_locked(&mut inner)?;
+        Ok(inner.epoch)
+    }
+
+    fn barrier_locked(&self, inner: &mut Inner) -> Result<()> {
+        let previous = self.snapshot();
+        let mut deltas: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
+        let mut relations = HashMap::new();
+        {
+            let _cut = self
+                .gate
+                .write()
+                .map_err(|_| KappaError::internal("DML gate poisoned"))?;
+            for (id, table) in &inner.tables {
+                let (changes, snap) = table.drain()?;
+                let unchanged = changes.is_empty();
+                deltas.insert(*id, changes);
+                let rel = match previous.relations.get(id) {
+                    Some(p) if unchanged => p.clone(),
+                    _ => RelationSnapshot::new(snap, None),
+                };
+                relations.insert(*id, rel);
+            }
+        }
+        inner.epoch += 1;
+        let epoch = inner.epoch;
+        for view in &mut inner.views {
+            let was_failed = view.failure.is_some();
+            if view.failure.is_none() {
+                // A view over a failed view cannot stay correct either.
+                let failed_input = view.graph.sources().into_iter().find_map(|s| {
+                    relations
+                        .get(&s)
+                        .and_then(|r: &Arc<RelationSnapshot>| r.failure.clone())
+                });
+                if let Some(f) = failed_input {
+                    view.failure = Some(f);
+                } else if let Err(e) = view.run_epoch(epoch, &deltas) {
+                    tracing::error!(view = view.name(), error = %e, "materialized view failed");
+                    view.failure = Some(format!(
+                        "materialized view \"{}\" stopped updating at epoch {epoch}: {e}",
+                        view.name()
+                    ));
+                }
+            }
+            let out = view.take_output();
+            let unchanged = out.is_empty() && was_failed == view.failure.is_some();
+            deltas.insert(view.relation, out);
+            let rel = match previous.relations.get(&view.relation) {
+                Some(p) if unchanged => p.clone(),
+                _ => RelationSnapshot::new(view.snapshot()?, view.failure.clone()),
+            };
+            relations.insert(view.relation, rel);
+        }
+        let snapshot = Arc::new(Snapshot { epoch, relations });
+        match self.published.write() {
+            Ok(mut p) => *p = snapshot,
+            Err(p) => *p.into_inner() = snapshot,
+        }
+        Ok(())
+    }
+
+    /// The number of state entries each view's operators hold (diagnostics and tests).
+    pub fn state_sizes(&self) -> Result<Vec<(RelationId, usize)>> {
+        Ok(self
+            .lock()?
+            .views
+            .iter()
+            .map(|v| (v.relation, v.contents_rows()))
+            .collect())
+    }
+}

@@ -1,0 +1,83 @@
+//! `kappa`: the Kappa server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use kappa_engine::{Engine, EngineConfig};
+
+#[derive(Parser)]
+#[command(name = "kappa", version, about = "Kappa: a streaming SQL database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the server (PostgreSQL wire protocol).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:5466")]
+        listen: SocketAddr,
+        /// Directory for durable state. This version keeps all state in memory and only
+        /// creates the directory; durable state comes with the RocksDB backend.
+        #[arg(long, default_value = "kappa-data")]
+        data_dir: PathBuf,
+        /// Milliseconds between epoch barriers.
+        #[arg(long, default_value_t = 100)]
+        barrier_interval_ms: u64,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kappa: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kappa: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            barrier_interval_ms,
+        } => {
+            std::fs::create_dir_all(&data_dir)
+                .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
+            let engine = Engine::start(EngineConfig {
+                barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
+            });
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            tracing::info!(%listen, "kappa is ready: psql -h {} -p {} -U kappa", listen.ip(), listen.port());
+            tokio::select! {
+                r = kappa_pgwire::serve(listener, engine) => r.map_err(|e| format!("server failed: {e}")),
+                _ = tokio::signal::ctrl_c() => {
+                    tracing::info!("shutting down");
+                    Ok(())
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! The SQL front end: parsing (sqlparser, PostgreSQL dialect), the catalog model, and the
+//! lowering of DataFusion logical plans into streaming [`kappa_plan::StreamGraph`]s.
+//!
+//! This crate never depends on the runtime: it produces plans, the runtime runs them.
+
+pub mod catalog;
+mod lower;
+pub mod parse;
+
+pub use lower::lower_to_stream_graph;

@@ -1,0 +1,81 @@
+//! State behind one interface.
+//!
+//! Operators keep their state in [`StateTable`]s: ordered maps from byte keys to byte values,
+//! keys compared bytewise (encode keys with an order-preserving encoding such as Arrow's row
+//! format and prefix scans become range scans). A table's [`StateTable::snapshot`] is a
+//! read-only view of its contents at that moment that later writes never change: the runtime
+//! takes one per relation at each epoch commit and readers query those.
+//!
+//! This slice keeps state in memory ([`MemStateStore`]): persistent ordered maps whose clone
+//! is O(1) and shares structure, so a snapshot per epoch costs nothing until the next write.
+//! A RocksDB store will implement the same traits.
+
+mod mem;
+mod multiset;
+
+use std::sync::Arc;
+
+pub use mem::{MemStateStore, MemStateTable};
+pub use multiset::{MultisetSnapshot, RowMultiset, row_converter};
+
+/// A key or value as stored. Cheap to clone.
+pub type Bytes = Arc<[u8]>;
+
+/// An ordered, mutable key-value table owned by one operator (or one relation).
+pub trait StateTable: Send + Sync {
+    fn get(&self, key: &[u8]) -> Option<Bytes>;
+    fn put(&mut self, key: Bytes, value: Bytes);
+    fn delete(&mut self, key: &[u8]);
+    /// The entry with the smallest key that starts with `prefix`.
+    fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
+    /// The entry with the largest key that starts with `prefix`.
+    fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The contents as of now, unaffected by later writes.
+    fn snapshot(&self) -> Arc<dyn StateSnapshot>;
+}
+
+/// A read-only, immutable view of a state table.
+pub trait StateSnapshot: Send + Sync {
+    fn get(&self, key: &[u8]) -> Option<Bytes>;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// All entries in key order.
+    fn iter(&self) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + '_>;
+}
+
+/// Hands out state tables. One store per server; the name is for diagnostics and, with a
+/// durable store, the key space the table lives in.
+pub trait StateStore: Send + Sync {
+    fn create_table(&self, name: &str) -> Box<dyn StateTable>;
+}
+
+/// Multiset counts are stored as 8-byte little-endian values.
+pub fn encode_count(n: i64) -> Bytes {
+    Arc::from(n.to_le_bytes().as_slice())
+}
+
+pub fn decode_count(v: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    let n = v.len().min(8);
+    b[..n].copy_from_slice(&v[..n]);
+    i64::from_le_bytes(b)
+}
+
+/// The smallest byte string greater than every string with prefix `p`, or `None` if there
+/// is none (p is all 0xFF).
+pub fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {
+    let mut end = p.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xFF {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}

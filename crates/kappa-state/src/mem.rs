@@ -1,0 +1,118 @@
+//! In-memory state on persistent ordered maps (`im::OrdMap`).
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use im::OrdMap;
+
+use crate::{Bytes, StateSnapshot, StateStore, StateTable, prefix_end};
+
+#[derive(Default, Debug)]
+pub struct MemStateStore;
+
+impl StateStore for MemStateStore {
+    fn create_table(&self, _name: &str) -> Box<dyn StateTable> {
+        Box::new(MemStateTable::default())
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct MemStateTable {
+    map: OrdMap<Bytes, Bytes>,
+}
+
+impl MemStateTable {
+    fn prefix_range<'a>(
+        &'a self,
+        prefix: &'a [u8],
+        end: &'a Option<Vec<u8>>,
+    ) -> im::ordmap::RangedIter<'a, Bytes, Bytes> {
+        let upper = match end {
+            Some(e) => Bound::Excluded(e.as_slice()),
+            None => Bound::Unbounded,
+        };
+        self.map.range::<_, [u8]>((Bound::Included(prefix), upper))
+    }
+}
+
+impl StateTable for MemStateTable {
+    fn get(&self, key: &[u8]) -> Option<Bytes> {
+        self.map.get(key).cloned()
+    }
+
+    fn put(&mut self, key: Bytes, value: Bytes) {
+        self.map.insert(key, value);
+    }
+
+    fn delete(&mut self, key: &[u8]) {
+        self.map.remove(key);
+    }
+
+    fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
+        let end = prefix_end(prefix);
+        self.prefix_range(prefix, &end)
+            .next()
+            .map(|(k, v)| (k.clone(), v.clone()))
+    }
+
+    fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
+        let end = prefix_end(prefix);
+        self.prefix_range(prefix, &end)
+            .next_back()
+            .map(|(k, v)| (k.clone(), v.clone()))
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn snapshot(&self) -> Arc<dyn StateSnapshot> {
+        Arc::new(MemSnapshot {
+            map: self.map.clone(),
+        })
+    }
+}
+
+struct MemSnapshot {
+    map: OrdMap<Bytes, Bytes>,
+}
+
+impl StateSnapshot for MemSnapshot {
+    fn get(&self, key: &[u8]) -> Option<Bytes> {
+        self.map.get(key).cloned()
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn iter(&self) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + '_> {
+        Box::new(self.map.iter().map(|(k, v)| (k.clone(), v.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(s: &[u8]) -> Bytes {
+        Arc::from(s)
+    }
+
+    #[test]
+    fn prefix_bounds_and_snapshots() {
+        let mut t = MemStateTable::default();
+        for k in [&b"a\x01"[..], b"a\x02", b"a\xff", b"b\x00", b"\xff\xff"] {
+            t.put(b(k), b(b"v"));
+        }
+        assert_eq!(&*t.first_with_prefix(b"a").map(|e| e.0).unwrap_or_default(), b"a\x01");
+        assert_eq!(&*t.last_with_prefix(b"a").map(|e| e.0).unwrap_or_default(), b"a\xff");
+        assert_eq!(&*t.last_with_prefix(b"\xff").map(|e| e.0).unwrap_or_default(), b"\xff\xff");
+        assert!(t.first_with_prefix(b"c").is_none());
+        let snap = t.snapshot();
+        t.delete(b"a\x01");
+        assert_eq!(snap.len(), 5);
+        assert_eq!(t.len(), 4);
+        assert!(snap.get(b"a\x01").is_some());
+    }
+}

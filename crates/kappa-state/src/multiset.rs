@@ -1,0 +1,153 @@
+//! A relation's contents: a multiset of rows, stored as encoded row → count.
+//!
+//! Rows are encoded with Arrow's row format, which is order-preserving, so the stored order
+//! is the rows' sort order and a snapshot decodes back into Arrow batches without any
+//! per-row allocation beyond the key itself.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{RecordBatch, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::row::{RowConverter, SortField};
+use kappa_common::{ChangeBatch, KappaError, Result};
+
+use crate::{StateSnapshot, StateTable, decode_count, encode_count};
+
+/// Builds the row converter for a schema (all columns, ascending, nulls first).
+pub fn row_converter(schema: &SchemaRef) -> Result<RowConverter> {
+    let fields = schema
+        .fields()
+        .iter()
+        .map(|f| SortField::new(f.data_type().clone()))
+        .collect();
+    Ok(RowConverter::new(fields)?)
+}
+
+/// A multiset of rows of one schema over a [`StateTable`].
+///
+/// # Invariant
+/// Every stored count is > 0; a row whose count reaches 0 is removed. A change that would
+/// make a count negative is refused with an internal error: it means some upstream
+/// operator retracted a row it never emitted.
+pub struct RowMultiset {
+    schema: SchemaRef,
+    converter: RowConverter,
+    table: Box<dyn StateTable>,
+}
+
+impl RowMultiset {
+    pub fn new(schema: SchemaRef, table: Box<dyn StateTable>) -> Result<Self> {
+        let converter = row_converter(&schema)?;
+        Ok(Self {
+            schema,
+            converter,
+            table,
+        })
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    /// Number of distinct rows.
+    pub fn distinct_rows(&self) -> usize {
+        self.table.len()
+    }
+
+    pub fn apply(&mut self, change: &ChangeBatch) -> Result<()> {
+        if change.is_empty() {
+            return Ok(());
+        }
+        let rows = self.converter.convert_columns(change.columns())?;
+        let weights = change.weights();
+        for (i, row) in rows.iter().enumerate() {
+            let key = row.as_ref();
+            let old = self.table.get(key).map(|v| decode_count(&v)).unwrap_or(0);
+            let new = old + weights.value(i);
+            if new < 0 {
+                return Err(KappaError::internal(format!(
+                    "row count became negative ({new}) in {}",
+                    self.schema
+                )));
+            }
+            if new == 0 {
+                self.table.delete(key);
+            } else {
+                self.table.put(Arc::from(key), encode_count(new));
+            }
+        }
+        Ok(())
+    }
+
+    /// Count of an exact row, given in encoded form.
+    pub fn count_encoded(&self, key: &[u8]) -> i64 {
+        self.table.get(key).map(|v| decode_count(&v)).unwrap_or(0)
+    }
+
+    pub fn converter(&self) -> &RowConverter {
+        &self.converter
+    }
+
+    pub fn snapshot(&self) -> MultisetSnapshot {
+        MultisetSnapshot {
+            schema: self.schema.clone(),
+            state: self.table.snapshot(),
+        }
+    }
+}
+
+/// The immutable contents of a relation at one epoch.
+#[derive(Clone)]
+pub struct MultisetSnapshot {
+    schema: SchemaRef,
+    state: Arc<dyn StateSnapshot>,
+}
+
+impl MultisetSnapshot {
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    pub fn distinct_rows(&self) -> usize {
+        self.state.len()
+    }
+
+    /// Decodes the contents into batches of at most `batch_size` distinct rows, each row
+    /// repeated as often as it occurs.
+    pub fn to_batches(&self, batch_size: usize) -> Result<Vec<RecordBatch>> {
+        let converter = row_converter(&self.schema)?;
+        let parser = converter.parser();
+        let mut out = Vec::new();
+        let mut keys = Vec::with_capacity(batch_size.min(self.state.len()));
+        let mut counts = Vec::with_capacity(keys.capacity());
+        let mut flush = |keys: &mut Vec<crate::Bytes>, counts: &mut Vec<i64>| -> Result<()> {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            let columns = converter.convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+            let mut batch = RecordBatch::try_new(self.schema.clone(), columns)?;
+            if counts.iter().any(|&c| c != 1) {
+                let idx: UInt32Array = counts
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, &c)| std::iter::repeat_n(i as u32, c.max(0) as usize))
+                    .collect();
+                batch = take_record_batch(&batch, &idx)?;
+            }
+            out.push(batch);
+            keys.clear();
+            counts.clear();
+            Ok(())
+        };
+        for (k, v) in self.state.iter() {
+            keys.push(k);
+            counts.push(decode_count(&v));
+            if keys.len() >= batch_size {
+                flush(&mut keys, &mut counts)?;
+            }
+        }
+        flush(&mut keys, &mut counts)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,38 @@
+//! Runs every `.slt` file under `sql-tests/slt/`, each against its own fresh server.
+
+use std::path::PathBuf;
+
+fn slt_files() -> Vec<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("slt");
+    let mut out = vec![];
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).expect("read slt dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "slt") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqllogictest_files() {
+    let files = slt_files();
+    assert!(!files.is_empty(), "no .slt files found");
+    let mut failures = vec![];
+    for f in &files {
+        match kappa_sql_tests::run_slt_file(f).await {
+            Ok(()) => eprintln!("ok   {}", f.display()),
+            Err(e) => {
+                eprintln!("FAIL {}\n{e}", f.display());
+                failures.push(f.display().to_string());
+            }
+        }
+    }
+    assert!(failures.is_empty(), "failing .slt files: {failures:?}");
+}
