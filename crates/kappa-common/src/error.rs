@@ -148,6 +148,7 @@ fn classify_datafusion_message(full: &str) -> KappaError {
         || has("Cannot automatically convert")
         || has("does not support")
         || has("must be Boolean")
+        || has("non-boolean predicate")
         || has("is not a valid")
         || has("Failed to coerce")
         || has("signature")

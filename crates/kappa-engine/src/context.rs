@@ -4,7 +4,6 @@
 //! materialized view at the same epoch. DML statements read tables at their latest contents
 //! instead (the write they make applies to exactly what they read), and views in both cases.
 
-use std::any::Any;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -92,10 +91,6 @@ fn df_err(e: KappaError) -> DataFusionError {
 
 #[async_trait]
 impl SchemaProvider for KappaSchema {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
     fn table_names(&self) -> Vec<String> {
         self.sources.catalog.relations().map(|r| r.name.clone()).collect()
     }
@@ -126,8 +121,21 @@ impl SchemaProvider for KappaSchema {
                     })?;
                     Data::Committed(snap)
                 };
+                // DML checks NOT NULL itself, with PostgreSQL's message and SQLSTATE, on the
+                // rows it is about to write; DataFusion must not reject them earlier.
+                let schema = if matches!(data, Data::Latest(_)) {
+                    Arc::new(Schema::new(
+                        rel.schema
+                            .fields()
+                            .iter()
+                            .map(|f| f.as_ref().clone().with_nullable(true))
+                            .collect::<Vec<_>>(),
+                    ))
+                } else {
+                    rel.schema.clone()
+                };
                 Ok(Some(Arc::new(RelationTable {
-                    schema: rel.schema.clone(),
+                    schema,
                     data,
                     table_type: if matches!(kind, RelationKind::Table { .. }) {
                         TableType::Base
@@ -165,10 +173,6 @@ impl std::fmt::Debug for RelationTable {
 
 #[async_trait]
 impl TableProvider for RelationTable {
-    fn as_any(&self) -> &dyn Any {
-        self
-    }
-
     fn schema(&self) -> SchemaRef {
         self.schema.clone()
     }

@@ -152,7 +152,7 @@ pub(crate) fn start(engine: &Engine, stmt: Statement) -> Result<Output> {
     let name = object_name(&table_name)?;
     let table = engine.writable_table(&name)?;
     let mut format = CopyFormat::text();
-    let mut set_csv = |f: &mut CopyFormat| {
+    let set_csv = |f: &mut CopyFormat| {
         let mut c = CopyFormat::csv();
         c.header = f.header;
         *f = c;

@@ -32,7 +32,7 @@ impl Engine {
         }
     }
 
-    fn writable_table(&self, name: &str) -> Result<Arc<Table>> {
+    pub(crate) fn writable_table(&self, name: &str) -> Result<Arc<Table>> {
         let cat = self.catalog();
         let rel = cat.require(name)?;
         if !matches!(rel.kind, RelationKind::Table { .. }) {

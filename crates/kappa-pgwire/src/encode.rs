@@ -36,20 +36,6 @@ pub fn pg_type(t: &DataType) -> Type {
     }
 }
 
-/// The Arrow type a parameter of this PostgreSQL type becomes.
-pub fn arrow_type(t: &Type) -> Option<DataType> {
-    Some(match *t {
-        Type::BOOL => DataType::Boolean,
-        Type::INT2 => DataType::Int16,
-        Type::INT4 => DataType::Int32,
-        Type::INT8 => DataType::Int64,
-        Type::FLOAT4 => DataType::Float32,
-        Type::FLOAT8 => DataType::Float64,
-        Type::TEXT | Type::VARCHAR => DataType::Utf8,
-        _ => return None,
-    })
-}
-
 pub fn fields(schema: &SchemaRef, format: &Format) -> Vec<FieldInfo> {
     schema
         .fields()
@@ -76,8 +62,45 @@ fn ts_utc(unit: &TimeUnit, v: i64) -> Option<DateTime<Utc>> {
     }
 }
 
+/// A float as PostgreSQL prints it (extra_float_digits ≥ 1): the shortest text that reads
+/// back as the same value, `Infinity`/`NaN` spelled out, and exponent form (`1e+21`,
+/// `1.5e-05`) outside [1e-4, 1e15).
+pub fn pg_float_text(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity".into() } else { "-Infinity".into() };
+    }
+    let a = f.abs();
+    if a != 0.0 && !(1e-4..1e15).contains(&a) {
+        let s = format!("{f:e}");
+        if let Some((mantissa, exp)) = s.split_once('e') {
+            let (sign, digits) = match exp.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', exp),
+            };
+            return format!("{mantissa}e{sign}{digits:0>2}");
+        }
+        return s;
+    }
+    format!("{f}")
+}
+
+fn pg_float32_text(f: f32) -> String {
+    if f.is_finite() && f.abs() >= 1e-4 && f.abs() < 1e15 || f == 0.0 {
+        format!("{f}")
+    } else {
+        pg_float_text(f64::from(f))
+    }
+}
+
 /// Encodes every row of `batches` as DataRows for `fields`.
 pub fn encode_rows(fields: Arc<Vec<FieldInfo>>, batches: &[RecordBatch]) -> PgWireResult<Vec<DataRow>> {
+    let text: Vec<bool> = fields
+        .iter()
+        .map(|f| f.format() == pgwire::api::results::FieldFormat::Text)
+        .collect();
     let mut rows = Vec::with_capacity(batches.iter().map(|b| b.num_rows()).sum());
     let mut enc = DataRowEncoder::new(fields);
     let opts = FormatOptions::default();
@@ -89,7 +112,7 @@ pub fn encode_rows(fields: Arc<Vec<FieldInfo>>, batches: &[RecordBatch]) -> PgWi
             .collect();
         for r in 0..batch.num_rows() {
             for (ci, col) in batch.columns().iter().enumerate() {
-                encode_value(&mut enc, col.as_ref(), r, fallback[ci].as_ref())?;
+                encode_value(&mut enc, col.as_ref(), r, fallback[ci].as_ref(), text[ci])?;
             }
             rows.push(enc.take_row());
         }
@@ -102,6 +125,7 @@ fn encode_value(
     col: &dyn Array,
     r: usize,
     fallback: Option<&ArrayFormatter>,
+    text: bool,
 ) -> PgWireResult<()> {
     if col.is_null(r) {
         return enc.encode_field(&None::<i8>);
@@ -121,6 +145,12 @@ fn encode_value(
         DataType::Int64 => prim!(Int64Type, i64),
         DataType::UInt32 => prim!(UInt32Type, i64),
         DataType::UInt64 => prim!(UInt64Type, i64),
+        DataType::Float32 if text => {
+            enc.encode_field(&pg_float32_text(col.as_primitive::<Float32Type>().value(r)).as_str())
+        }
+        DataType::Float64 if text => {
+            enc.encode_field(&pg_float_text(col.as_primitive::<Float64Type>().value(r)).as_str())
+        }
         DataType::Float32 => prim!(Float32Type, f32),
         DataType::Float64 => prim!(Float64Type, f64),
         DataType::Utf8 => enc.encode_field(&col.as_string::<i32>().value(r)),
@@ -156,5 +186,29 @@ fn encode_value(
             }
         }
         _ => enc.encode_field(&fallback.map(|f| f.value(r).to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn floats_print_like_postgres() {
+        for (f, want) in [
+            (17.0, "17"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (1e21, "1e+21"),
+            (1.5e-5, "1.5e-05"),
+            (123456789012345.0, "123456789012345"),
+            (1e15, "1e+15"),
+            (0.0001, "0.0001"),
+            (f64::INFINITY, "Infinity"),
+            (f64::NAN, "NaN"),
+            (0.0, "0"),
+        ] {
+            assert_eq!(pg_float_text(f), want);
+        }
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use datafusion::common::{DFSchema, TableReference};
-use datafusion::logical_expr::{Expr, LogicalPlan, Sort};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Sort};
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_plan::{AggCall, AggFunc, NodeId, NodeKind, StreamGraph, StreamNode};
 

@@ -26,7 +26,7 @@ impl MemStateTable {
         &'a self,
         prefix: &'a [u8],
         end: &'a Option<Vec<u8>>,
-    ) -> im::ordmap::RangedIter<'a, Bytes, Bytes> {
+    ) -> im::ordmap::Iter<'a, Bytes, Bytes> {
         let upper = match end {
             Some(e) => Bound::Excluded(e.as_slice()),
             None => Bound::Unbounded,
