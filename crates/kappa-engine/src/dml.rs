@@ -141,7 +141,7 @@ impl Engine {
                 ));
             }
             targets.push(idx);
-            values.push(format!("({value})"));
+            values.push(format!("({value}) AS __kappa_set_{}", values.len()));
         }
         let where_ = u.selection.map(|s| format!(" WHERE {s}")).unwrap_or_default();
         let sql = format!("SELECT *, {} FROM {}{where_}", values.join(", "), u.table);
