@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 bash scripts/setup.sh
-cargo build --release -p kappa-server
+cargo build --release --workspace --bins
 exec "$CARGO_TARGET_DIR/release/kappa" serve "$@"

@@ -26,7 +26,10 @@ fn peak_rss_mib() -> f64 {
 #[tokio::main(flavor = "multi_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let rows: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1_000_000);
+    let rows: u64 = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1_000_000);
     let groups: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(1000);
     let addr = kappa_sql_tests::start_kappa().await;
     let client = kappa_sql_tests::connect(addr).await;
@@ -64,6 +67,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         visible.as_secs_f64(),
         rows as f64 / visible.as_secs_f64()
     );
-    println!("  peak RSS: {:.0} MiB (before the insert: {:.0} MiB)", peak_rss_mib(), rss_before);
+    println!(
+        "  peak RSS: {:.0} MiB (before the insert: {:.0} MiB)",
+        peak_rss_mib(),
+        rss_before
+    );
     Ok(())
 }

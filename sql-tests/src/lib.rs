@@ -25,7 +25,11 @@ pub async fn start_kappa() -> SocketAddr {
 
 pub async fn connect(addr: SocketAddr) -> Client {
     let (client, conn) = tokio_postgres::connect(
-        &format!("host={} port={} user=kappa dbname=kappa", addr.ip(), addr.port()),
+        &format!(
+            "host={} port={} user=kappa dbname=kappa",
+            addr.ip(),
+            addr.port()
+        ),
         NoTls,
     )
     .await
@@ -58,7 +62,10 @@ impl From<tokio_postgres::Error> for DbError {
 }
 
 /// Rows of a simple-protocol query as text; NULL is `NULL`, the empty string `(empty)`.
-pub async fn query_text(client: &Client, sql: &str) -> Result<(Vec<Vec<String>>, Option<u64>, bool), DbError> {
+pub async fn query_text(
+    client: &Client,
+    sql: &str,
+) -> Result<(Vec<Vec<String>>, Option<u64>, bool), DbError> {
     let msgs = client.simple_query(sql).await?;
     let mut rows = vec![];
     let mut count = None;
@@ -129,7 +136,8 @@ impl AsyncDB for KappaDb {
 /// Runs one `.slt` file against a fresh Kappa server.
 pub async fn run_slt_file(path: &Path) -> Result<(), String> {
     let addr = start_kappa().await;
-    let mut runner = sqllogictest::Runner::new(move || async move { Ok(KappaDb::connect(addr).await) });
+    let mut runner =
+        sqllogictest::Runner::new(move || async move { Ok(KappaDb::connect(addr).await) });
     runner.with_hash_threshold(0);
     runner
         .run_file_async(path)
@@ -152,7 +160,11 @@ impl Postgres {
         if !Path::new(PG_BIN).join("initdb").exists() {
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("kappa-pg-{}-{}", std::process::id(), rand::random::<u32>()));
+        let dir = std::env::temp_dir().join(format!(
+            "kappa-pg-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
         std::fs::create_dir_all(&dir).ok()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .ok()?
@@ -160,7 +172,12 @@ impl Postgres {
             .ok()?
             .port();
         // PostgreSQL refuses to run as root; run it as the `postgres` user when we are root.
-        let as_root = Command::new("id").arg("-u").output().ok().map(|o| o.stdout.starts_with(b"0")) == Some(true);
+        let as_root = Command::new("id")
+            .arg("-u")
+            .output()
+            .ok()
+            .map(|o| o.stdout.starts_with(b"0"))
+            == Some(true);
         let wrap = |args: &[&str]| -> Command {
             if as_root {
                 let mut c = Command::new("runuser");
@@ -173,24 +190,48 @@ impl Postgres {
             }
         };
         if as_root {
-            Command::new("chown").args(["-R", "postgres", dir.to_str()?]).status().ok()?;
+            Command::new("chown")
+                .args(["-R", "postgres", dir.to_str()?])
+                .status()
+                .ok()?;
         }
         let data = dir.join("data");
         let initdb = format!("{PG_BIN}/initdb");
-        let ok = wrap(&[&initdb, "-D", data.to_str()?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .ok()?
-            .success();
+        let ok = wrap(&[
+            &initdb,
+            "-D",
+            data.to_str()?,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?
+        .success();
         if !ok {
             return None;
         }
         let postgres = format!("{PG_BIN}/postgres");
         let port_s = port.to_string();
         let child = wrap(&[
-            &postgres, "-D", data.to_str()?, "-p", &port_s, "-k", dir.to_str()?, "-c", "listen_addresses=127.0.0.1",
-            "-c", "fsync=off", "-c", "wal_level=logical",
+            &postgres,
+            "-D",
+            data.to_str()?,
+            "-p",
+            &port_s,
+            "-k",
+            dir.to_str()?,
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "wal_level=logical",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -202,7 +243,10 @@ impl Postgres {
     pub async fn connect(&self) -> Client {
         for _ in 0..100 {
             if let Ok((client, conn)) = tokio_postgres::connect(
-                &format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port),
+                &format!(
+                    "host=127.0.0.1 port={} user=postgres dbname=postgres",
+                    self.port
+                ),
                 NoTls,
             )
             .await

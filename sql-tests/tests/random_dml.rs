@@ -13,17 +13,33 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-const TABLE: &str = "CREATE TABLE t (id BIGINT PRIMARY KEY, g TEXT, h BIGINT, v DOUBLE PRECISION, w BIGINT)";
+const TABLE: &str =
+    "CREATE TABLE t (id BIGINT PRIMARY KEY, g TEXT, h BIGINT, v DOUBLE PRECISION, w BIGINT)";
 
 /// (name, definition). The same SQL runs on both engines.
 const VIEWS: &[(&str, &str)] = &[
-    ("v_group", "SELECT g, count(*) AS n, sum(w) AS sw, min(v) AS mn, max(v) AS mx, avg(w) AS aw FROM t GROUP BY g"),
-    ("v_filter", "SELECT id, g, w * 2 + h AS x FROM t WHERE v > 0 AND h % 3 <> 1"),
+    (
+        "v_group",
+        "SELECT g, count(*) AS n, sum(w) AS sw, min(v) AS mn, max(v) AS mx, avg(w) AS aw FROM t GROUP BY g",
+    ),
+    (
+        "v_filter",
+        "SELECT id, g, w * 2 + h AS x FROM t WHERE v > 0 AND h % 3 <> 1",
+    ),
     ("v_distinct", "SELECT DISTINCT g, h FROM t"),
-    ("v_scalar", "SELECT count(*) AS n, sum(h) AS sh, max(w) AS mw, min(g) AS mg FROM t"),
-    ("v_union", "SELECT g, h FROM t WHERE h < 3 UNION ALL SELECT g, w FROM t WHERE w > 5"),
+    (
+        "v_scalar",
+        "SELECT count(*) AS n, sum(h) AS sh, max(w) AS mw, min(g) AS mg FROM t",
+    ),
+    (
+        "v_union",
+        "SELECT g, h FROM t WHERE h < 3 UNION ALL SELECT g, w FROM t WHERE w > 5",
+    ),
     ("v_nested", "SELECT g, n, sw FROM v_group WHERE n > 2"),
-    ("v_twolevel", "SELECT n, count(*) AS groups, max(mx) AS top FROM v_group GROUP BY n"),
+    (
+        "v_twolevel",
+        "SELECT n, count(*) AS groups, max(mx) AS top FROM v_group GROUP BY n",
+    ),
 ];
 
 fn normalize(cell: &str) -> String {
@@ -56,15 +72,27 @@ fn g(rng: &mut StdRng) -> String {
 }
 
 fn h(rng: &mut StdRng) -> String {
-    if rng.gen_bool(0.1) { "NULL".into() } else { rng.gen_range(0..7).to_string() }
+    if rng.gen_bool(0.1) {
+        "NULL".into()
+    } else {
+        rng.gen_range(0..7).to_string()
+    }
 }
 
 fn v(rng: &mut StdRng) -> String {
-    if rng.gen_bool(0.05) { "NULL".into() } else { format!("{}", rng.gen_range(-20..21) as f64 * 0.25) }
+    if rng.gen_bool(0.05) {
+        "NULL".into()
+    } else {
+        format!("{}", rng.gen_range(-20..21) as f64 * 0.25)
+    }
 }
 
 fn w(rng: &mut StdRng) -> String {
-    if rng.gen_bool(0.1) { "NULL".into() } else { rng.gen_range(-10..21).to_string() }
+    if rng.gen_bool(0.1) {
+        "NULL".into()
+    } else {
+        rng.gen_range(-10..21).to_string()
+    }
 }
 
 fn random_statement(rng: &mut StdRng, multi_row: bool) -> String {
@@ -73,7 +101,16 @@ fn random_statement(rng: &mut StdRng, multi_row: bool) -> String {
         0..=4 => {
             let n = if multi_row { rng.gen_range(1..8) } else { 1 };
             let rows: Vec<String> = (0..n)
-                .map(|_| format!("({}, {}, {}, {}, {})", id(rng), g(rng), h(rng), v(rng), w(rng)))
+                .map(|_| {
+                    format!(
+                        "({}, {}, {}, {}, {})",
+                        id(rng),
+                        g(rng),
+                        h(rng),
+                        v(rng),
+                        w(rng)
+                    )
+                })
                 .collect();
             format!("INSERT INTO t VALUES {}", rows.join(", "))
         }
@@ -93,7 +130,11 @@ fn random_statement(rng: &mut StdRng, multi_row: bool) -> String {
         7 if multi_row => format!("UPDATE t SET id = id + 1000 WHERE id = {}", id(rng)),
         _ => {
             if multi_row {
-                format!("DELETE FROM t WHERE g = {} AND h = {}", g(rng), rng.gen_range(0..7))
+                format!(
+                    "DELETE FROM t WHERE g = {} AND h = {}",
+                    g(rng),
+                    rng.gen_range(0..7)
+                )
             } else {
                 format!("DELETE FROM t WHERE id = {}", id(rng))
             }
@@ -109,9 +150,15 @@ async fn check(kappa: &Client, pg: &Client, step: usize) {
     for (name, def) in VIEWS {
         let in_kappa = rows(kappa, &format!("SELECT * FROM {name}")).await;
         let in_pg = rows(pg, &format!("SELECT * FROM {name}")).await;
-        assert_eq!(in_kappa, in_pg, "view {name} differs from PostgreSQL after {step} statements");
+        assert_eq!(
+            in_kappa, in_pg,
+            "view {name} differs from PostgreSQL after {step} statements"
+        );
         let adhoc = rows(kappa, def).await;
-        assert_eq!(in_kappa, adhoc, "view {name} differs from Kappa's ad-hoc query after {step} statements");
+        assert_eq!(
+            in_kappa, adhoc,
+            "view {name} differs from Kappa's ad-hoc query after {step} statements"
+        );
     }
 }
 
@@ -146,10 +193,18 @@ async fn run(seed: u64, statements: usize, multi_row: bool) {
                 *outcomes.entry("ok".into()).or_default() += 1;
             }
             (Err(ke), Err(pe)) => {
-                assert_eq!(sqlstate(ke), sqlstate(pe), "different errors for {sql}: {ke} / {pe}");
+                assert_eq!(
+                    sqlstate(ke),
+                    sqlstate(pe),
+                    "different errors for {sql}: {ke} / {pe}"
+                );
                 *outcomes.entry(sqlstate(ke)).or_default() += 1;
             }
-            _ => panic!("outcome differs for {sql}: kappa {:?} postgres {:?}", k.as_ref().err(), p.as_ref().err()),
+            _ => panic!(
+                "outcome differs for {sql}: kappa {:?} postgres {:?}",
+                k.as_ref().err(),
+                p.as_ref().err()
+            ),
         }
         if !multi_row {
             kappa.batch_execute("FLUSH").await.expect("flush");

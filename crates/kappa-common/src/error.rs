@@ -131,8 +131,7 @@ fn classify_datafusion_message(full: &str) -> KappaError {
         SqlState::DIVISION_BY_ZERO
     } else if has("table") && (has("not found") || has("doesn't exist")) {
         SqlState::UNDEFINED_TABLE
-    } else if has("No field named") || has("not found in schema") || has("Ambiguous reference")
-    {
+    } else if has("No field named") || has("not found in schema") || has("Ambiguous reference") {
         SqlState::UNDEFINED_COLUMN
     } else if has("Invalid function") || has("No function matches") {
         SqlState::UNDEFINED_FUNCTION
@@ -186,7 +185,8 @@ mod tests {
         )
         .into();
         assert_eq!(e.sqlstate(), SqlState::UNDEFINED_COLUMN);
-        let e: KappaError = DataFusionError::NotImplemented("Unsupported SQL type Foo".into()).into();
+        let e: KappaError =
+            DataFusionError::NotImplemented("Unsupported SQL type Foo".into()).into();
         assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
     }
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
-use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, Session, TableProvider};
+use datafusion::catalog::CatalogProvider;
 use datafusion::catalog::view::ViewTable;
+use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -17,7 +18,6 @@ use datafusion::execution::context::SessionConfig;
 use datafusion::logical_expr::Expr;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
-use datafusion::catalog::CatalogProvider;
 use kappa_common::{KappaError, SqlState};
 use kappa_runtime::{Runtime, Snapshot};
 use kappa_sql::catalog::{Catalog, RelationKind};
@@ -66,7 +66,10 @@ fn make_context(sources: Sources) -> SessionContext {
         .with_create_default_catalog_and_schema(false)
         .with_target_partitions(2)
         .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false)
-        .set_bool("datafusion.execution.parquet.schema_force_view_types", false);
+        .set_bool(
+            "datafusion.execution.parquet.schema_force_view_types",
+            false,
+        );
     let ctx = SessionContext::new_with_config(config);
     let cat = Arc::new(MemoryCatalogProvider::new());
     let _ = cat.register_schema("public", Arc::new(KappaSchema { sources }));
@@ -92,7 +95,11 @@ fn df_err(e: KappaError) -> DataFusionError {
 #[async_trait]
 impl SchemaProvider for KappaSchema {
     fn table_names(&self) -> Vec<String> {
-        self.sources.catalog.relations().map(|r| r.name.clone()).collect()
+        self.sources
+            .catalog
+            .relations()
+            .map(|r| r.name.clone())
+            .collect()
     }
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
@@ -110,14 +117,18 @@ impl SchemaProvider for KappaSchema {
             kind => {
                 let data = if s.planning_only {
                     Data::None
-                } else if matches!(kind, RelationKind::Table { .. }) && s.reads == TableReads::Latest {
+                } else if matches!(kind, RelationKind::Table { .. })
+                    && s.reads == TableReads::Latest
+                {
                     let table = s.runtime.table(rel.id).ok_or_else(|| {
                         df_err(KappaError::internal(format!("table {name} has no storage")))
                     })?;
                     Data::Latest(table)
                 } else {
                     let snap = s.snapshot.relations.get(&rel.id).cloned().ok_or_else(|| {
-                        df_err(KappaError::internal(format!("{name} is not in the snapshot")))
+                        df_err(KappaError::internal(format!(
+                            "{name} is not in the snapshot"
+                        )))
                     })?;
                     Data::Committed(snap)
                 };
@@ -190,7 +201,9 @@ impl TableProvider for RelationTable {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let batches = match &self.data {
             Data::None => {
-                return Err(df_err(KappaError::internal("planning-only relation was scanned")));
+                return Err(df_err(KappaError::internal(
+                    "planning-only relation was scanned",
+                )));
             }
             Data::Committed(snap) => {
                 if let Some(f) = &snap.failure {
@@ -207,6 +220,10 @@ impl TableProvider for RelationTable {
                 .map_err(df_err)?,
         };
         let schema = Arc::new(Schema::new(self.schema.fields().clone()));
-        Ok(MemorySourceConfig::try_new_exec(&[batches], schema, projection.cloned())?)
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            schema,
+            projection.cloned(),
+        )?)
     }
 }

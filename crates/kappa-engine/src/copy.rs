@@ -85,7 +85,13 @@ impl CopyIn {
                 };
                 return Err(KappaError::user(
                     SqlState::BAD_COPY_FORMAT,
-                    format!("COPY {}, line {line}: {what} (record {} has {} fields, expected {})", self.table.name, i + 1, rec.len(), self.columns.len()),
+                    format!(
+                        "COPY {}, line {line}: {what} (record {} has {} fields, expected {})",
+                        self.table.name,
+                        i + 1,
+                        rec.len(),
+                        self.columns.len()
+                    ),
                 ));
             }
             for (c, v) in cells.iter_mut().zip(rec) {
@@ -169,8 +175,13 @@ pub(crate) fn start(engine: &Engine, stmt: Statement) -> Result<Output> {
             CopyOption::Header(h) => format.header = h,
             CopyOption::Quote(c) => format.quote = ascii(c)?,
             CopyOption::Escape(c) => format.escape = ascii(c)?,
-            CopyOption::Encoding(e) if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
-            other => return Err(KappaError::not_supported(format!("the COPY option {other}"))),
+            CopyOption::Encoding(e)
+                if e.eq_ignore_ascii_case("utf8") || e.eq_ignore_ascii_case("utf-8") => {}
+            other => {
+                return Err(KappaError::not_supported(format!(
+                    "the COPY option {other}"
+                )));
+            }
         }
     }
     for o in legacy_options {
@@ -182,14 +193,22 @@ pub(crate) fn start(engine: &Engine, stmt: Statement) -> Result<Output> {
                         CopyLegacyCsvOption::Header => format.header = true,
                         CopyLegacyCsvOption::Quote(q) => format.quote = ascii(q)?,
                         CopyLegacyCsvOption::Escape(e) => format.escape = ascii(e)?,
-                        other => return Err(KappaError::not_supported(format!("the COPY option {other}"))),
+                        other => {
+                            return Err(KappaError::not_supported(format!(
+                                "the COPY option {other}"
+                            )));
+                        }
                     }
                 }
             }
             CopyLegacyOption::Delimiter(c) => format.delimiter = ascii(c)?,
             CopyLegacyOption::Null(s) => format.null = s,
             CopyLegacyOption::Header => format.header = true,
-            other => return Err(KappaError::not_supported(format!("the COPY option {other}"))),
+            other => {
+                return Err(KappaError::not_supported(format!(
+                    "the COPY option {other}"
+                )));
+            }
         }
     }
     let targets = if columns.is_empty() {
@@ -217,7 +236,10 @@ pub(crate) fn start(engine: &Engine, stmt: Statement) -> Result<Output> {
 
 fn ascii(c: char) -> Result<u8> {
     u8::try_from(c).ok().filter(u8::is_ascii).ok_or_else(|| {
-        KappaError::user(SqlState::INVALID_PARAMETER_VALUE, "COPY delimiter, quote and escape must be one ASCII character")
+        KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            "COPY delimiter, quote and escape must be one ASCII character",
+        )
     })
 }
 
@@ -225,7 +247,10 @@ type Record = (usize, Vec<Option<String>>);
 
 fn utf8(bytes: &[u8], line: usize) -> Result<String> {
     String::from_utf8(bytes.to_vec()).map_err(|_| {
-        KappaError::user(SqlState("22021"), format!("COPY, line {line}: invalid UTF-8"))
+        KappaError::user(
+            SqlState("22021"),
+            format!("COPY, line {line}: invalid UTF-8"),
+        )
     })
 }
 
@@ -337,7 +362,11 @@ fn parse_csv(data: &[u8], f: &CopyFormat) -> Result<Vec<Record>> {
                 pos += 1;
             }
             let s = utf8(&v, start_line)?;
-            fields.push(if !quoted && s == f.null { None } else { Some(s) });
+            fields.push(if !quoted && s == f.null {
+                None
+            } else {
+                Some(s)
+            });
             match data.get(pos) {
                 Some(&b) if b == f.delimiter => {
                     pos += 1;
@@ -369,15 +398,25 @@ mod tests {
         let r = parse_text(b"1\ta\\tb\t\\N\n2\tx\\\\y\tz\n\\.\n", &CopyFormat::text()).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].1, vec![Some("1".into()), Some("a\tb".into()), None]);
-        assert_eq!(r[1].1, vec![Some("2".into()), Some("x\\y".into()), Some("z".into())]);
+        assert_eq!(
+            r[1].1,
+            vec![Some("2".into()), Some("x\\y".into()), Some("z".into())]
+        );
     }
 
     #[test]
     fn csv_quotes_and_nulls() {
-        let r = parse_csv(b"1,\"a,b\",\n2,\"say \"\"hi\"\"\",\"\"\n3,\"two\nlines\",x\n", &CopyFormat::csv()).unwrap();
+        let r = parse_csv(
+            b"1,\"a,b\",\n2,\"say \"\"hi\"\"\",\"\"\n3,\"two\nlines\",x\n",
+            &CopyFormat::csv(),
+        )
+        .unwrap();
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].1, vec![Some("1".into()), Some("a,b".into()), None]);
-        assert_eq!(r[1].1, vec![Some("2".into()), Some("say \"hi\"".into()), Some("".into())]);
+        assert_eq!(
+            r[1].1,
+            vec![Some("2".into()), Some("say \"hi\"".into()), Some("".into())]
+        );
         assert_eq!(r[2].1[1], Some("two\nlines".into()));
         assert!(parse_csv(b"1,\"open", &CopyFormat::csv()).is_err());
     }

@@ -80,7 +80,9 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
                     set_pk(&mut pk, vec![i])?;
                 }
                 other => {
-                    return Err(KappaError::not_supported(format!("the column option {other}")));
+                    return Err(KappaError::not_supported(format!(
+                        "the column option {other}"
+                    )));
                 }
             }
         }
@@ -105,7 +107,11 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
                 }
                 set_pk(&mut pk, cols)?;
             }
-            other => return Err(KappaError::not_supported(format!("the table constraint {other}"))),
+            other => {
+                return Err(KappaError::not_supported(format!(
+                    "the table constraint {other}"
+                )));
+            }
         }
     }
     let schema = Arc::new(Schema::new(
@@ -134,7 +140,10 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
 }
 
 /// Relations a query names directly (views are not expanded), by id.
-fn direct_dependencies(engine: &Engine, query: &datafusion::sql::sqlparser::ast::Query) -> Result<Vec<RelationId>> {
+fn direct_dependencies(
+    engine: &Engine,
+    query: &datafusion::sql::sqlparser::ast::Query,
+) -> Result<Vec<RelationId>> {
     let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(Box::new(
         query.clone(),
     ))));
@@ -193,7 +202,10 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
         if !seen.insert(f.name().clone()) {
             return Err(KappaError::user(
                 SqlState::DUPLICATE_COLUMN,
-                format!("column \"{}\" specified more than once; give the columns distinct names with AS", f.name()),
+                format!(
+                    "column \"{}\" specified more than once; give the columns distinct names with AS",
+                    f.name()
+                ),
             ));
         }
     }
@@ -262,7 +274,11 @@ async fn drop(
         if rel.kind.describe() != want {
             return Err(KappaError::user(
                 SqlState::WRONG_OBJECT_TYPE,
-                format!("\"{name}\" is a {}, not a {want}; use DROP {}", rel.kind.describe(), rel.kind.describe().to_uppercase()),
+                format!(
+                    "\"{name}\" is a {}, not a {want}; use DROP {}",
+                    rel.kind.describe(),
+                    rel.kind.describe().to_uppercase()
+                ),
             ));
         }
         let order = catalog.drop_order(&name, cascade)?;

@@ -38,7 +38,10 @@ impl Engine {
         if !matches!(rel.kind, RelationKind::Table { .. }) {
             return Err(KappaError::user(
                 SqlState::WRONG_OBJECT_TYPE,
-                format!("cannot change {} \"{name}\": only tables accept writes", rel.kind.describe()),
+                format!(
+                    "cannot change {} \"{name}\": only tables accept writes",
+                    rel.kind.describe()
+                ),
             ));
         }
         self.runtime()
@@ -67,7 +70,9 @@ impl Engine {
         let ctx = self.context(TableReads::Latest);
         let plan = ctx
             .state()
-            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(stmt)))
+            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                stmt,
+            )))
             .await?;
         let LogicalPlan::Dml(dml) = plan else {
             return Err(KappaError::internal("INSERT did not plan to a DML plan"));
@@ -95,7 +100,9 @@ impl Engine {
         let ctx = self.context(TableReads::Latest);
         let plan = ctx
             .state()
-            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(stmt)))
+            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+                stmt,
+            )))
             .await?;
         Ok(ctx.execute_logical_plan(plan).await?.collect().await?)
     }
@@ -143,7 +150,10 @@ impl Engine {
             targets.push(idx);
             values.push(format!("({value}) AS __kappa_set_{}", values.len()));
         }
-        let where_ = u.selection.map(|s| format!(" WHERE {s}")).unwrap_or_default();
+        let where_ = u
+            .selection
+            .map(|s| format!(" WHERE {s}"))
+            .unwrap_or_default();
         let sql = format!("SELECT *, {} FROM {}{where_}", values.join(", "), u.table);
         let _dml = table.lock_dml().await;
         let batches = self.select_latest(&sql).await?;
@@ -155,7 +165,8 @@ impl Engine {
             let mut new_cols = old_cols.clone();
             for (j, &t) in targets.iter().enumerate() {
                 let field = schema.field(t);
-                new_cols[t] = cast_value(&b.columns()[n_cols + j], field.data_type(), field.name())?;
+                new_cols[t] =
+                    cast_value(&b.columns()[n_cols + j], field.data_type(), field.name())?;
             }
             old.push(RecordBatch::try_new(unconstrained(&schema), old_cols)?);
             new.push(RecordBatch::try_new(unconstrained(&schema), new_cols)?);
@@ -191,7 +202,10 @@ impl Engine {
         }
         let tname = kappa_sql::parse::object_name(name)?;
         let table = self.writable_table(&tname)?;
-        let where_ = d.selection.map(|s| format!(" WHERE {s}")).unwrap_or_default();
+        let where_ = d
+            .selection
+            .map(|s| format!(" WHERE {s}"))
+            .unwrap_or_default();
         let sql = format!("SELECT * FROM {twj}{where_}");
         let _dml = table.lock_dml().await;
         let batches = self.select_latest(&sql).await?;
@@ -206,11 +220,16 @@ impl Engine {
 }
 
 /// The parameter types DataFusion infers for a DML statement's placeholders.
-pub(crate) async fn parameter_types(engine: &Engine, stmt: &Statement) -> Result<Vec<Option<DataType>>> {
+pub(crate) async fn parameter_types(
+    engine: &Engine,
+    stmt: &Statement,
+) -> Result<Vec<Option<DataType>>> {
     let ctx = engine.context(TableReads::Latest);
     let plan = ctx
         .state()
-        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(stmt.clone())))
+        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
+            stmt.clone(),
+        )))
         .await?;
     let params = plan.get_parameter_types()?;
     Ok((1..=params.len())
@@ -241,14 +260,20 @@ pub(crate) fn cast_value(a: &ArrayRef, to: &DataType, column: &str) -> Result<Ar
     cast_with_options(a, to, &opts).map_err(|e| {
         let state = if a.data_type().is_numeric() && to.is_numeric() {
             SqlState::NUMERIC_VALUE_OUT_OF_RANGE
-        } else if matches!(a.data_type(), DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8) {
+        } else if matches!(
+            a.data_type(),
+            DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8
+        ) {
             SqlState::INVALID_TEXT_REPRESENTATION
         } else {
             SqlState::DATATYPE_MISMATCH
         };
         KappaError::user(
             state,
-            format!("invalid value for column \"{column}\" of type {}: {e}", crate::types::pg_type_name(to)),
+            format!(
+                "invalid value for column \"{column}\" of type {}: {e}",
+                crate::types::pg_type_name(to)
+            ),
         )
     })
 }

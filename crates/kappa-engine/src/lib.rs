@@ -37,7 +37,10 @@ pub enum Output {
         batches: Vec<RecordBatch>,
     },
     /// A command tag such as `INSERT 0 3` or `CREATE TABLE`.
-    Command { tag: String, rows: Option<usize> },
+    Command {
+        tag: String,
+        rows: Option<usize>,
+    },
     /// The statement is `COPY … FROM STDIN`: the client sends data next.
     CopyIn(CopyIn),
     TransactionStart,
@@ -168,7 +171,9 @@ impl Engine {
                 session.end();
                 Ok(Output::TransactionEnd("COMMIT"))
             }
-            S::Rollback { .. } => session.rollback().map(|_| Output::TransactionEnd("ROLLBACK")),
+            S::Rollback { .. } => session
+                .rollback()
+                .map(|_| Output::TransactionEnd("ROLLBACK")),
             S::Set(set) => session.set(set),
             S::ShowVariable { variable } => session.show(&variable),
             S::ShowTables { .. } => self.show_relations(&["table"]),
@@ -224,7 +229,12 @@ impl Engine {
         let ctx = self.context(TableReads::Committed);
         let df_stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
         let plan = ctx.state().statement_to_plan(df_stmt).await?;
-        if matches!(plan, datafusion::logical_expr::LogicalPlan::Ddl(_) | datafusion::logical_expr::LogicalPlan::Dml(_) | datafusion::logical_expr::LogicalPlan::Statement(_)) {
+        if matches!(
+            plan,
+            datafusion::logical_expr::LogicalPlan::Ddl(_)
+                | datafusion::logical_expr::LogicalPlan::Dml(_)
+                | datafusion::logical_expr::LogicalPlan::Statement(_)
+        ) {
             return Err(KappaError::not_supported(format!("{}", plan.display())));
         }
         let df = ctx.execute_logical_plan(plan).await?;
@@ -238,7 +248,10 @@ impl Engine {
     pub async fn describe_statement(
         &self,
         stmt: &Statement,
-    ) -> Result<(Option<SchemaRef>, Vec<Option<datafusion::arrow::datatypes::DataType>>)> {
+    ) -> Result<(
+        Option<SchemaRef>,
+        Vec<Option<datafusion::arrow::datatypes::DataType>>,
+    )> {
         match stmt {
             Statement::Query(_) | Statement::Explain { .. } => {
                 let ctx = self.context(TableReads::Committed);
@@ -255,9 +268,10 @@ impl Engine {
             | Statement::ShowViews { .. }
             | Statement::ExplainTable { .. }
             | Statement::ShowVariable { .. } => Ok((None, vec![])),
-            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => {
-                Ok((None, dml::parameter_types(self, stmt).await.unwrap_or_default()))
-            }
+            Statement::Insert(_) | Statement::Update(_) | Statement::Delete(_) => Ok((
+                None,
+                dml::parameter_types(self, stmt).await.unwrap_or_default(),
+            )),
             _ => Ok((None, vec![])),
         }
     }
@@ -300,19 +314,31 @@ impl Engine {
         ]));
         let f = rel.schema.fields();
         let names: StringArray = f.iter().map(|f| Some(f.name().clone())).collect();
-        let types: StringArray = f.iter().map(|f| Some(types::pg_type_name(f.data_type()))).collect();
+        let types: StringArray = f
+            .iter()
+            .map(|f| Some(types::pg_type_name(f.data_type())))
+            .collect();
         let nulls: StringArray = f
             .iter()
             .map(|f| Some(if f.is_nullable() { "YES" } else { "NO" }))
             .collect();
         let pks: StringArray = (0..f.len())
             .map(|i| {
-                Some(if pk.as_ref().is_some_and(|p| p.contains(&i)) { "YES" } else { "NO" })
+                Some(if pk.as_ref().is_some_and(|p| p.contains(&i)) {
+                    "YES"
+                } else {
+                    "NO"
+                })
             })
             .collect();
         let batch = RecordBatch::try_new(
             schema.clone(),
-            vec![Arc::new(names), Arc::new(types), Arc::new(nulls), Arc::new(pks)],
+            vec![
+                Arc::new(names),
+                Arc::new(types),
+                Arc::new(nulls),
+                Arc::new(pks),
+            ],
         )?;
         Ok(Output::Rows {
             schema,
@@ -327,7 +353,10 @@ impl Engine {
         let text = rel.plan_text.clone().ok_or_else(|| {
             KappaError::user(
                 SqlState::WRONG_OBJECT_TYPE,
-                format!("\"{name}\" is a {}, not a materialized view", rel.kind.describe()),
+                format!(
+                    "\"{name}\" is a {}, not a materialized view",
+                    rel.kind.describe()
+                ),
             )
         })?;
         Ok(plan_rows(&text))
@@ -338,7 +367,11 @@ impl Engine {
 fn plan_rows(text: &str) -> Output {
     use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
-    let schema = Arc::new(Schema::new(vec![Field::new("QUERY PLAN", DataType::Utf8, false)]));
+    let schema = Arc::new(Schema::new(vec![Field::new(
+        "QUERY PLAN",
+        DataType::Utf8,
+        false,
+    )]));
     let lines: StringArray = text.lines().map(Some).collect();
     match RecordBatch::try_new(schema.clone(), vec![Arc::new(lines)]) {
         Ok(b) => Output::Rows {

@@ -89,7 +89,11 @@ impl Session {
             .map(|i| i.value.to_lowercase())
             .collect::<Vec<_>>()
             .join(" ");
-        let set = self.settings.lock().ok().and_then(|s| s.get(&name).cloned());
+        let set = self
+            .settings
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&name).cloned());
         let value = match set {
             Some(v) => v,
             None => match name.as_str() {
@@ -112,7 +116,10 @@ impl Session {
             },
         };
         let schema = Arc::new(Schema::new(vec![Field::new(&name, DataType::Utf8, false)]));
-        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(StringArray::from(vec![value]))])?;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![Arc::new(StringArray::from(vec![value]))],
+        )?;
         Ok(Output::Rows {
             schema,
             batches: vec![batch],

@@ -37,11 +37,16 @@ pub fn arrow_type(t: &SqlType) -> Result<DataType> {
         "INTERVAL" => DataType::Interval(IntervalUnit::MonthDayNano),
         "NUMERIC" | "DECIMAL" => {
             let p = nums.first().copied().unwrap_or(38);
-            let s = nums.get(1).copied().unwrap_or(if nums.is_empty() { 10 } else { 0 });
+            let s = nums
+                .get(1)
+                .copied()
+                .unwrap_or(if nums.is_empty() { 10 } else { 0 });
             if p == 0 || p > 38 || s > p {
                 return Err(KappaError::user(
                     kappa_common::SqlState::INVALID_PARAMETER_VALUE,
-                    format!("NUMERIC precision {p} and scale {s} must satisfy 1 <= precision <= 38 and scale <= precision"),
+                    format!(
+                        "NUMERIC precision {p} and scale {s} must satisfy 1 <= precision <= 38 and scale <= precision"
+                    ),
                 ));
             }
             DataType::Decimal128(p, s as i8)
@@ -56,9 +61,7 @@ pub fn pg_type_name(t: &DataType) -> String {
         DataType::Int64 => "bigint".into(),
         DataType::Int32 => "integer".into(),
         DataType::Int16 | DataType::Int8 => "smallint".into(),
-        DataType::UInt64 | DataType::UInt32 | DataType::UInt16 | DataType::UInt8 => {
-            "bigint".into()
-        }
+        DataType::UInt64 | DataType::UInt32 | DataType::UInt16 | DataType::UInt8 => "bigint".into(),
         DataType::Boolean => "boolean".into(),
         DataType::Float64 => "double precision".into(),
         DataType::Float32 | DataType::Float16 => "real".into(),

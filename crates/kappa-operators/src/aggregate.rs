@@ -26,9 +26,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch,
-};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
@@ -55,11 +53,15 @@ pub struct AggSpec {
 enum Kind {
     Count,
     /// Exact sum of integers or decimals as unscaled i128; `scale` is the input's.
-    SumInt { scale: i8 },
+    SumInt {
+        scale: i8,
+    },
     SumFloat,
     AvgInt,
     AvgFloat,
-    Extreme { max: bool },
+    Extreme {
+        max: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -247,7 +249,11 @@ impl HashAggregate {
                         _ => null,
                     }
                 }
-                _ => return Err(KappaError::internal("aggregate state does not match its kind")),
+                _ => {
+                    return Err(KappaError::internal(
+                        "aggregate state does not match its kind",
+                    ));
+                }
             };
             out.push(v);
         }
@@ -347,7 +353,12 @@ fn add_float(sum: &mut f64, comp: &mut f64, x: f64) {
 }
 
 impl Operator for HashAggregate {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         let n = batch.num_rows();
         if n == 0 {
             return Ok(());
@@ -464,15 +475,22 @@ impl Operator for HashAggregate {
                 };
                 Self::extreme_prefix(&mut key_buf, i, group);
                 key_buf.extend_from_slice(rows.row(r).data());
-                let old = self.extremes.get(&key_buf).map(|v| decode_count(&v)).unwrap_or(0);
+                let old = self
+                    .extremes
+                    .get(&key_buf)
+                    .map(|v| decode_count(&v))
+                    .unwrap_or(0);
                 let new = old + w;
                 if new < 0 {
-                    return Err(KappaError::internal("min/max value retracted more than inserted"));
+                    return Err(KappaError::internal(
+                        "min/max value retracted more than inserted",
+                    ));
                 }
                 if new == 0 {
                     self.extremes.delete(&key_buf);
                 } else {
-                    self.extremes.put(Arc::from(key_buf.as_slice()), encode_count(new));
+                    self.extremes
+                        .put(Arc::from(key_buf.as_slice()), encode_count(new));
                 }
             }
         }
@@ -575,10 +593,18 @@ mod tests {
                 arg: Some(v.clone()),
                 filter: None,
                 input_type: DataType::Int64,
-                output_type: if func == AggFunc::Avg { DataType::Float64 } else { DataType::Int64 },
+                output_type: if func == AggFunc::Avg {
+                    DataType::Float64
+                } else {
+                    DataType::Int64
+                },
             })
             .collect();
-        let (g, t) = if grouped { (vec![k], vec![DataType::Utf8]) } else { (vec![], vec![]) };
+        let (g, t) = if grouped {
+            (vec![k], vec![DataType::Utf8])
+        } else {
+            (vec![], vec![])
+        };
         HashAggregate::new(
             g,
             t,
@@ -600,7 +626,11 @@ mod tests {
     #[test]
     fn max_survives_deleting_the_current_extreme() {
         use AggFunc::*;
-        let mut op = agg(&[Count, Sum, Max, Min], "k:utf8, c:i64, s:i64, mx:i64, mn:i64", true);
+        let mut op = agg(
+            &[Count, Sum, Max, Min],
+            "k:utf8, c:i64, s:i64, mx:i64, mn:i64",
+            true,
+        );
         let out = epoch(&mut op, "+ a | 10\n+ a | 7\n+ b | 5");
         assert_changes(&out, "+ a | 2 | 17 | 10 | 7\n+ b | 1 | 5 | 5 | 5");
         let out = epoch(&mut op, "- a | 10");
@@ -631,7 +661,11 @@ mod tests {
 
     #[test]
     fn scalar_aggregate_always_has_one_row() {
-        let mut op = agg(&[AggFunc::Count, AggFunc::Sum, AggFunc::Avg], "c:i64, s:i64, a:f64", false);
+        let mut op = agg(
+            &[AggFunc::Count, AggFunc::Sum, AggFunc::Avg],
+            "c:i64, s:i64, a:f64",
+            false,
+        );
         let mut out = vec![];
         op.on_barrier(1, &mut out).unwrap();
         assert_changes(&out, "+ 0 | NULL | NULL");

@@ -19,7 +19,12 @@ impl Filter {
 }
 
 impl Operator for Filter {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -57,7 +62,11 @@ mod tests {
         let p = ctx.create_physical_expr(col("a").gt(lit(1i64)), &df_schema("a:i64, b:utf8"))?;
         let mut op = Filter::new(p);
         let mut out = vec![];
-        op.process(0, changes("a:i64, b:utf8", "+ 1 | x\n- 2 | y\n+ NULL | z\n+3 5 | w"), &mut out)?;
+        op.process(
+            0,
+            changes("a:i64, b:utf8", "+ 1 | x\n- 2 | y\n+ NULL | z\n+3 5 | w"),
+            &mut out,
+        )?;
         assert_changes(&out, "- 2 | y\n+3 5 | w");
         Ok(())
     }

@@ -27,8 +27,12 @@ pub use union::Union;
 pub trait Operator: Send {
     /// Consumes one batch that arrived on input number `input` (0-based, in the order of the
     /// plan node's inputs) and appends any changes it causes to `out`.
-    fn process(&mut self, input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>)
-    -> Result<()>;
+    fn process(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()>;
 
     /// Every input has delivered all of the epoch's batches. Operators that buffer or
     /// consolidate emit here. Default: nothing to do.

@@ -28,7 +28,12 @@ impl Materialize {
 }
 
 impl Operator for Materialize {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         self.contents
             .lock()
             .map_err(|_| KappaError::internal("view contents lock poisoned"))?

@@ -21,7 +21,12 @@ impl Project {
 }
 
 impl Operator for Project {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -57,7 +62,11 @@ mod tests {
         let out_schema = df_schema("x:i64");
         let mut op = Project::new(vec![e], Arc::new(out_schema.as_arrow().clone()));
         let mut out = vec![];
-        op.process(0, changes("a:i64, b:utf8", "+ 1 | x\n- 2 | y\n+ NULL | z"), &mut out)?;
+        op.process(
+            0,
+            changes("a:i64, b:utf8", "+ 1 | x\n- 2 | y\n+ NULL | z"),
+            &mut out,
+        )?;
         assert_changes(&out, "+ 10\n- 20\n+ NULL");
         Ok(())
     }

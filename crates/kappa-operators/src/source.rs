@@ -19,7 +19,12 @@ impl SourceScan {
 }
 
 impl Operator for SourceScan {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         let columns = match &self.projection {
             Some(p) => p.iter().map(|&i| batch.columns()[i].clone()).collect(),
             None => batch.columns().to_vec(),

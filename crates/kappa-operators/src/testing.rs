@@ -10,7 +10,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::DFSchema;
 use kappa_common::ChangeBatch;
@@ -89,7 +91,11 @@ fn parse_weight(line: &str) -> (i64, &str) {
     };
     let rest = &line[1..];
     let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let n = if digits.is_empty() { 1 } else { digits.parse().expect("weight") };
+    let n = if digits.is_empty() {
+        1
+    } else {
+        digits.parse().expect("weight")
+    };
     (sign * n, rest[digits.len()..].trim())
 }
 
@@ -111,7 +117,11 @@ pub fn assert_changes(batches: &[ChangeBatch], expected: &str) {
     let mut want = BTreeMap::new();
     for line in expected.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let (w, row) = parse_weight(line);
-        let row = row.split('|').map(str::trim).collect::<Vec<_>>().join(" | ");
+        let row = row
+            .split('|')
+            .map(str::trim)
+            .collect::<Vec<_>>()
+            .join(" | ");
         *want.entry(row).or_insert(0) += w;
     }
     want.retain(|_, w| *w != 0);

@@ -18,7 +18,12 @@ impl Union {
 }
 
 impl Operator for Union {
-    fn process(&mut self, _input: usize, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         let data = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
         out.push(batch.with_data(data)?);
         Ok(())

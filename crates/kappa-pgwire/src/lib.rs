@@ -94,7 +94,10 @@ impl Handler {
             Output::Rows { schema, batches } => {
                 let fields = Arc::new(encode::fields(&schema, format));
                 let rows = encode::encode_rows(fields.clone(), &batches)?;
-                Response::Query(QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok))))
+                Response::Query(QueryResponse::new(
+                    fields,
+                    stream::iter(rows.into_iter().map(Ok)),
+                ))
             }
             Output::Command { tag, rows } => {
                 let t = Tag::new(&tag);
@@ -163,7 +166,12 @@ pub struct KappaParser;
 impl QueryParser for KappaParser {
     type Statement = Prepared;
 
-    async fn parse_sql<C>(&self, _client: &C, sql: &str, _types: &[Option<Type>]) -> PgWireResult<Option<Prepared>>
+    async fn parse_sql<C>(
+        &self,
+        _client: &C,
+        sql: &str,
+        _types: &[Option<Type>],
+    ) -> PgWireResult<Option<Prepared>>
     where
         C: ClientInfo + Unpin + Send + Sync,
     {
@@ -197,7 +205,11 @@ impl QueryParser for KappaParser {
         Ok(vec![])
     }
 
-    fn get_result_schema(&self, _stmt: &Prepared, _format: Option<&Format>) -> PgWireResult<Vec<FieldInfo>> {
+    fn get_result_schema(
+        &self,
+        _stmt: &Prepared,
+        _format: Option<&Format>,
+    ) -> PgWireResult<Vec<FieldInfo>> {
         Ok(vec![])
     }
 }
@@ -255,7 +267,12 @@ impl ExtendedQueryHandler for Handler {
         self.parser.clone()
     }
 
-    async fn do_query<C>(&self, client: &mut C, portal: &Portal<Prepared>, _max_rows: usize) -> PgWireResult<Response>
+    async fn do_query<C>(
+        &self,
+        client: &mut C,
+        portal: &Portal<Prepared>,
+        _max_rows: usize,
+    ) -> PgWireResult<Response>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore<Statement = Self::Statement>,
@@ -276,7 +293,11 @@ impl ExtendedQueryHandler for Handler {
         Self::response(client, out, &portal.result_column_format)
     }
 
-    async fn do_describe_statement<C>(&self, _client: &mut C, target: &StoredStatement<Prepared>) -> PgWireResult<DescribeStatementResponse>
+    async fn do_describe_statement<C>(
+        &self,
+        _client: &mut C,
+        target: &StoredStatement<Prepared>,
+    ) -> PgWireResult<DescribeStatementResponse>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore<Statement = Self::Statement>,
@@ -308,7 +329,11 @@ impl ExtendedQueryHandler for Handler {
         Ok(DescribeStatementResponse::new(params, fields))
     }
 
-    async fn do_describe_portal<C>(&self, _client: &mut C, portal: &Portal<Prepared>) -> PgWireResult<DescribePortalResponse>
+    async fn do_describe_portal<C>(
+        &self,
+        _client: &mut C,
+        portal: &Portal<Prepared>,
+    ) -> PgWireResult<DescribePortalResponse>
     where
         C: ClientInfo + ClientPortalStore + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::PortalStore: PortalStore<Statement = Self::Statement>,
@@ -354,7 +379,9 @@ impl CopyHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let state = client.session_extensions().get_or_insert_with(CopyState::default);
+        let state = client
+            .session_extensions()
+            .get_or_insert_with(CopyState::default);
         let mut guard = state
             .0
             .lock()
@@ -377,7 +404,9 @@ impl CopyHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let state = client.session_extensions().get_or_insert_with(CopyState::default);
+        let state = client
+            .session_extensions()
+            .get_or_insert_with(CopyState::default);
         let taken = state
             .0
             .lock()
@@ -398,13 +427,19 @@ impl CopyHandler for Handler {
         Ok(())
     }
 
-    async fn on_copy_fail<C>(&self, client: &mut C, fail: pgwire::messages::copy::CopyFail) -> PgWireError
+    async fn on_copy_fail<C>(
+        &self,
+        client: &mut C,
+        fail: pgwire::messages::copy::CopyFail,
+    ) -> PgWireError
     where
         C: ClientInfo + Sink<PgWireBackendMessage> + Unpin + Send + Sync,
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let state = client.session_extensions().get_or_insert_with(CopyState::default);
+        let state = client
+            .session_extensions()
+            .get_or_insert_with(CopyState::default);
         if let Ok(mut g) = state.0.lock() {
             g.take();
         }

@@ -6,7 +6,9 @@ use std::ops::ControlFlow;
 
 use chrono::{Duration, NaiveDate, NaiveDateTime};
 use datafusion::arrow::datatypes::DataType;
-use datafusion::sql::sqlparser::ast::{Expr, Statement, Value, ValueWithSpan, visit_expressions_mut};
+use datafusion::sql::sqlparser::ast::{
+    Expr, Statement, Value, ValueWithSpan, visit_expressions_mut,
+};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use kappa_common::{KappaError, Result, SqlState};
@@ -58,13 +60,23 @@ pub fn literal(raw: Option<&[u8]>, binary: bool, ty: Option<&Type>) -> Result<Ex
             if raw.len() == n {
                 Ok(raw)
             } else {
-                Err(bad(format!("binary parameter of type {} has {} bytes", ty.name(), raw.len())))
+                Err(bad(format!(
+                    "binary parameter of type {} has {} bytes",
+                    ty.name(),
+                    raw.len()
+                )))
             }
         };
         return match ty {
-            Type::INT2 => number(&i16::from_be_bytes(arr(2)?.try_into().unwrap_or_default()).to_string()),
-            Type::INT4 => number(&i32::from_be_bytes(arr(4)?.try_into().unwrap_or_default()).to_string()),
-            Type::INT8 => number(&i64::from_be_bytes(arr(8)?.try_into().unwrap_or_default()).to_string()),
+            Type::INT2 => {
+                number(&i16::from_be_bytes(arr(2)?.try_into().unwrap_or_default()).to_string())
+            }
+            Type::INT4 => {
+                number(&i32::from_be_bytes(arr(4)?.try_into().unwrap_or_default()).to_string())
+            }
+            Type::INT8 => {
+                number(&i64::from_be_bytes(arr(8)?.try_into().unwrap_or_default()).to_string())
+            }
             Type::FLOAT4 => {
                 let f = f32::from_be_bytes(arr(4)?.try_into().unwrap_or_default());
                 float_literal(f64::from(f), "REAL")
@@ -75,7 +87,8 @@ pub fn literal(raw: Option<&[u8]>, binary: bool, ty: Option<&Type>) -> Result<Ex
             }
             Type::BOOL => Ok(value(Value::Boolean(arr(1)?[0] != 0))),
             Type::TEXT | Type::VARCHAR | Type::UNKNOWN | Type::NAME | Type::BPCHAR => {
-                let s = std::str::from_utf8(raw).map_err(|_| bad("parameter is not valid UTF-8"))?;
+                let s =
+                    std::str::from_utf8(raw).map_err(|_| bad("parameter is not valid UTF-8"))?;
                 Ok(value(Value::SingleQuotedString(s.to_string())))
             }
             Type::TIMESTAMP | Type::TIMESTAMPTZ => {
@@ -201,9 +214,14 @@ mod tests {
             literal(None, false, None).unwrap(),
         ];
         bind(&mut stmt, &vals).unwrap();
-        assert_eq!(stmt.to_string(), "SELECT (42), ('it''s'), (NULL) WHERE x = (42)");
+        assert_eq!(
+            stmt.to_string(),
+            "SELECT (42), ('it''s'), (NULL) WHERE x = (42)"
+        );
         assert!(literal(Some(b"1; DROP TABLE t"), false, Some(&Type::INT8)).is_err());
-        let mut stmt = kappa_sql::parse::parse_statements("SELECT $2").unwrap().remove(0);
+        let mut stmt = kappa_sql::parse::parse_statements("SELECT $2")
+            .unwrap()
+            .remove(0);
         assert!(bind(&mut stmt, &vals[..1]).is_err());
     }
 }

@@ -80,7 +80,10 @@ mod tests {
     #[test]
     fn splits_at_top_level_semicolons_only() {
         let s = split_statements("select 'a;b'; select \"x;\" -- c;\n; /* ; */ select 3;;");
-        assert_eq!(s, vec!["select 'a;b'", "select \"x;\" -- c;", "/* ; */ select 3"]);
+        assert_eq!(
+            s,
+            vec!["select 'a;b'", "select \"x;\" -- c;", "/* ; */ select 3"]
+        );
         assert!(split_statements(" ; -- nothing\n").is_empty());
     }
 }

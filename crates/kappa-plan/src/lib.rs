@@ -127,12 +127,22 @@ impl StreamGraph {
     fn fmt_node(&self, f: &mut fmt::Formatter<'_>, id: NodeId, depth: usize) -> fmt::Result {
         let node = &self.nodes[id];
         let pad = "  ".repeat(depth);
-        let list = |es: &[Expr]| es.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", ");
+        let list = |es: &[Expr]| {
+            es.iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         let line = match &node.kind {
             NodeKind::Source {
                 name, projection, ..
             } => {
-                let cols: Vec<&str> = node.schema.fields().iter().map(|f| f.name().as_str()).collect();
+                let cols: Vec<&str> = node
+                    .schema
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect();
                 match projection {
                     None => format!("StreamScan: {name} [{}]", cols.join(", ")),
                     Some(_) => format!("StreamScan: {name} projection=[{}]", cols.join(", ")),
@@ -154,12 +164,20 @@ impl StreamGraph {
                         s
                     })
                     .collect();
-                let kind = if group_exprs.is_empty() { "StreamSimpleAgg" } else { "StreamHashAgg" };
+                let kind = if group_exprs.is_empty() {
+                    "StreamSimpleAgg"
+                } else {
+                    "StreamHashAgg"
+                };
                 format!(
                     "{kind}: group_by=[{}], aggs=[{}]{}",
                     list(group_exprs),
                     aggs.join(", "),
-                    if self.nodes[node.inputs[0]].append_only { " (append-only input)" } else { "" }
+                    if self.nodes[node.inputs[0]].append_only {
+                        " (append-only input)"
+                    } else {
+                        ""
+                    }
                 )
             }
             NodeKind::Union => "StreamUnion".to_string(),

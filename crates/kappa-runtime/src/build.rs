@@ -58,7 +58,9 @@ pub(crate) fn build_dataflow(
                     .collect::<Result<Vec<_>>>()?;
                 Box::new(Project::new(exprs, schema))
             }
-            NodeKind::Filter { predicate } => Box::new(Filter::new(compile(ctx, predicate, input()?)?)),
+            NodeKind::Filter { predicate } => {
+                Box::new(Filter::new(compile(ctx, predicate, input()?)?))
+            }
             NodeKind::Aggregate {
                 group_exprs,
                 aggregates,

@@ -48,14 +48,18 @@ impl Table {
         store: &dyn StateStore,
         gate: Arc<RwLock<()>>,
     ) -> Result<Self> {
-        let contents = RowMultiset::new(schema.clone(), store.create_table(&format!("{name}.rows")))?;
+        let contents =
+            RowMultiset::new(schema.clone(), store.create_table(&format!("{name}.rows")))?;
         let pk_index = match &primary_key {
             Some(cols) => {
                 let fields = cols
                     .iter()
                     .map(|&c| SortField::new(schema.field(c).data_type().clone()))
                     .collect();
-                Some((RowConverter::new(fields)?, store.create_table(&format!("{name}.pk"))))
+                Some((
+                    RowConverter::new(fields)?,
+                    store.create_table(&format!("{name}.pk")),
+                ))
             }
             None => None,
         };
@@ -102,8 +106,14 @@ impl Table {
         if let Some(ins) = &write.inserts {
             self.check_not_null(ins)?;
         }
-        let del = write.deletes.filter(|b| b.num_rows() > 0).map(ChangeBatch::deletes);
-        let ins = write.inserts.filter(|b| b.num_rows() > 0).map(ChangeBatch::inserts);
+        let del = write
+            .deletes
+            .filter(|b| b.num_rows() > 0)
+            .map(ChangeBatch::deletes);
+        let ins = write
+            .inserts
+            .filter(|b| b.num_rows() > 0)
+            .map(ChangeBatch::inserts);
         // Every deleted row must be present (with multiplicity).
         if let Some(d) = &del {
             let rows = inner.contents.converter().convert_columns(d.columns())?;

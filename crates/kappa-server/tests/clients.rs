@@ -18,7 +18,12 @@ impl Server {
             .expect("free port");
         let dir = std::env::temp_dir().join(format!("kappa-e2e-{port}"));
         let child = Command::new(env!("CARGO_BIN_EXE_kappa"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
             .arg(&dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -42,7 +47,21 @@ impl Drop for Server {
 
 fn psql(port: u16, script: &str) -> String {
     let mut child = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "kappa", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "kappa",
+            "-X",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-f",
+            "-",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -86,17 +105,17 @@ SELECT * FROM spend ORDER BY customer;
 SELECT * FROM spend ORDER BY customer;
 ",
     );
-    let lines: Vec<&str> = out
-        .lines()
-        .filter(|l| l.contains('|'))
-        .collect();
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains('|')).collect();
     assert_eq!(
         lines,
         vec![
-            "ann|2|17|10", "bob|1|5|5", // after INSERT
-            "ann|2|8|7", "bob|1|5|5", // after UPDATE
+            "ann|2|17|10",
+            "bob|1|5|5", // after INSERT
+            "ann|2|8|7",
+            "bob|1|5|5", // after UPDATE
             "ann|2|8|7", // after DELETE
-            "ann|2|8|7", "dan|2|6.5|4", // after COPY
+            "ann|2|8|7",
+            "dan|2|6.5|4", // after COPY
         ],
         "full output:\n{out}"
     );
@@ -151,7 +170,10 @@ with psycopg.connect("host=127.0.0.1 port={port} user=kappa dbname=kappa") as co
     let mut err = child.stderr.take().expect("stderr");
     out.read_to_string(&mut stdout).expect("read");
     err.read_to_string(&mut stderr).expect("read");
-    assert!(child.wait().expect("python ran").success(), "psycopg script failed:\n{stdout}\n{stderr}");
+    assert!(
+        child.wait().expect("python ran").success(),
+        "psycopg script failed:\n{stdout}\n{stderr}"
+    );
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         vec![
@@ -169,7 +191,12 @@ with psycopg.connect("host=127.0.0.1 port={port} user=kappa dbname=kappa") as co
 #[test]
 fn garbage_on_the_socket_does_not_hurt_other_sessions() {
     let server = Server::start();
-    for junk in [&b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..], b"GET / HTTP/1.1\r\n\r\n", &[0xffu8; 64][..], b"\x00\x00\x00\x03"] {
+    for junk in [
+        &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
+        b"GET / HTTP/1.1\r\n\r\n",
+        &[0xffu8; 64][..],
+        b"\x00\x00\x00\x03",
+    ] {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", server.port)) {
             let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
             let _ = s.write_all(junk);

@@ -60,7 +60,10 @@ impl Catalog {
 
     pub fn require(&self, name: &str) -> Result<&Relation> {
         self.get(name).ok_or_else(|| {
-            KappaError::user(SqlState::UNDEFINED_TABLE, format!("relation \"{name}\" does not exist"))
+            KappaError::user(
+                SqlState::UNDEFINED_TABLE,
+                format!("relation \"{name}\" does not exist"),
+            )
         })
     }
 

@@ -54,7 +54,10 @@ fn check_exprs<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<()> {
         e.apply(|x| {
             if matches!(
                 x,
-                Expr::ScalarSubquery(_) | Expr::Exists(_) | Expr::InSubquery(_) | Expr::SetComparison(_)
+                Expr::ScalarSubquery(_)
+                    | Expr::Exists(_)
+                    | Expr::InSubquery(_)
+                    | Expr::SetComparison(_)
             ) {
                 sub = true;
             }
@@ -95,7 +98,9 @@ impl Lowering<'_> {
                     return Err(KappaError::not_supported("LIMIT in a materialized view"));
                 }
                 if !scan.filters.is_empty() {
-                    return Err(KappaError::internal("filters were pushed into a streaming scan"));
+                    return Err(KappaError::internal(
+                        "filters were pushed into a streaming scan",
+                    ));
                 }
                 let relation = (self.resolve)(&scan.table_name)?;
                 Ok(self.push(
@@ -237,12 +242,12 @@ impl Lowering<'_> {
             LogicalPlan::Window(_) => Err(KappaError::not_supported(
                 "window functions (OVER) in a materialized view",
             )),
-            LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => {
-                Err(KappaError::not_supported("DISTINCT ON in a materialized view"))
-            }
-            LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(KappaError::not_supported(
-                "a materialized view without a table or view in FROM",
-            )),
+            LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => Err(
+                KappaError::not_supported("DISTINCT ON in a materialized view"),
+            ),
+            LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(
+                KappaError::not_supported("a materialized view without a table or view in FROM"),
+            ),
             other => Err(KappaError::not_supported(format!(
                 "{} in a materialized view",
                 other.display()

@@ -105,9 +105,18 @@ mod tests {
         for k in [&b"a\x01"[..], b"a\x02", b"a\xff", b"b\x00", b"\xff\xff"] {
             t.put(b(k), b(b"v"));
         }
-        assert_eq!(&*t.first_with_prefix(b"a").map(|e| e.0).unwrap_or_default(), b"a\x01");
-        assert_eq!(&*t.last_with_prefix(b"a").map(|e| e.0).unwrap_or_default(), b"a\xff");
-        assert_eq!(&*t.last_with_prefix(b"\xff").map(|e| e.0).unwrap_or_default(), b"\xff\xff");
+        assert_eq!(
+            &*t.first_with_prefix(b"a").map(|e| e.0).unwrap_or_default(),
+            b"a\x01"
+        );
+        assert_eq!(
+            &*t.last_with_prefix(b"a").map(|e| e.0).unwrap_or_default(),
+            b"a\xff"
+        );
+        assert_eq!(
+            &*t.last_with_prefix(b"\xff").map(|e| e.0).unwrap_or_default(),
+            b"\xff\xff"
+        );
         assert!(t.first_with_prefix(b"c").is_none());
         let snap = t.snapshot();
         t.delete(b"a\x01");
