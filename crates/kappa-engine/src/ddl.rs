@@ -223,7 +223,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
         };
         let graph = kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, &name))?;
         let text = graph.to_string();
-        engine.runtime().create_view(id, graph)?;
+        engine.blocking(move |rt| rt.create_view(id, graph)).await?;
         Some(text)
     } else {
         None
@@ -290,7 +290,8 @@ async fn drop(
         engine.set_catalog(new_catalog);
         for r in order {
             if !matches!(r.kind, RelationKind::View) {
-                engine.runtime().drop_relation(r.id)?;
+                let id = r.id;
+                engine.blocking(move |rt| rt.drop_relation(id)).await?;
             }
         }
     }

@@ -134,6 +134,17 @@ impl Engine {
             .map_err(|e| KappaError::internal(format!("barrier task failed: {e}")))?
     }
 
+    /// Runs blocking runtime work (backfills, drops) off the async worker threads.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Runtime) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let rt = self.runtime.clone();
+        tokio::task::spawn_blocking(move || f(&rt))
+            .await
+            .map_err(|e| KappaError::internal(format!("runtime task failed: {e}")))?
+    }
+
     /// A DataFusion context over the current catalog.
     pub fn context(&self, reads: TableReads) -> datafusion::prelude::SessionContext {
         context::session_context(

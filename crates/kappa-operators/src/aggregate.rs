@@ -407,6 +407,8 @@ impl Operator for HashAggregate {
         }
         let weights = batch.weights();
         let mut key_buf = std::mem::take(&mut self.key_buf);
+        // (aggregate, row) pairs whose min/max multiset changes; reused across rows.
+        let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
         for row in 0..n {
             let w = weights.value(row);
             let group: &[u8] = match &keys {
@@ -414,7 +416,7 @@ impl Operator for HashAggregate {
                 None => &[],
             };
             self.touch(group)?;
-            let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
+            extreme_updates.clear();
             {
                 let d = self
                     .dirty
@@ -469,7 +471,7 @@ impl Operator for HashAggregate {
                     }
                 }
             }
-            for (i, r) in extreme_updates {
+            for &(i, r) in &extreme_updates {
                 let ArgValues::Rows(_, rows) = &args[i] else {
                     continue;
                 };

@@ -23,6 +23,19 @@ pub use project::Project;
 pub use source::SourceScan;
 pub use union::Union;
 
+/// A batch of `rows` rows over `columns`; also valid with no columns at all (e.g. the input
+/// of `count(*)`, where the planner prunes every column).
+pub(crate) fn batch_with_rows(
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    columns: Vec<datafusion::arrow::array::ArrayRef>,
+    rows: usize,
+) -> Result<datafusion::arrow::array::RecordBatch> {
+    let opts = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(datafusion::arrow::array::RecordBatch::try_new_with_options(
+        schema, columns, &opts,
+    )?)
+}
+
 /// A streaming operator.
 pub trait Operator: Send {
     /// Consumes one batch that arrived on input number `input` (0-based, in the order of the

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Result};
@@ -36,7 +35,7 @@ impl Operator for Project {
             .iter()
             .map(|e| e.evaluate(batch.data())?.into_array(n))
             .collect::<datafusion::error::Result<Vec<_>>>()?;
-        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        let data = crate::batch_with_rows(self.schema.clone(), columns, n)?;
         out.push(batch.with_data(data)?);
         Ok(())
     }

@@ -1,6 +1,5 @@
 //! The entry of a relation's changelog into a view's dataflow.
 
-use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use kappa_common::{ChangeBatch, Result};
 
@@ -29,7 +28,7 @@ impl Operator for SourceScan {
             Some(p) => p.iter().map(|&i| batch.columns()[i].clone()).collect(),
             None => batch.columns().to_vec(),
         };
-        let data = RecordBatch::try_new(self.schema.clone(), columns)?;
+        let data = crate::batch_with_rows(self.schema.clone(), columns, batch.num_rows())?;
         out.push(batch.with_data(data)?);
         Ok(())
     }

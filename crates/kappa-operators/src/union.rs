@@ -1,7 +1,6 @@
 //! UNION ALL: the multiset sum of its inputs. The planner has already cast every input to
 //! the union's column types; this only relabels the columns.
 
-use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use kappa_common::{ChangeBatch, Result};
 
@@ -24,7 +23,11 @@ impl Operator for Union {
         batch: ChangeBatch,
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
-        let data = RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec())?;
+        let data = crate::batch_with_rows(
+            self.schema.clone(),
+            batch.columns().to_vec(),
+            batch.num_rows(),
+        )?;
         out.push(batch.with_data(data)?);
         Ok(())
     }
