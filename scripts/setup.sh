@@ -8,6 +8,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v psql >/dev/null || need_apt+=(postgresql-client)
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need_apt+=(postgresql-15)
 command -v python3 >/dev/null || need_apt+=(python3 python3-pip)
+command -v java >/dev/null || need_apt+=(openjdk-17-jre-headless)
+[ -f /usr/share/java/postgresql.jar ] || need_apt+=(libpostgresql-jdbc-java)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

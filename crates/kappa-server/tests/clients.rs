@@ -207,3 +207,36 @@ fn garbage_on_the_socket_does_not_hurt_other_sessions() {
     let out = psql(server.port, "SELECT 40 + 2;");
     assert_eq!(out.trim(), "42");
 }
+
+#[test]
+fn jdbc_driver() {
+    let jar = "/usr/share/java/postgresql.jar";
+    assert!(
+        std::path::Path::new(jar).exists(),
+        "the PostgreSQL JDBC driver is required (scripts/setup.sh installs libpostgresql-jdbc-java)"
+    );
+    let server = Server::start();
+    let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/KappaJdbc.java");
+    let out = Command::new("java")
+        .args(["-cp", jar, src, &server.port.to_string()])
+        .output()
+        .expect("java is installed (scripts/setup.sh)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "JDBC program failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        vec![
+            "inserted 1",
+            "inserted 1",
+            "inserted 1",
+            "ann 2 17.0 10.0",
+            "ann 2 17.0 10.0",
+            "updated 1",
+            "deleted 1",
+            "ann 2 8.0 7.0",
+            "ts 2024-05-06 07:08:09.5",
+            "error 23505",
+            "count 2",
+        ]
+    );
+}
