@@ -160,6 +160,44 @@ fn direct_dependencies(
     Ok(out)
 }
 
+/// `EXPLAIN CREATE MATERIALIZED VIEW …`: the streaming plan, without creating anything.
+pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Output> {
+    if !cv.materialized {
+        return Err(KappaError::not_supported("EXPLAIN CREATE VIEW"));
+    }
+    let name = object_name(&cv.name)?;
+    let catalog = engine.catalog();
+    let ctx = session_context(
+        catalog.clone(),
+        engine.runtime().snapshot(),
+        engine.runtime().clone(),
+        TableReads::Committed,
+        true,
+    );
+    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(cv.query)));
+    let plan = ctx.state().statement_to_plan(stmt).await?;
+    let graph = lower(&ctx, &catalog, &plan, 0, &name)?;
+    Ok(crate::plan_rows(&graph.to_string()))
+}
+
+fn lower(
+    ctx: &datafusion::prelude::SessionContext,
+    catalog: &kappa_sql::catalog::Catalog,
+    plan: &datafusion::logical_expr::LogicalPlan,
+    id: RelationId,
+    name: &str,
+) -> Result<kappa_plan::StreamGraph> {
+    let optimized = ctx.state().optimize(plan)?;
+    let resolve = |t: &datafusion::common::TableReference| -> Result<RelationId> {
+        catalog
+            .get(t.table())
+            .filter(|r| !matches!(r.kind, RelationKind::View))
+            .map(|r| r.id)
+            .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
+    };
+    kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, name))
+}
+
 async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
     let name = object_name(&cv.name)?;
     let tag = if cv.materialized {
@@ -213,15 +251,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
     let mut new_catalog = catalog.as_ref().clone();
     let id = new_catalog.next_id();
     let plan_text = if cv.materialized {
-        let optimized = ctx.state().optimize(&plan)?;
-        let resolve = |t: &datafusion::common::TableReference| -> Result<RelationId> {
-            catalog
-                .get(t.table())
-                .filter(|r| !matches!(r.kind, RelationKind::View))
-                .map(|r| r.id)
-                .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
-        };
-        let graph = kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, &name))?;
+        let graph = lower(&ctx, &catalog, &plan, id, &name)?;
         let text = graph.to_string();
         engine.blocking(move |rt| rt.create_view(id, graph)).await?;
         Some(text)

@@ -161,6 +161,12 @@ impl Engine {
     pub async fn execute(&self, session: &Session, stmt: Statement) -> Result<Output> {
         use Statement as S;
         let out = match stmt {
+            S::Explain { statement, .. } if matches!(*statement, S::CreateView(_)) => {
+                let S::CreateView(cv) = *statement else {
+                    return Err(KappaError::internal("not a CREATE VIEW"));
+                };
+                ddl::explain_create(self, cv).await
+            }
             S::Query(_) | S::Explain { .. } => self.query(session, stmt).await,
             S::Insert(_) | S::Update(_) | S::Delete(_) => {
                 let out = self.dml(stmt).await;
@@ -375,7 +381,7 @@ impl Engine {
 }
 
 /// A plan as rows of one text column, as EXPLAIN returns it.
-fn plan_rows(text: &str) -> Output {
+pub(crate) fn plan_rows(text: &str) -> Output {
     use datafusion::arrow::array::StringArray;
     use datafusion::arrow::datatypes::{DataType, Field, Schema};
     let schema = Arc::new(Schema::new(vec![Field::new(

@@ -222,7 +222,11 @@ fn jdbc_driver() {
         .output()
         .expect("java is installed (scripts/setup.sh)");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "JDBC program failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "JDBC program failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         vec![
