@@ -156,7 +156,16 @@ fn classify_datafusion_message(full: &str) -> KappaError {
     } else if has("SQL error: ParserError") || has("sql parser error") {
         SqlState::SYNTAX_ERROR
     } else if has("This feature is not implemented") || has("Unsupported") {
-        return KappaError::NotSupported(msg.trim_end_matches(" is not supported").to_string());
+        let mut what = msg.as_str();
+        for suffix in [
+            " is not supported yet",
+            " not supported yet",
+            " is not supported",
+            " not supported",
+        ] {
+            what = what.strip_suffix(suffix).unwrap_or(what);
+        }
+        return KappaError::NotSupported(what.to_string());
     } else if has("Error during planning") || has("Schema error") {
         SqlState::SYNTAX_OR_ACCESS_RULE
     } else if has("Execution error") || has("Arrow error") || has("Cast error") {

@@ -192,6 +192,12 @@ impl Engine {
                 .rollback()
                 .map(|_| Output::TransactionEnd("ROLLBACK")),
             S::Set(set) => session.set(set),
+            // Connection poolers reset sessions with DISCARD ALL; Kappa sessions hold only
+            // settings, which it clears.
+            S::Discard { .. } => {
+                session.reset();
+                Ok(Output::command("DISCARD ALL"))
+            }
             S::ShowVariable { variable } => session.show(&variable),
             S::ShowTables { .. } => self.show_relations(&["table"]),
             S::ShowViews { materialized, .. } => {

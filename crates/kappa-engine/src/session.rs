@@ -38,6 +38,12 @@ impl Session {
         self.unflushed.swap(false, Ordering::SeqCst)
     }
 
+    pub(crate) fn reset(&self) {
+        if let Ok(mut s) = self.settings.lock() {
+            s.clear();
+        }
+    }
+
     pub(crate) fn begin(&self) {
         self.in_block.store(true, Ordering::SeqCst);
         self.wrote_in_block.store(false, Ordering::SeqCst);

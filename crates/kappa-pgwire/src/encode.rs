@@ -90,6 +90,22 @@ pub fn pg_float_text(f: f64) -> String {
     format!("{f}")
 }
 
+/// A timestamp as PostgreSQL prints it: fractional seconds only when non-zero, without
+/// trailing zeros; `+00` for timestamptz (Kappa stores and sends them in UTC).
+pub fn pg_timestamp_text(t: &chrono::NaiveDateTime, utc: bool) -> String {
+    let mut s = t.format("%Y-%m-%d %H:%M:%S%.6f").to_string();
+    while s.ends_with('0') {
+        s.pop();
+    }
+    if s.ends_with('.') {
+        s.pop();
+    }
+    if utc {
+        s.push_str("+00");
+    }
+    s
+}
+
 fn pg_float32_text(f: f32) -> String {
     if f.is_finite() && f.abs() >= 1e-4 && f.abs() < 1e15 || f == 0.0 {
         format!("{f}")
@@ -176,9 +192,15 @@ fn encode_value(
                 TimeUnit::Nanosecond => col.as_primitive::<TimestampNanosecondType>().value(r),
             };
             let t = ts_utc(unit, v);
-            match tz {
-                None => enc.encode_field(&t.map(|t| t.naive_utc())),
-                Some(_) => enc.encode_field(&t),
+            match (tz, text) {
+                (None, true) => {
+                    enc.encode_field(&t.map(|t| pg_timestamp_text(&t.naive_utc(), false)))
+                }
+                (Some(_), true) => {
+                    enc.encode_field(&t.map(|t| pg_timestamp_text(&t.naive_utc(), true)))
+                }
+                (None, false) => enc.encode_field(&t.map(|t| t.naive_utc())),
+                (Some(_), false) => enc.encode_field(&t),
             }
         }
         DataType::Decimal128(_, s) => {
@@ -216,5 +238,22 @@ mod tests {
         ] {
             assert_eq!(pg_float_text(f), want);
         }
+    }
+
+    #[test]
+    fn timestamps_print_like_postgres() {
+        let t = |s: &str| chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f").unwrap();
+        assert_eq!(
+            pg_timestamp_text(&t("2024-01-02 00:00:00.000"), false),
+            "2024-01-02 00:00:00"
+        );
+        assert_eq!(
+            pg_timestamp_text(&t("2024-05-06 07:08:09.500"), false),
+            "2024-05-06 07:08:09.5"
+        );
+        assert_eq!(
+            pg_timestamp_text(&t("2024-05-06 07:08:09.000120"), true),
+            "2024-05-06 07:08:09.00012+00"
+        );
     }
 }
