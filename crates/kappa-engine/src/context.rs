@@ -41,6 +41,15 @@ struct Sources {
     planning_only: bool,
 }
 
+/// Plans one parsed statement with DataFusion in `ctx`.
+pub async fn plan_statement(
+    ctx: &SessionContext,
+    stmt: datafusion::sql::sqlparser::ast::Statement,
+) -> kappa_common::Result<datafusion::logical_expr::LogicalPlan> {
+    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
+    Ok(ctx.state().statement_to_plan(stmt).await?)
+}
+
 /// Builds a SessionContext whose `public` schema is Kappa's catalog.
 pub fn session_context(
     catalog: Arc<Catalog>,

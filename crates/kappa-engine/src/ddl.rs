@@ -10,7 +10,7 @@ use kappa_common::{KappaError, RelationId, Result, SqlState};
 use kappa_sql::catalog::{Relation, RelationKind};
 use kappa_sql::parse::{normalize_ident, object_name};
 
-use crate::context::{TableReads, session_context};
+use crate::context::{TableReads, plan_statement, session_context};
 use crate::{Engine, Output, types};
 
 pub(crate) async fn execute(engine: &Engine, stmt: Statement) -> Result<Output> {
@@ -174,8 +174,7 @@ pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Ou
         TableReads::Committed,
         true,
     );
-    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(cv.query)));
-    let plan = ctx.state().statement_to_plan(stmt).await?;
+    let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
     let graph = lower(&ctx, &catalog, &plan, 0, &name)?;
     Ok(crate::plan_rows(&graph.to_string()))
 }
@@ -232,8 +231,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
         TableReads::Committed,
         true,
     );
-    let stmt = datafusion::sql::parser::Statement::Statement(Box::new(Statement::Query(cv.query)));
-    let plan = ctx.state().statement_to_plan(stmt).await?;
+    let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
     let fields = plan.schema().as_arrow().fields().clone();
     let mut seen = std::collections::HashSet::new();
     for f in fields.iter() {

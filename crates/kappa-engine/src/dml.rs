@@ -19,7 +19,7 @@ use kappa_runtime::{Table, TableWrite};
 use kappa_sql::catalog::RelationKind;
 use kappa_sql::parse::{normalize_ident, parse_statements};
 
-use crate::context::TableReads;
+use crate::context::{TableReads, plan_statement};
 use crate::{Engine, Output};
 
 impl Engine {
@@ -68,12 +68,7 @@ impl Engine {
         let table = self.writable_table(&name)?;
         let _dml = table.lock_dml().await;
         let ctx = self.context(TableReads::Latest);
-        let plan = ctx
-            .state()
-            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
-                stmt,
-            )))
-            .await?;
+        let plan = plan_statement(&ctx, stmt).await?;
         let LogicalPlan::Dml(dml) = plan else {
             return Err(KappaError::internal("INSERT did not plan to a DML plan"));
         };
@@ -98,12 +93,7 @@ impl Engine {
             .pop()
             .ok_or_else(|| KappaError::internal("empty generated query"))?;
         let ctx = self.context(TableReads::Latest);
-        let plan = ctx
-            .state()
-            .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
-                stmt,
-            )))
-            .await?;
+        let plan = plan_statement(&ctx, stmt).await?;
         Ok(ctx.execute_logical_plan(plan).await?.collect().await?)
     }
 
@@ -225,12 +215,7 @@ pub(crate) async fn parameter_types(
     stmt: &Statement,
 ) -> Result<Vec<Option<DataType>>> {
     let ctx = engine.context(TableReads::Latest);
-    let plan = ctx
-        .state()
-        .statement_to_plan(datafusion::sql::parser::Statement::Statement(Box::new(
-            stmt.clone(),
-        )))
-        .await?;
+    let plan = plan_statement(&ctx, stmt.clone()).await?;
     let params = plan.get_parameter_types()?;
     Ok((1..=params.len())
         .map(|i| params.get(&format!("${i}")).cloned().flatten())

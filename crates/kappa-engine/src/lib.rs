@@ -250,8 +250,7 @@ impl Engine {
             self.barrier().await?;
         }
         let ctx = self.context(TableReads::Committed);
-        let df_stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
-        let plan = ctx.state().statement_to_plan(df_stmt).await?;
+        let plan = context::plan_statement(&ctx, stmt).await?;
         if matches!(
             plan,
             datafusion::logical_expr::LogicalPlan::Ddl(_)
@@ -278,8 +277,7 @@ impl Engine {
         match stmt {
             Statement::Query(_) | Statement::Explain { .. } => {
                 let ctx = self.context(TableReads::Committed);
-                let df_stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt.clone()));
-                let plan = ctx.state().statement_to_plan(df_stmt).await?;
+                let plan = context::plan_statement(&ctx, stmt.clone()).await?;
                 let params = plan.get_parameter_types()?;
                 let mut types = vec![];
                 for i in 1..=params.len() {

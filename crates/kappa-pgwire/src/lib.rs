@@ -214,6 +214,17 @@ impl QueryParser for KappaParser {
     }
 }
 
+/// The type of parameter `i`: what the client declared, unless it left it unspecified, else
+/// what the server inferred.
+fn param_type(declared: &[Option<Type>], inferred: &[Type], i: usize) -> Option<Type> {
+    declared
+        .get(i)
+        .cloned()
+        .flatten()
+        .filter(|t| *t != Type::UNKNOWN)
+        .or_else(|| inferred.get(i).cloned())
+}
+
 impl Handler {
     /// The statement with the portal's parameters bound.
     fn bound(&self, portal: &Portal<Prepared>, inferred: &[Type]) -> Result<Option<Statement>> {
@@ -224,12 +235,7 @@ impl Handler {
         let declared = &portal.statement.parameter_types;
         let mut values = Vec::with_capacity(portal.parameters.len());
         for (i, raw) in portal.parameters.iter().enumerate() {
-            let ty = declared
-                .get(i)
-                .cloned()
-                .flatten()
-                .filter(|t| *t != Type::UNKNOWN)
-                .or_else(|| inferred.get(i).cloned());
+            let ty = param_type(declared, inferred, i);
             values.push(params::literal(
                 raw.as_deref(),
                 portal.parameter_format.is_binary(i),
@@ -280,11 +286,7 @@ impl ExtendedQueryHandler for Handler {
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
         let session = Self::session(client);
-        let inferred = if portal.parameters.is_empty() {
-            vec![]
-        } else {
-            self.parameter_types(&portal.statement.statement).await
-        };
+        let inferred = self.portal_parameter_types(portal).await;
         let stmt = self.bound(portal, &inferred).map_err(pg_error)?;
         let out = self
             .run(&session, &portal.statement.statement.sql, stmt)
@@ -307,25 +309,12 @@ impl ExtendedQueryHandler for Handler {
         let inferred = self.parameter_types(&target.statement).await;
         let n = inferred.len().max(target.parameter_types.len());
         let params = (0..n)
-            .map(|i| {
-                target
-                    .parameter_types
-                    .get(i)
-                    .cloned()
-                    .flatten()
-                    .filter(|t| *t != Type::UNKNOWN)
-                    .or_else(|| inferred.get(i).cloned())
-                    .unwrap_or(Type::UNKNOWN)
-            })
+            .map(|i| param_type(&target.parameter_types, &inferred, i).unwrap_or(Type::UNKNOWN))
             .collect();
-        let fields = match &target.statement.stmt {
-            Some(s) => match self.engine.describe_statement(s).await {
-                Ok((Some(schema), _)) => encode::fields(&schema, &Format::UnifiedText),
-                Ok((None, _)) => vec![],
-                Err(e) => return Err(pg_error(e)),
-            },
-            None => self.extension_fields(&target.statement.sql).await,
-        };
+        let stmt = &target.statement;
+        let fields = self
+            .result_fields(stmt.stmt.as_ref(), &stmt.sql, &Format::UnifiedText)
+            .await?;
         Ok(DescribeStatementResponse::new(params, fields))
     }
 
@@ -340,24 +329,45 @@ impl ExtendedQueryHandler for Handler {
         C::Error: Debug,
         PgWireError: From<<C as Sink<PgWireBackendMessage>>::Error>,
     {
-        let inferred = if portal.parameters.is_empty() {
-            vec![]
-        } else {
-            self.parameter_types(&portal.statement.statement).await
-        };
-        let fields = match self.bound(portal, &inferred).map_err(pg_error)? {
-            Some(s) => match self.engine.describe_statement(&s).await {
-                Ok((Some(schema), _)) => encode::fields(&schema, &portal.result_column_format),
-                Ok((None, _)) => vec![],
-                Err(e) => return Err(pg_error(e)),
-            },
-            None => self.extension_fields(&portal.statement.statement.sql).await,
-        };
+        let inferred = self.portal_parameter_types(portal).await;
+        let stmt = self.bound(portal, &inferred).map_err(pg_error)?;
+        let fields = self
+            .result_fields(
+                stmt.as_ref(),
+                &portal.statement.statement.sql,
+                &portal.result_column_format,
+            )
+            .await?;
         Ok(DescribePortalResponse::new(fields))
     }
 }
 
 impl Handler {
+    /// Inferred parameter types of a portal's statement (none to infer without parameters).
+    async fn portal_parameter_types(&self, portal: &Portal<Prepared>) -> Vec<Type> {
+        if portal.parameters.is_empty() {
+            vec![]
+        } else {
+            self.parameter_types(&portal.statement.statement).await
+        }
+    }
+
+    /// The columns a statement returns, for Describe.
+    async fn result_fields(
+        &self,
+        stmt: Option<&Statement>,
+        sql: &str,
+        format: &Format,
+    ) -> PgWireResult<Vec<FieldInfo>> {
+        Ok(match stmt {
+            Some(s) => match self.engine.describe_statement(s).await.map_err(pg_error)? {
+                (Some(schema), _) => encode::fields(&schema, format),
+                (None, _) => vec![],
+            },
+            None => self.extension_fields(sql).await,
+        })
+    }
+
     /// Result columns of Kappa's own commands, found by running the read-only ones.
     async fn extension_fields(&self, sql: &str) -> Vec<FieldInfo> {
         if sql.trim().to_uppercase().starts_with("FLUSH") {

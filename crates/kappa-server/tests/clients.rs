@@ -45,42 +45,48 @@ impl Drop for Server {
     }
 }
 
-fn psql(port: u16, script: &str) -> String {
-    let mut child = Command::new("psql")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "kappa",
-            "-X",
-            "-A",
-            "-t",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-f",
-            "-",
-        ])
+/// Runs `cmd` with `input` on its stdin; panics with both outputs unless it succeeds.
+fn run_with_stdin(mut cmd: Command, input: &str) -> String {
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("psql is installed (scripts/setup.sh)");
+        .expect("the client is installed (scripts/setup.sh)");
     child
         .stdin
         .take()
         .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("write script");
-    let out = child.wait_with_output().expect("psql ran");
+        .write_all(input.as_bytes())
+        .expect("write input");
+    let out = child.wait_with_output().expect("client ran");
     assert!(
         out.status.success(),
-        "psql failed: {}\n{}",
+        "client failed: {}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn psql(port: u16, script: &str) -> String {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "kappa",
+        "-X",
+        "-A",
+        "-t",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-f",
+        "-",
+    ]);
+    run_with_stdin(cmd, script)
 }
 
 #[test]
@@ -151,29 +157,9 @@ with psycopg.connect("host=127.0.0.1 port={port} user=kappa dbname=kappa") as co
 "#,
         port = server.port
     );
-    let mut child = Command::new("python3")
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(script.as_bytes())
-        .expect("write script");
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    out.read_to_string(&mut stdout).expect("read");
-    err.read_to_string(&mut stderr).expect("read");
-    assert!(
-        child.wait().expect("python ran").success(),
-        "psycopg script failed:\n{stdout}\n{stderr}"
-    );
+    let mut python = Command::new("python3");
+    python.arg("-");
+    let stdout = run_with_stdin(python, &script);
     assert_eq!(
         stdout.lines().collect::<Vec<_>>(),
         vec![
@@ -183,8 +169,7 @@ with psycopg.connect("host=127.0.0.1 port={port} user=kappa dbname=kappa") as co
             "unique violation 23505",
             "(0,)",
             "(1, 2.0)",
-        ],
-        "stderr:\n{stderr}"
+        ]
     );
 }
 
