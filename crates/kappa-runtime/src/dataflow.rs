@@ -86,8 +86,4 @@ impl Dataflow {
     pub fn snapshot(&self) -> Result<MultisetSnapshot> {
         Materialize::snapshot(&self.contents)
     }
-
-    pub fn contents_rows(&self) -> usize {
-        self.contents.lock().map(|c| c.distinct_rows()).unwrap_or(0)
-    }
 }

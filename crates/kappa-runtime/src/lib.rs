@@ -70,13 +70,15 @@ pub struct Snapshot {
 
 struct Inner {
     epoch: Epoch,
-    tables: BTreeMap<RelationId, Arc<Table>>,
     /// In creation order (a topological order).
     views: Vec<Dataflow>,
 }
 
 pub struct Runtime {
     inner: Mutex<Inner>,
+    /// Kept apart from `inner` so that statements find their table without waiting for a
+    /// barrier in progress.
+    tables: RwLock<BTreeMap<RelationId, Arc<Table>>>,
     /// Held shared by every DML statement while it applies its write, exclusively by the
     /// barrier while it cuts the tables' changelogs.
     gate: Arc<RwLock<()>>,
@@ -90,9 +92,9 @@ impl Runtime {
         Self {
             inner: Mutex::new(Inner {
                 epoch: 0,
-                tables: BTreeMap::new(),
                 views: Vec::new(),
             }),
+            tables: RwLock::new(BTreeMap::new()),
             gate: Arc::new(RwLock::new(())),
             published: RwLock::new(Arc::new(Snapshot::default())),
             store,
@@ -134,12 +136,15 @@ impl Runtime {
             self.store.as_ref(),
             self.gate.clone(),
         )?);
-        self.lock()?.tables.insert(id, table.clone());
+        self.tables
+            .write()
+            .map_err(|_| KappaError::internal("table registry poisoned"))?
+            .insert(id, table.clone());
         Ok(table)
     }
 
     pub fn table(&self, id: RelationId) -> Option<Arc<Table>> {
-        self.lock().ok()?.tables.get(&id).cloned()
+        self.tables.read().ok()?.get(&id).cloned()
     }
 
     /// Builds a view's dataflow, fills it from the current contents of its inputs (the
@@ -175,7 +180,10 @@ impl Runtime {
     /// Removes a relation's dataflow or table. Readers stop seeing it at the next commit.
     pub fn drop_relation(&self, relation: RelationId) -> Result<()> {
         let mut inner = self.lock()?;
-        inner.tables.remove(&relation);
+        self.tables
+            .write()
+            .map_err(|_| KappaError::internal("table registry poisoned"))?
+            .remove(&relation);
         inner.views.retain(|v| v.relation != relation);
         self.barrier_locked(&mut inner)
     }
@@ -197,7 +205,12 @@ impl Runtime {
                 .gate
                 .write()
                 .map_err(|_| KappaError::internal("DML gate poisoned"))?;
-            for (id, table) in &inner.tables {
+            let tables = self
+                .tables
+                .read()
+                .map_err(|_| KappaError::internal("table registry poisoned"))?
+                .clone();
+            for (id, table) in &tables {
                 let (changes, snap) = table.drain()?;
                 let unchanged = changes.is_empty();
                 deltas.insert(*id, changes);
@@ -244,15 +257,5 @@ impl Runtime {
             Err(p) => *p.into_inner() = snapshot,
         }
         Ok(())
-    }
-
-    /// The number of state entries each view's operators hold (diagnostics and tests).
-    pub fn state_sizes(&self) -> Result<Vec<(RelationId, usize)>> {
-        Ok(self
-            .lock()?
-            .views
-            .iter()
-            .map(|v| (v.relation, v.contents_rows()))
-            .collect())
     }
 }
