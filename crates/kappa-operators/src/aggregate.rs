@@ -96,6 +96,9 @@ pub struct HashAggregate {
     groups: Box<dyn StateTable>,
     extremes: Box<dyn StateTable>,
     dirty: HashMap<Box<[u8]>, Dirty>,
+    /// This epoch's net changes to `extremes`, applied at the barrier. Until then `extremes`
+    /// holds the state as of the epoch's start, which is what a group's old output needs.
+    extreme_deltas: HashMap<Box<[u8]>, i64>,
     key_buf: Vec<u8>,
 }
 
@@ -162,6 +165,7 @@ impl HashAggregate {
             groups,
             extremes,
             dirty: HashMap::new(),
+            extreme_deltas: HashMap::new(),
             key_buf: Vec::new(),
         })
     }
@@ -477,22 +481,11 @@ impl Operator for HashAggregate {
                 };
                 Self::extreme_prefix(&mut key_buf, i, group);
                 key_buf.extend_from_slice(rows.row(r).data());
-                let old = self
-                    .extremes
-                    .get(&key_buf)
-                    .map(|v| decode_count(&v))
-                    .unwrap_or(0);
-                let new = old + w;
-                if new < 0 {
-                    return Err(KappaError::internal(
-                        "min/max value retracted more than inserted",
-                    ));
-                }
-                if new == 0 {
-                    self.extremes.delete(&key_buf);
-                } else {
-                    self.extremes
-                        .put(Arc::from(key_buf.as_slice()), encode_count(new));
+                match self.extreme_deltas.get_mut(key_buf.as_slice()) {
+                    Some(d) => *d += w,
+                    None => {
+                        self.extreme_deltas.insert(key_buf.as_slice().into(), w);
+                    }
                 }
             }
         }
@@ -507,6 +500,27 @@ impl Operator for HashAggregate {
         }
         if self.dirty.is_empty() {
             return Ok(());
+        }
+        for (key, delta) in std::mem::take(&mut self.extreme_deltas) {
+            if delta == 0 {
+                continue;
+            }
+            let new = self
+                .extremes
+                .get(&key)
+                .map(|v| decode_count(&v))
+                .unwrap_or(0)
+                + delta;
+            if new < 0 {
+                return Err(KappaError::internal(
+                    "min/max value retracted more than inserted",
+                ));
+            }
+            if new == 0 {
+                self.extremes.delete(&key);
+            } else {
+                self.extremes.put(Arc::from(key), encode_count(new));
+            }
         }
         let scalar = self.is_scalar();
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();
