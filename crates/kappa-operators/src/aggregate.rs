@@ -501,10 +501,13 @@ impl Operator for HashAggregate {
         if self.dirty.is_empty() {
             return Ok(());
         }
-        for (key, delta) in std::mem::take(&mut self.extreme_deltas) {
-            if delta == 0 {
-                continue;
-            }
+        // In key order: neighbouring updates touch the same state pages.
+        let mut deltas: Vec<(Box<[u8]>, i64)> = std::mem::take(&mut self.extreme_deltas)
+            .into_iter()
+            .filter(|(_, d)| *d != 0)
+            .collect();
+        deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (key, delta) in deltas {
             let new = self
                 .extremes
                 .get(&key)
