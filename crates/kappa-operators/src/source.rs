@@ -37,3 +37,31 @@ impl Operator for SourceScan {
         "StreamScan"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+
+    #[test]
+    fn keeps_projected_columns_and_weights() {
+        let mut op = SourceScan::new(Some(vec![1]), schema("b:utf8"));
+        let mut out = vec![];
+        op.process(0, changes("a:i64, b:utf8", "+ 1 | x\n-2 2 | y"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ x\n-2 y");
+    }
+
+    #[test]
+    fn a_projection_of_no_columns_keeps_the_row_count() {
+        let mut op = SourceScan::new(
+            Some(vec![]),
+            std::sync::Arc::new(datafusion::arrow::datatypes::Schema::empty()),
+        );
+        let mut out = vec![];
+        op.process(0, changes("a:i64", "+ 1\n+ 2\n- 3"), &mut out)
+            .unwrap();
+        assert_eq!(out[0].num_rows(), 3);
+        assert_eq!(out[0].weights().values().iter().sum::<i64>(), 1);
+    }
+}

@@ -36,3 +36,21 @@ impl Operator for Union {
         "StreamUnion"
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+
+    #[test]
+    fn sums_its_inputs_under_its_own_column_names() {
+        let mut op = Union::new(schema("u:i64"));
+        let mut out = vec![];
+        op.process(0, changes("a:i64", "+ 1\n+ 2"), &mut out)
+            .unwrap();
+        op.process(1, changes("b:i64", "- 1\n+ 3"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ 2\n+ 3");
+        assert!(out.iter().all(|b| b.schema().field(0).name() == "u"));
+    }
+}
