@@ -144,13 +144,7 @@ impl SchemaProvider for KappaSchema {
                 // DML checks NOT NULL itself, with PostgreSQL's message and SQLSTATE, on the
                 // rows it is about to write; DataFusion must not reject them earlier.
                 let schema = if matches!(data, Data::Latest(_)) {
-                    Arc::new(Schema::new(
-                        rel.schema
-                            .fields()
-                            .iter()
-                            .map(|f| f.as_ref().clone().with_nullable(true))
-                            .collect::<Vec<_>>(),
-                    ))
+                    crate::dml::unconstrained(&rel.schema)
                 } else {
                     rel.schema.clone()
                 };

@@ -13,7 +13,7 @@ use kappa_common::{KappaError, Result, SqlState};
 use kappa_runtime::{Table, TableWrite};
 use kappa_sql::parse::{normalize_ident, object_name};
 
-use crate::dml::cast_value;
+use crate::dml::{cast_value, unconstrained};
 use crate::{Engine, Output};
 
 #[derive(Clone, Debug)]
@@ -112,13 +112,7 @@ impl CopyIn {
             .zip(schema.fields())
             .map(|(c, f)| c.unwrap_or_else(|| new_null_array(f.data_type(), n)))
             .collect();
-        let loose = Arc::new(datafusion::arrow::datatypes::Schema::new(
-            schema
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_nullable(true))
-                .collect::<Vec<_>>(),
-        ));
+        let loose = unconstrained(&schema);
         let batch = RecordBatch::try_new_with_options(
             loose,
             columns,

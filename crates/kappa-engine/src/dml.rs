@@ -224,7 +224,7 @@ pub(crate) async fn parameter_types(
 
 /// The table's schema with every column nullable, for intermediate batches whose
 /// nullability is checked later, with a proper error, by the table itself.
-fn unconstrained(schema: &SchemaRef) -> SchemaRef {
+pub(crate) fn unconstrained(schema: &SchemaRef) -> SchemaRef {
     Arc::new(datafusion::arrow::datatypes::Schema::new(
         schema
             .fields()

@@ -34,7 +34,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::scalar::ScalarValue;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::AggFunc;
-use kappa_state::{StateTable, decode_count, encode_count};
+use kappa_state::{StateTable, add_to_count};
 
 use crate::Operator;
 
@@ -508,22 +508,12 @@ impl Operator for HashAggregate {
             .collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, delta) in deltas {
-            let new = self
-                .extremes
-                .get(&key)
-                .map(|v| decode_count(&v))
-                .unwrap_or(0)
-                + delta;
-            if new < 0 {
-                return Err(KappaError::internal(
-                    "min/max value retracted more than inserted",
-                ));
-            }
-            if new == 0 {
-                self.extremes.delete(&key);
-            } else {
-                self.extremes.put(Arc::from(key), encode_count(new));
-            }
+            add_to_count(
+                self.extremes.as_mut(),
+                &key,
+                delta,
+                &"a min/max value multiset",
+            )?;
         }
         let scalar = self.is_scalar();
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();

@@ -67,6 +67,30 @@ pub fn decode_count(v: &[u8]) -> i64 {
     i64::from_le_bytes(b)
 }
 
+/// Adds `delta` to the count stored under `key` (absent = 0) and returns the new count. A
+/// count that reaches 0 is deleted. A count may never become negative: that means a
+/// retraction of something never inserted, and is refused (with the table unchanged) as an
+/// internal error whose message names `what`.
+pub fn add_to_count(
+    table: &mut dyn StateTable,
+    key: &[u8],
+    delta: i64,
+    what: &dyn std::fmt::Display,
+) -> kappa_common::Result<i64> {
+    let new = table.get(key).map(|v| decode_count(&v)).unwrap_or(0) + delta;
+    if new < 0 {
+        return Err(kappa_common::KappaError::internal(format!(
+            "count became negative ({new}) in {what}"
+        )));
+    }
+    if new == 0 {
+        table.delete(key);
+    } else {
+        table.put(Arc::from(key), encode_count(new));
+    }
+    Ok(new)
+}
+
 /// The smallest byte string greater than every string with prefix `p`, or `None` if there
 /// is none (p is all 0xFF).
 pub fn prefix_end(p: &[u8]) -> Option<Vec<u8>> {

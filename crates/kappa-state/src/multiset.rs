@@ -10,9 +10,9 @@ use datafusion::arrow::array::{RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
-use kappa_common::{ChangeBatch, KappaError, Result};
+use kappa_common::{ChangeBatch, Result};
 
-use crate::{StateSnapshot, StateTable, decode_count, encode_count};
+use crate::{StateSnapshot, StateTable, add_to_count, decode_count};
 
 /// Builds the row converter for a schema (all columns, ascending, nulls first).
 pub fn row_converter(schema: &SchemaRef) -> Result<RowConverter> {
@@ -62,20 +62,12 @@ impl RowMultiset {
         let rows = self.converter.convert_columns(change.columns())?;
         let weights = change.weights();
         for (i, row) in rows.iter().enumerate() {
-            let key = row.as_ref();
-            let old = self.table.get(key).map(|v| decode_count(&v)).unwrap_or(0);
-            let new = old + weights.value(i);
-            if new < 0 {
-                return Err(KappaError::internal(format!(
-                    "row count became negative ({new}) in {}",
-                    self.schema
-                )));
-            }
-            if new == 0 {
-                self.table.delete(key);
-            } else {
-                self.table.put(Arc::from(key), encode_count(new));
-            }
+            add_to_count(
+                self.table.as_mut(),
+                row.as_ref(),
+                weights.value(i),
+                &self.schema,
+            )?;
         }
         Ok(())
     }
