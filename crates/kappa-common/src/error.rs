@@ -33,6 +33,7 @@ impl SqlState {
     pub const DATA_EXCEPTION: Self = Self("22000");
     pub const BAD_COPY_FORMAT: Self = Self("22P04");
     pub const INVALID_PARAMETER_VALUE: Self = Self("22023");
+    pub const DATETIME_FIELD_OVERFLOW: Self = Self("22008");
     pub const PROTOCOL_VIOLATION: Self = Self("08P01");
     pub const INVALID_TRANSACTION_STATE: Self = Self("25000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: Self = Self("55000");

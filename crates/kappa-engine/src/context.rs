@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::CatalogProvider;
 use datafusion::catalog::view::ViewTable;
 use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, Session, TableProvider};
@@ -21,6 +22,7 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, SqlState};
 use kappa_runtime::{Runtime, Snapshot};
 use kappa_sql::catalog::{Catalog, RelationKind};
+use kappa_sql::tvf::WindowTable;
 
 /// Which contents of engine tables a session reads.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -41,11 +43,15 @@ struct Sources {
     planning_only: bool,
 }
 
-/// Plans one parsed statement with DataFusion in `ctx`.
+/// Plans one parsed statement with DataFusion in `ctx`. Window table functions are
+/// rewritten first (see [`kappa_sql::tvf`]).
 pub async fn plan_statement(
     ctx: &SessionContext,
-    stmt: datafusion::sql::sqlparser::ast::Statement,
+    mut stmt: datafusion::sql::sqlparser::ast::Statement,
 ) -> kappa_common::Result<datafusion::logical_expr::LogicalPlan> {
+    if let Some(catalog) = ctx.state().config().get_extension::<Catalog>() {
+        kappa_sql::tvf::rewrite_window_tvfs(&mut stmt, &catalog)?;
+    }
     let stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
     Ok(ctx.state().statement_to_plan(stmt).await?)
 }
@@ -78,7 +84,8 @@ fn make_context(sources: Sources) -> SessionContext {
         .set_bool(
             "datafusion.execution.parquet.schema_force_view_types",
             false,
-        );
+        )
+        .with_extension(sources.catalog.clone());
     let ctx = SessionContext::new_with_config(config);
     let cat = Arc::new(MemoryCatalogProvider::new());
     let _ = cat.register_schema("public", Arc::new(KappaSchema { sources }));
@@ -113,7 +120,13 @@ impl SchemaProvider for KappaSchema {
 
     async fn table(&self, name: &str) -> DfResult<Option<Arc<dyn TableProvider>>> {
         let s = &self.sources;
+        if let Some(w) = WindowTable::decode(name) {
+            return self.window_table(w);
+        }
         let Some(rel) = s.catalog.get(name) else {
+            if name == VIEW_STATS {
+                return Ok(Some(self.view_stats()?));
+            }
             return Ok(None);
         };
         match &rel.kind {
@@ -123,51 +136,138 @@ impl SchemaProvider for KappaSchema {
                 let plan = ctx.state().create_logical_plan(&def).await?;
                 Ok(Some(Arc::new(ViewTable::new(plan, Some(def)))))
             }
-            kind => {
-                let data = if s.planning_only {
-                    Data::None
-                } else if matches!(kind, RelationKind::Table { .. })
-                    && s.reads == TableReads::Latest
-                {
-                    let table = s.runtime.table(rel.id).ok_or_else(|| {
-                        df_err(KappaError::internal(format!("table {name} has no storage")))
-                    })?;
-                    Data::Latest(table)
-                } else {
-                    let snap = s.snapshot.relations.get(&rel.id).cloned().ok_or_else(|| {
-                        df_err(KappaError::internal(format!(
-                            "{name} is not in the snapshot"
-                        )))
-                    })?;
-                    Data::Committed(snap)
-                };
-                // DML checks NOT NULL itself, with PostgreSQL's message and SQLSTATE, on the
-                // rows it is about to write; DataFusion must not reject them earlier.
-                let schema = if matches!(data, Data::Latest(_)) {
-                    crate::dml::unconstrained(&rel.schema)
-                } else {
-                    rel.schema.clone()
-                };
-                Ok(Some(Arc::new(RelationTable {
-                    schema,
-                    data,
-                    table_type: if matches!(kind, RelationKind::Table { .. }) {
-                        TableType::Base
-                    } else {
-                        TableType::View
-                    },
-                })))
-            }
+            _ => Ok(Some(Arc::new(self.relation_table(rel)?))),
         }
     }
 
     fn table_exist(&self, name: &str) -> bool {
         self.sources.catalog.get(name).is_some()
+            || WindowTable::decode(name).is_some()
+            || name == VIEW_STATS
+    }
+}
+
+/// The system relation with every materialized view's progress at the snapshot's epoch.
+pub const VIEW_STATS: &str = "kappa_view_stats";
+
+impl KappaSchema {
+    fn view_stats(&self) -> DfResult<Arc<dyn TableProvider>> {
+        use datafusion::arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
+        use datafusion::arrow::datatypes::{DataType, TimeUnit};
+        let s = &self.sources;
+        let mut rows: Vec<(&str, &kappa_runtime::ViewStats)> = s
+            .catalog
+            .relations()
+            .filter_map(|r| {
+                s.snapshot
+                    .view_stats
+                    .get(&r.id)
+                    .map(|st| (r.name.as_str(), st))
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("epoch", DataType::Int64, false),
+            Field::new(
+                "watermark",
+                DataType::Timestamp(TimeUnit::Microsecond, None),
+                true,
+            ),
+            Field::new("late_rows", DataType::Int64, false),
+            Field::new("state_entries", DataType::Int64, false),
+        ]));
+        let epoch = s.snapshot.epoch as i64;
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(Int64Array::from(vec![epoch; rows.len()])),
+                Arc::new(TimestampMicrosecondArray::from_iter(
+                    rows.iter().map(|r| r.1.watermark),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.1.late_rows as i64),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.1.state_entries as i64),
+                )),
+            ],
+        )?;
+        Ok(Arc::new(datafusion::datasource::MemTable::try_new(
+            schema,
+            vec![vec![batch]],
+        )?))
+    }
+
+    /// A window table function over a relation (see [`kappa_sql::tvf`]).
+    fn window_table(&self, w: WindowTable) -> DfResult<Option<Arc<dyn TableProvider>>> {
+        let Some(rel) = self.sources.catalog.get_by_id(w.relation) else {
+            return Ok(None);
+        };
+        let input = self.relation_table(rel)?;
+        let mut fields: Vec<Field> = input
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let t = fields[w.time_col].data_type().clone();
+        fields.push(Field::new("window_start", t.clone(), false));
+        fields.push(Field::new("window_end", t, false));
+        Ok(Some(Arc::new(WindowProvider {
+            schema: Arc::new(Schema::new(fields)),
+            input,
+            window: w,
+        })))
+    }
+
+    fn relation_table(&self, rel: &kappa_sql::catalog::Relation) -> DfResult<RelationTable> {
+        let s = &self.sources;
+        let name = &rel.name;
+        let kind = &rel.kind;
+        let data = if s.planning_only {
+            Data::None
+        } else if let RelationKind::Source { .. } = kind {
+            Data::Unreadable(format!(
+                "source \"{name}\" keeps no contents to query; create a materialized view over it"
+            ))
+        } else if matches!(kind, RelationKind::Table { .. }) && s.reads == TableReads::Latest {
+            let table = s.runtime.table(rel.id).ok_or_else(|| {
+                df_err(KappaError::internal(format!("table {name} has no storage")))
+            })?;
+            Data::Latest(table)
+        } else {
+            let snap = s.snapshot.relations.get(&rel.id).cloned().ok_or_else(|| {
+                df_err(KappaError::internal(format!(
+                    "{name} is not in the snapshot"
+                )))
+            })?;
+            Data::Committed(snap)
+        };
+        // DML checks NOT NULL itself, with PostgreSQL's message and SQLSTATE, on the
+        // rows it is about to write; DataFusion must not reject them earlier.
+        let schema = if matches!(data, Data::Latest(_)) {
+            crate::dml::unconstrained(&rel.schema)
+        } else {
+            rel.schema.clone()
+        };
+        Ok(RelationTable {
+            schema,
+            data,
+            table_type: if matches!(kind, RelationKind::Table { .. }) {
+                TableType::Base
+            } else {
+                TableType::View
+            },
+        })
     }
 }
 
 enum Data {
     None,
+    /// Scanning fails with this message (sources keep no contents).
+    Unreadable(String),
     Committed(Arc<kappa_runtime::RelationSnapshot>),
     Latest(Arc<kappa_runtime::Table>),
 }
@@ -182,6 +282,83 @@ struct RelationTable {
 impl std::fmt::Debug for RelationTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RelationTable({})", self.schema)
+    }
+}
+
+impl RelationTable {
+    fn batches(&self) -> DfResult<Vec<RecordBatch>> {
+        Ok(match &self.data {
+            Data::None => {
+                return Err(df_err(KappaError::internal(
+                    "planning-only relation was scanned",
+                )));
+            }
+            Data::Unreadable(msg) => return Err(df_err(KappaError::not_supported(msg.clone()))),
+            Data::Committed(snap) => {
+                if let Some(f) = &snap.failure {
+                    return Err(df_err(KappaError::user(
+                        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        f.clone(),
+                    )));
+                }
+                snap.batches().map_err(df_err)?.as_ref().clone()
+            }
+            Data::Latest(t) => t
+                .latest()
+                .and_then(|s| s.to_batches(kappa_runtime::READ_BATCH_SIZE))
+                .map_err(df_err)?,
+        })
+    }
+}
+
+/// A window table function over a relation, for ad-hoc queries: the relation's rows
+/// expanded by the same window assignment the streaming operator uses.
+struct WindowProvider {
+    schema: SchemaRef,
+    input: RelationTable,
+    window: WindowTable,
+}
+
+impl std::fmt::Debug for WindowProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WindowProvider({})", self.window.spec)
+    }
+}
+
+#[async_trait]
+impl TableProvider for WindowProvider {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self
+            .input
+            .batches()?
+            .iter()
+            .map(|b| {
+                self.window
+                    .spec
+                    .expand(b, self.window.time_col, self.schema.clone())
+                    .map(|(b, _)| b)
+            })
+            .collect::<kappa_common::Result<Vec<_>>>()
+            .map_err(df_err)?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
     }
 }
 
@@ -202,26 +379,7 @@ impl TableProvider for RelationTable {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let batches = match &self.data {
-            Data::None => {
-                return Err(df_err(KappaError::internal(
-                    "planning-only relation was scanned",
-                )));
-            }
-            Data::Committed(snap) => {
-                if let Some(f) = &snap.failure {
-                    return Err(df_err(KappaError::user(
-                        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        f.clone(),
-                    )));
-                }
-                snap.batches().map_err(df_err)?.as_ref().clone()
-            }
-            Data::Latest(t) => t
-                .latest()
-                .and_then(|s| s.to_batches(kappa_runtime::READ_BATCH_SIZE))
-                .map_err(df_err)?,
-        };
+        let batches = self.batches()?;
         let schema = Arc::new(Schema::new(self.schema.fields().clone()));
         Ok(MemorySourceConfig::try_new_exec(
             &[batches],

@@ -4,11 +4,15 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::sql::sqlparser::ast::{
-    ColumnOption, CreateTable, CreateView, ObjectType, Statement, TableConstraint,
+    ColumnOption, CreateTable, CreateTableOptions, CreateView, ObjectType, Statement,
+    TableConstraint,
 };
 use kappa_common::{KappaError, RelationId, Result, SqlState};
-use kappa_sql::catalog::{Relation, RelationKind};
+use kappa_sql::catalog::{Relation, RelationKind, WatermarkDef};
 use kappa_sql::parse::{normalize_ident, object_name};
+
+use kappa_sql::ScanSource;
+use kappa_sql::tvf::WindowTable;
 
 use crate::context::{TableReads, plan_statement, session_context};
 use crate::{Engine, Output, types};
@@ -120,23 +124,177 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
             .map(|(n, t, nullable)| Field::new(n, t, nullable))
             .collect::<Vec<_>>(),
     ));
+    let opts = TableOptions::from_sql(&ct.table_options)?;
+    let watermark = match &opts.watermark {
+        Some((col, expr)) => Some(watermark_def(&schema, col, expr)?),
+        None => None,
+    };
     let mut catalog = engine.catalog().as_ref().clone();
     let id = catalog.next_id();
-    engine
-        .runtime()
-        .create_table(id, &name, schema.clone(), pk.clone())?;
+    let (kind, tag) = if opts.source {
+        if pk.is_some() {
+            return Err(KappaError::not_supported(
+                "a PRIMARY KEY on a source (sources are append-only streams)",
+            ));
+        }
+        let connector =
+            crate::source::start_source(engine, id, &name, &schema, &opts, watermark.as_ref())?;
+        (RelationKind::Source { connector }, "CREATE SOURCE")
+    } else {
+        if let Some(k) = opts.with.keys().next() {
+            return Err(KappaError::user(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!(
+                    "unknown table option \"{k}\" (tables take idle_timeout; connectors are for CREATE SOURCE)"
+                ),
+            ));
+        }
+        let wm = watermark
+            .as_ref()
+            .map(|w| (w.0.column, w.1.clone(), opts.idle_timeout));
+        engine
+            .runtime()
+            .create_table(id, &name, schema.clone(), pk.clone(), wm)?;
+        (RelationKind::Table { primary_key: pk }, "CREATE TABLE")
+    };
     engine.barrier().await?;
     catalog.insert(Relation {
         id,
         name,
-        kind: RelationKind::Table { primary_key: pk },
+        kind,
         schema,
         definition: None,
         depends_on: vec![],
         plan_text: None,
+        watermark: watermark.map(|w| w.0),
     })?;
     engine.set_catalog(catalog);
-    Ok(Output::command("CREATE TABLE"))
+    Ok(Output::command(tag))
+}
+
+/// The options of CREATE TABLE / CREATE SOURCE: Kappa's own (watermark, source marker,
+/// idle timeout) taken out, the connector's left in `with`.
+pub(crate) struct TableOptions {
+    pub source: bool,
+    pub watermark: Option<(String, datafusion::sql::sqlparser::ast::Expr)>,
+    pub idle_timeout: Option<std::time::Duration>,
+    /// Remaining `key = value` options, keys lower-cased, values as text.
+    pub with: std::collections::BTreeMap<String, String>,
+}
+
+impl TableOptions {
+    fn from_sql(opts: &CreateTableOptions) -> Result<Self> {
+        use datafusion::sql::sqlparser::ast::{Expr, SqlOption, Value};
+        let mut out = TableOptions {
+            source: false,
+            watermark: None,
+            idle_timeout: Some(std::time::Duration::from_secs(10)),
+            with: Default::default(),
+        };
+        let list = match opts {
+            CreateTableOptions::None => return Ok(out),
+            CreateTableOptions::With(v) => v,
+            other => return Err(KappaError::not_supported(format!("table options {other}"))),
+        };
+        for o in list {
+            let SqlOption::KeyValue { key, value } = o else {
+                return Err(KappaError::not_supported(format!("the table option {o}")));
+            };
+            let k = key.value.to_lowercase();
+            match k.as_str() {
+                kappa_sql::parse::SOURCE_OPTION => out.source = true,
+                kappa_sql::parse::WATERMARK_OPTION => {
+                    if let Expr::Tuple(parts) = value
+                        && let [Expr::Identifier(col), expr] = parts.as_slice()
+                    {
+                        out.watermark = Some((normalize_ident(col), expr.clone()));
+                    }
+                }
+                _ => {
+                    let text = match value {
+                        Expr::Value(v) => match &v.value {
+                            Value::SingleQuotedString(s) => s.clone(),
+                            Value::Number(n, _) => n.clone(),
+                            Value::Boolean(b) => b.to_string(),
+                            other => other.to_string(),
+                        },
+                        Expr::Identifier(i) => i.value.clone(),
+                        other => other.to_string(),
+                    };
+                    if kappa_sql::parse::is_internal_option(&k) {
+                        return Err(KappaError::user(
+                            SqlState::INVALID_PARAMETER_VALUE,
+                            format!("unknown option \"{k}\""),
+                        ));
+                    }
+                    if k == "idle_timeout" {
+                        let iv = datafusion::arrow::compute::kernels::cast_utils::parse_interval_month_day_nano(&text)
+                            .map_err(|e| KappaError::user(SqlState::INVALID_PARAMETER_VALUE, format!("invalid idle_timeout '{text}': {e}")))?;
+                        let micros = iv.days as i64 * 86_400_000_000 + iv.nanoseconds / 1000;
+                        if iv.months != 0 || micros < 0 {
+                            return Err(KappaError::user(
+                                SqlState::INVALID_PARAMETER_VALUE,
+                                format!("invalid idle_timeout '{text}'"),
+                            ));
+                        }
+                        out.idle_timeout =
+                            (micros > 0).then(|| std::time::Duration::from_micros(micros as u64));
+                    } else {
+                        out.with.insert(k, text);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a `WATERMARK FOR col AS expr` against the table's schema and plans `expr`.
+fn watermark_def(
+    schema: &datafusion::arrow::datatypes::SchemaRef,
+    col: &str,
+    expr: &datafusion::sql::sqlparser::ast::Expr,
+) -> Result<(WatermarkDef, datafusion::logical_expr::Expr)> {
+    use datafusion::arrow::datatypes::{DataType, TimeUnit};
+    use datafusion::logical_expr::ExprSchemable;
+    let column = schema.index_of(col).map_err(|_| {
+        KappaError::user(
+            SqlState::UNDEFINED_COLUMN,
+            format!("column \"{col}\" named in WATERMARK FOR does not exist"),
+        )
+    })?;
+    if !matches!(
+        schema.field(column).data_type(),
+        DataType::Timestamp(TimeUnit::Microsecond, _)
+    ) {
+        return Err(KappaError::user(
+            SqlState::DATATYPE_MISMATCH,
+            format!(
+                "the WATERMARK column \"{col}\" must be a TIMESTAMP, not {}",
+                schema.field(column).data_type()
+            ),
+        ));
+    }
+    let df = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let text = expr.to_string();
+    let logical = ctx.parse_sql_expr(&text, &df)?;
+    let coerced = ctx.create_physical_expr(logical.clone(), &df)?;
+    let t = coerced.data_type(schema.as_ref())?;
+    if !matches!(t, DataType::Timestamp(..)) {
+        return Err(KappaError::user(
+            SqlState::DATATYPE_MISMATCH,
+            format!("the WATERMARK expression {text} must be a timestamp, not {t}"),
+        ));
+    }
+    if logical.is_volatile() {
+        return Err(KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("the WATERMARK expression {text} must not be volatile"),
+        ));
+    }
+    let _ = logical.get_type(&df);
+    Ok((WatermarkDef { column, expr: text }, logical))
 }
 
 /// Relations a query names directly (views are not expanded), by id.
@@ -151,7 +309,11 @@ fn direct_dependencies(
     let cat = engine.catalog();
     let mut out = vec![];
     for t in tables {
-        if let Some(r) = cat.get(t.table())
+        let r = match WindowTable::decode(t.table()) {
+            Some(w) => cat.get_by_id(w.relation),
+            None => cat.get(t.table()),
+        };
+        if let Some(r) = r
             && !out.contains(&r.id)
         {
             out.push(r.id);
@@ -174,8 +336,9 @@ pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Ou
         TableReads::Committed,
         true,
     );
+    let eowc = view_options(&cv.options)?;
     let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
-    let graph = lower(&ctx, &catalog, &plan, 0, &name)?;
+    let graph = lower(&ctx, &catalog, &plan, 0, &name, eowc)?;
     Ok(crate::plan_rows(&graph.to_string()))
 }
 
@@ -185,16 +348,50 @@ fn lower(
     plan: &datafusion::logical_expr::LogicalPlan,
     id: RelationId,
     name: &str,
+    emit_on_window_close: bool,
 ) -> Result<kappa_plan::StreamGraph> {
     let optimized = ctx.state().optimize(plan)?;
-    let resolve = |t: &datafusion::common::TableReference| -> Result<RelationId> {
-        catalog
-            .get(t.table())
-            .filter(|r| !matches!(r.kind, RelationKind::View))
-            .map(|r| r.id)
+    let resolve = |t: &datafusion::common::TableReference| -> Result<ScanSource> {
+        let window = WindowTable::decode(t.table());
+        let rel = match &window {
+            Some(w) => catalog.get_by_id(w.relation),
+            None => catalog.get(t.table()),
+        };
+        rel.filter(|r| !matches!(r.kind, RelationKind::View))
+            .map(|r| ScanSource {
+                relation: r.id,
+                name: r.name.clone(),
+                watermark_col: r.watermark.as_ref().map(|w| w.column),
+                window,
+            })
             .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
     };
-    kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, name))
+    kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, name), emit_on_window_close)
+}
+
+/// The options of CREATE MATERIALIZED VIEW: whether it emits on window close.
+fn view_options(opts: &CreateTableOptions) -> Result<bool> {
+    use datafusion::sql::sqlparser::ast::SqlOption;
+    let list = match opts {
+        CreateTableOptions::None => return Ok(false),
+        CreateTableOptions::With(v) => v,
+        other => return Err(KappaError::not_supported(format!("view options {other}"))),
+    };
+    let mut eowc = false;
+    for o in list {
+        match o {
+            SqlOption::KeyValue { key, .. } if key.value == kappa_sql::parse::EMIT_OPTION => {
+                eowc = true
+            }
+            other => {
+                return Err(KappaError::user(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("unknown view option {other}"),
+                ));
+            }
+        }
+    }
+    Ok(eowc)
 }
 
 async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
@@ -220,8 +417,17 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
     if !cv.columns.is_empty() {
         return Err(KappaError::not_supported("a column list in CREATE VIEW"));
     }
-    let depends_on = direct_dependencies(engine, &cv.query)?;
-    let definition = cv.query.to_string();
+    let eowc = view_options(&cv.options)?;
+    if eowc && !cv.materialized {
+        return Err(KappaError::user(
+            SqlState::SYNTAX_ERROR,
+            "EMIT ON WINDOW CLOSE is for materialized views",
+        ));
+    }
+    let mut query = cv.query;
+    kappa_sql::tvf::rewrite_window_tvfs(&mut query, &engine.catalog())?;
+    let depends_on = direct_dependencies(engine, &query)?;
+    let definition = query.to_string();
     let catalog = engine.catalog();
     let snapshot = engine.runtime().snapshot();
     let ctx = session_context(
@@ -231,7 +437,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
         TableReads::Committed,
         true,
     );
-    let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
+    let plan = plan_statement(&ctx, Statement::Query(query)).await?;
     let fields = plan.schema().as_arrow().fields().clone();
     let mut seen = std::collections::HashSet::new();
     for f in fields.iter() {
@@ -249,7 +455,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
     let mut new_catalog = catalog.as_ref().clone();
     let id = new_catalog.next_id();
     let plan_text = if cv.materialized {
-        let graph = lower(&ctx, &catalog, &plan, id, &name)?;
+        let graph = lower(&ctx, &catalog, &plan, id, &name, eowc)?;
         let text = graph.to_string();
         engine.blocking(move |rt| rt.create_view(id, graph)).await?;
         Some(text)
@@ -269,6 +475,7 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
         definition: Some(definition),
         depends_on,
         plan_text,
+        watermark: None,
     })?;
     engine.set_catalog(new_catalog);
     Ok(Output::command(tag))

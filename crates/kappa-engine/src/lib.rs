@@ -13,6 +13,7 @@ mod copy;
 mod ddl;
 mod dml;
 mod session;
+mod source;
 pub mod types;
 
 use std::sync::{Arc, RwLock};

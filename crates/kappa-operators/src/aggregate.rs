@@ -17,13 +17,22 @@
 //! scalar aggregate (no GROUP BY) always has exactly one row, emitted at the first barrier
 //! even over an empty input, as SQL requires (`count` 0, other aggregates NULL).
 //!
+//! # Windows and the watermark
+//! With a `window_close` column (a group column bounded by the watermark, e.g. `window_end`),
+//! a group is closed once `value + offset <= watermark`: no future change can reach it. At
+//! each barrier the closed groups are taken from `open` (group keys by window value, kept in
+//! memory and rebuildable from `groups`) and their state is freed. In the default mode their
+//! rows were already emitted as they changed; with `emit_on_window_close` nothing is emitted
+//! until then, and each closed group emits its final row once (append-only output). A change
+//! that arrives for an already closed group is late: it is dropped and counted.
+//!
 //! # Correctness
 //! `count` and integer/decimal `sum` are exact (i128 accumulators). Float `sum`/`avg` use
 //! compensated (Neumaier) summation, and reset to exactly zero when a group's non-null count
 //! returns to zero, so retracting every value leaves no residue; they can still differ from
 //! a batch engine in the last bits, as any two float summation orders can.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
@@ -33,7 +42,7 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::scalar::ScalarValue;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
-use kappa_plan::AggFunc;
+use kappa_plan::{AggFunc, WatermarkCol};
 use kappa_state::{StateTable, add_to_count};
 
 use crate::Operator;
@@ -100,6 +109,13 @@ pub struct HashAggregate {
     /// holds the state as of the epoch's start, which is what a group's old output needs.
     extreme_deltas: HashMap<Box<[u8]>, i64>,
     key_buf: Vec<u8>,
+    window_close: Option<WatermarkCol>,
+    emit_on_window_close: bool,
+    /// Window value → keys of the groups created with it, while not closed.
+    open: BTreeMap<i64, Vec<Box<[u8]>>>,
+    /// The watermark the last barrier closed windows at.
+    watermark: Option<i64>,
+    late_rows: u64,
 }
 
 fn kind_of(spec: &AggSpec) -> Result<Kind> {
@@ -167,7 +183,67 @@ impl HashAggregate {
             dirty: HashMap::new(),
             extreme_deltas: HashMap::new(),
             key_buf: Vec::new(),
+            window_close: None,
+            emit_on_window_close: false,
+            open: BTreeMap::new(),
+            watermark: None,
+            late_rows: 0,
         })
+    }
+
+    /// Makes this a windowed aggregate: group column `close.col` (a timestamp) closes with
+    /// the watermark; with `emit_on_window_close`, rows are emitted only when they close.
+    pub fn with_window_close(mut self, close: WatermarkCol, emit_on_window_close: bool) -> Self {
+        self.window_close = Some(close);
+        self.emit_on_window_close = emit_on_window_close;
+        self
+    }
+
+    /// Deletes a group's state (its accumulators and min/max multisets).
+    fn free_group(&mut self, group: &[u8]) {
+        self.groups.delete(group);
+        let mut prefix = Vec::new();
+        for (i, k) in self.kinds.iter().enumerate() {
+            if matches!(k, Kind::Extreme { .. }) {
+                Self::extreme_prefix(&mut prefix, i, group);
+                while let Some((key, _)) = self.extremes.first_with_prefix(&prefix) {
+                    self.extremes.delete(&key);
+                }
+            }
+        }
+    }
+
+    /// Frees (and with emit-on-close, emits) every group closed at watermark `w`.
+    fn close_windows(
+        &mut self,
+        close: WatermarkCol,
+        w: i64,
+        keys: &mut Vec<Box<[u8]>>,
+        vals: &mut Vec<Vec<ScalarValue>>,
+        weights: &mut Vec<i64>,
+    ) -> Result<()> {
+        // Values v with v + offset <= w, i.e. v <= w - offset.
+        let bound = w.saturating_sub(close.offset);
+        let still_open = match bound.checked_add(1) {
+            Some(b) => self.open.split_off(&b),
+            None => BTreeMap::new(),
+        };
+        let closed = std::mem::replace(&mut self.open, still_open);
+        for group in closed.into_values().flatten() {
+            let Some(bytes) = self.groups.get(&group) else {
+                continue;
+            };
+            if self.emit_on_window_close {
+                let state = self.decode_state(&bytes)?;
+                if state.rows > 0 {
+                    vals.push(self.outputs(&state, &group)?);
+                    keys.push(group.clone());
+                    weights.push(1);
+                }
+            }
+            self.free_group(&group);
+        }
+        Ok(())
     }
 
     fn is_scalar(&self) -> bool {
@@ -318,9 +394,10 @@ impl HashAggregate {
     }
 
     /// Makes sure `group` is in the dirty set, loading it (and its current output) from state.
-    fn touch(&mut self, group: &[u8]) -> Result<()> {
+    /// Returns whether the group is new (neither dirty nor stored).
+    fn touch(&mut self, group: &[u8]) -> Result<bool> {
         if self.dirty.contains_key(group) {
-            return Ok(());
+            return Ok(false);
         }
         let stored = self.groups.get(group);
         let (state, before) = match stored {
@@ -331,8 +408,9 @@ impl HashAggregate {
             }
             None => (self.empty_state(), None),
         };
+        let created = before.is_none() && state.rows == 0;
         self.dirty.insert(group.into(), Dirty { before, state });
-        Ok(())
+        Ok(created)
     }
 }
 
@@ -368,6 +446,7 @@ impl Operator for HashAggregate {
             return Ok(());
         }
         let data = batch.data();
+        let mut window_values: Option<Int64Array> = None;
         let keys = match &self.group_converter {
             Some(conv) => {
                 let cols = self
@@ -375,6 +454,10 @@ impl Operator for HashAggregate {
                     .iter()
                     .map(|e| e.evaluate(data)?.into_array(n))
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
+                if let Some(c) = self.window_close {
+                    let v = cast(&cols[c.col], &DataType::Int64)?;
+                    window_values = Some(v.as_primitive::<Int64Type>().clone());
+                }
                 Some(conv.convert_columns(&cols)?)
             }
             None => None,
@@ -419,7 +502,25 @@ impl Operator for HashAggregate {
                 Some(k) => k.row(row).data(),
                 None => &[],
             };
-            self.touch(group)?;
+            // The window value of the row's group; a NULL window never closes.
+            let window = match (&window_values, self.window_close) {
+                (Some(v), Some(c)) if v.is_valid(row) => {
+                    let v = v.value(row);
+                    if let Some(wm) = self.watermark
+                        && c.is_closed(v, wm)
+                    {
+                        self.late_rows += w.unsigned_abs();
+                        continue;
+                    }
+                    Some(v)
+                }
+                _ => None,
+            };
+            if self.touch(group)?
+                && let Some(v) = window
+            {
+                self.open.entry(v).or_default().push(group.into());
+            }
             extreme_updates.clear();
             {
                 let d = self
@@ -493,13 +594,15 @@ impl Operator for HashAggregate {
         Ok(())
     }
 
-    fn on_barrier(&mut self, _epoch: Epoch, out: &mut Vec<ChangeBatch>) -> Result<()> {
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        watermark: Option<i64>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         if self.is_scalar() && self.groups.get(&[]).is_none() {
             // The scalar aggregate's single row exists from the start.
             self.touch(&[])?;
-        }
-        if self.dirty.is_empty() {
-            return Ok(());
         }
         // In key order: neighbouring updates touch the same state pages.
         let mut deltas: Vec<(Box<[u8]>, i64)> = std::mem::take(&mut self.extreme_deltas)
@@ -535,7 +638,7 @@ impl Operator for HashAggregate {
                 self.groups
                     .put(Arc::from(&*group), Arc::from(Self::encode_state(&d.state)));
             }
-            if d.before == after {
+            if d.before == after || self.emit_on_window_close {
                 continue;
             }
             if let Some(b) = d.before {
@@ -548,6 +651,12 @@ impl Operator for HashAggregate {
                 out_vals.push(a);
                 out_weights.push(1);
             }
+        }
+        if let (Some(close), Some(w)) = (self.window_close, watermark) {
+            if self.watermark.is_none_or(|old| w > old) {
+                self.watermark = Some(w);
+            }
+            self.close_windows(close, w, &mut out_keys, &mut out_vals, &mut out_weights)?;
         }
         if out_keys.is_empty() {
             return Ok(());
@@ -576,6 +685,14 @@ impl Operator for HashAggregate {
 
     fn name(&self) -> &'static str {
         "StreamHashAgg"
+    }
+
+    fn state_entries(&self) -> usize {
+        self.groups.len() + self.extremes.len()
+    }
+
+    fn late_rows(&self) -> u64 {
+        self.late_rows
     }
 }
 
@@ -628,7 +745,7 @@ mod tests {
     fn epoch(op: &mut HashAggregate, lines: &str) -> Vec<ChangeBatch> {
         let mut out = vec![];
         op.process(0, changes(IN, lines), &mut out).unwrap();
-        op.on_barrier(1, &mut out).unwrap();
+        op.on_barrier(1, None, &mut out).unwrap();
         out
     }
 
@@ -676,7 +793,7 @@ mod tests {
             false,
         );
         let mut out = vec![];
-        op.on_barrier(1, &mut out).unwrap();
+        op.on_barrier(1, None, &mut out).unwrap();
         assert_changes(&out, "+ 0 | NULL | NULL");
         let out = epoch(&mut op, "+ x | 3\n+ y | 4\n+ z | NULL");
         assert_changes(&out, "- 0 | NULL | NULL\n+ 2 | 7 | 3.5");

@@ -13,6 +13,7 @@ mod project;
 mod source;
 pub mod testing;
 mod union;
+mod window;
 
 use kappa_common::{ChangeBatch, Epoch, Result};
 
@@ -22,6 +23,7 @@ pub use materialize::Materialize;
 pub use project::Project;
 pub use source::SourceScan;
 pub use union::Union;
+pub use window::WindowExpand;
 
 /// A batch of `rows` rows over `columns`; also valid with no columns at all (e.g. the input
 /// of `count(*)`, where the planner prunes every column).
@@ -47,12 +49,28 @@ pub trait Operator: Send {
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()>;
 
-    /// Every input has delivered all of the epoch's batches. Operators that buffer or
-    /// consolidate emit here. Default: nothing to do.
-    fn on_barrier(&mut self, _epoch: Epoch, _out: &mut Vec<ChangeBatch>) -> Result<()> {
+    /// Every input has delivered all of the epoch's batches, and the watermark of the
+    /// node's input stands at `watermark` (event-time microseconds; `None` while there is
+    /// none). Operators that buffer or consolidate emit here. Default: nothing to do.
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        _watermark: Option<i64>,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
         Ok(())
     }
 
     /// Short name for diagnostics.
     fn name(&self) -> &'static str;
+
+    /// Entries the operator holds in its state tables (for `kappa_view_stats`).
+    fn state_entries(&self) -> usize {
+        0
+    }
+
+    /// Changes the operator dropped because they arrived for an already closed window.
+    fn late_rows(&self) -> u64 {
+        0
+    }
 }

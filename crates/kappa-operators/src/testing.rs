@@ -4,8 +4,9 @@
 //! + 1 | ann      insert (1, 'ann') once
 //! -2 3 | bob     delete two copies of (3, 'bob')
 //! ```
-//! Column types are given as `name:type` with type one of `i64`, `f64`, `utf8`, `bool`;
-//! `NULL` is a null cell.
+//! Column types are given as `name:type` with type one of `i64`, `f64`, `utf8`, `bool`, `ts`
+//! (a timestamp in microseconds, written as whole seconds since the epoch); `NULL` is a null
+//! cell.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -28,6 +29,9 @@ pub fn schema(spec: &str) -> SchemaRef {
                 "f64" => DataType::Float64,
                 "utf8" => DataType::Utf8,
                 "bool" => DataType::Boolean,
+                "ts" => {
+                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None)
+                }
                 other => panic!("unknown type {other}"),
             };
             Field::new(name.trim(), ty, true)
@@ -69,6 +73,14 @@ pub fn changes(schema_spec: &str, lines: &str) -> ChangeBatch {
                     c.iter()
                         .map(|v| v.as_ref().map(|s| s.parse::<f64>().expect("f64")))
                         .collect::<Float64Array>(),
+                ),
+                DataType::Timestamp(..) => Arc::new(
+                    c.iter()
+                        .map(|v| {
+                            v.as_ref()
+                                .map(|s| s.parse::<i64>().expect("ts seconds") * 1_000_000)
+                        })
+                        .collect::<datafusion::arrow::array::TimestampMicrosecondArray>(),
                 ),
                 DataType::Boolean => Arc::new(
                     c.iter()

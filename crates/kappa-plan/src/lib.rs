@@ -7,6 +7,16 @@
 //!
 //! Every node consumes and produces changelogs (`ChangeBatch`: rows with signed weights), and
 //! every node's output is exactly its `schema`, column for column.
+//!
+//! # Event time
+//! A relation may carry a watermark `W` (microseconds of event time): a promise that no
+//! change whose event time is below `W` will reach the views any more (such changes are late:
+//! dropped at the source and counted). The planner tracks, per node, which output columns the
+//! watermark bounds ([`WatermarkCol`]); the runtime tracks the value, the minimum over a
+//! node's (non-idle) inputs. An aggregate grouped by such a column knows when a group is
+//! closed — no future change can touch it — so it can emit it once, final, and free its state.
+
+pub mod window;
 
 use std::fmt;
 
@@ -32,6 +42,25 @@ pub struct StreamNode {
     /// No row this node emits can ever be retracted (e.g. a scan of an insert-only log).
     /// Operators downstream may use it to skip retraction bookkeeping.
     pub append_only: bool,
+    /// Output columns bounded by the watermark.
+    pub watermark_cols: Vec<WatermarkCol>,
+}
+
+/// Column `col` is bounded by the watermark `W`: every future row has `col + offset > W`
+/// (values in microseconds). The event-time column itself has offset 1 µs (future rows have
+/// `ts >= W`); a window's `window_end` has offset 0 and its `window_start` the window size.
+/// So a row whose value `v` has `v + offset <= W` can never be joined by another one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatermarkCol {
+    pub col: usize,
+    pub offset: i64,
+}
+
+impl WatermarkCol {
+    /// Whether the value `v` is closed at watermark `w`.
+    pub fn is_closed(&self, v: i64, w: i64) -> bool {
+        v.saturating_add(self.offset) <= w
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -45,14 +74,26 @@ pub enum NodeKind {
     },
     /// One output column per expression, evaluated row by row; weights pass through.
     Project { exprs: Vec<Expr> },
+    /// A window table function: every input row once per window its time column
+    /// (`time_col`, a timestamp) falls in, with `window_start` and `window_end` appended.
+    WindowExpand {
+        time_col: usize,
+        spec: window::WindowSpec,
+    },
     /// Keeps the rows whose predicate is true; weights pass through.
     Filter { predicate: Expr },
     /// Group-by aggregation with retraction. Output columns: the group expressions, then one
     /// column per aggregate. With no group expressions the output is always exactly one row
     /// (SQL's scalar aggregate), even over an empty input.
+    ///
+    /// With `window_close` (a group column bounded by the watermark), a group closes when
+    /// the watermark passes it: its state is freed, and with `emit_on_window_close` its row
+    /// is emitted only then, once, final (the output is append-only).
     Aggregate {
         group_exprs: Vec<Expr>,
         aggregates: Vec<AggCall>,
+        window_close: Option<WatermarkCol>,
+        emit_on_window_close: bool,
     },
     /// The multiset sum of all inputs (UNION ALL).
     Union,
@@ -149,10 +190,16 @@ impl StreamGraph {
                 }
             }
             NodeKind::Project { exprs } => format!("StreamProject: {}", list(exprs)),
+            NodeKind::WindowExpand { time_col, spec } => format!(
+                "StreamWindow: {spec} on {}",
+                self.nodes[node.inputs[0]].schema.field(*time_col).name()
+            ),
             NodeKind::Filter { predicate } => format!("StreamFilter: {predicate}"),
             NodeKind::Aggregate {
                 group_exprs,
                 aggregates,
+                window_close,
+                emit_on_window_close,
             } => {
                 let aggs: Vec<String> = aggregates
                     .iter()
@@ -169,8 +216,15 @@ impl StreamGraph {
                 } else {
                     "StreamHashAgg"
                 };
+                let close = match window_close {
+                    Some(c) if *emit_on_window_close => {
+                        format!(" emit on close of {}", group_exprs[c.col])
+                    }
+                    Some(c) => format!(" state cleaned by watermark on {}", group_exprs[c.col]),
+                    None => String::new(),
+                };
                 format!(
-                    "{kind}: group_by=[{}], aggs=[{}]{}",
+                    "{kind}: group_by=[{}], aggs=[{}]{close}{}",
                     list(group_exprs),
                     aggs.join(", "),
                     if self.nodes[node.inputs[0]].append_only {

@@ -9,7 +9,7 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
-    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union,
+    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -61,9 +61,14 @@ pub(crate) fn build_dataflow(
             NodeKind::Filter { predicate } => {
                 Box::new(Filter::new(compile(ctx, predicate, input()?)?))
             }
+            NodeKind::WindowExpand { time_col, spec } => {
+                Box::new(WindowExpand::new(*time_col, *spec, schema))
+            }
             NodeKind::Aggregate {
                 group_exprs,
                 aggregates,
+                window_close,
+                emit_on_window_close,
             } => {
                 let input = input()?;
                 let groups = group_exprs
@@ -92,14 +97,18 @@ pub(crate) fn build_dataflow(
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;
-                Box::new(HashAggregate::new(
+                let agg = HashAggregate::new(
                     groups,
                     group_types,
                     specs,
                     schema,
                     store.create_table(&format!("mv{relation}.n{i}.groups")),
                     store.create_table(&format!("mv{relation}.n{i}.extremes")),
-                )?)
+                )?;
+                Box::new(match window_close {
+                    Some(c) => agg.with_window_close(*c, *emit_on_window_close),
+                    None => agg,
+                })
             }
             NodeKind::Union => Box::new(Union::new(schema)),
             NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),

@@ -17,6 +17,43 @@ pub(crate) struct Dataflow {
     pub failure: Option<String>,
     /// The view's changes in the epoch just run, for the views that read it.
     output: Vec<ChangeBatch>,
+    /// The watermark of the view's output after the epoch just run.
+    pub watermark: EventTime,
+    /// Late changes dropped from this view's inputs since it was created.
+    pub late_rows: u64,
+}
+
+/// Where a stream stands in event time at a barrier.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventTime {
+    /// The watermark, in microseconds; `None` until the stream has one.
+    pub watermark: Option<i64>,
+    /// The stream has been idle longer than its idle timeout: it does not hold back the
+    /// watermark of an operator that also reads other streams.
+    pub idle: bool,
+}
+
+impl EventTime {
+    /// The watermark of an operator reading `inputs`: the minimum over the inputs that are
+    /// not idle (over all of them if all are idle). An input without a watermark has none.
+    pub fn combine(inputs: impl IntoIterator<Item = EventTime>) -> EventTime {
+        let all: Vec<EventTime> = inputs.into_iter().collect();
+        let idle = !all.is_empty() && all.iter().all(|t| t.idle);
+        let mut wm: Option<i64> = None;
+        for t in all.iter().filter(|t| idle || !t.idle) {
+            let Some(w) = t.watermark else {
+                return EventTime {
+                    watermark: None,
+                    idle,
+                };
+            };
+            wm = Some(wm.map_or(w, |m| m.min(w)));
+        }
+        EventTime {
+            watermark: wm,
+            idle,
+        }
+    }
 }
 
 impl Dataflow {
@@ -33,6 +70,8 @@ impl Dataflow {
             contents,
             failure: None,
             output: Vec::new(),
+            watermark: EventTime::default(),
+            late_rows: 0,
         }
     }
 
@@ -43,18 +82,27 @@ impl Dataflow {
         }
     }
 
-    /// Drives one epoch: each node receives all of its inputs' batches, then the barrier.
-    /// Nodes are in topological order, so a node's inputs are complete when it runs.
+    /// Drives one epoch: each node receives all of its inputs' batches, then the barrier
+    /// with its inputs' watermark. Nodes are in topological order, so a node's inputs are
+    /// complete when it runs. `times` holds each source relation's event time at the cut.
     pub fn run_epoch(
         &mut self,
         epoch: Epoch,
         deltas: &HashMap<RelationId, Vec<ChangeBatch>>,
+        times: &HashMap<RelationId, EventTime>,
     ) -> Result<()> {
         let n = self.graph.nodes.len();
         let mut outputs: Vec<Vec<ChangeBatch>> = Vec::with_capacity(n);
+        let mut node_times: Vec<EventTime> = Vec::with_capacity(n);
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let op = &mut self.ops[i];
             let mut out = Vec::new();
+            let time = match &node.kind {
+                NodeKind::Source { relation, .. } => {
+                    times.get(relation).copied().unwrap_or_default()
+                }
+                _ => EventTime::combine(node.inputs.iter().map(|&j| node_times[j])),
+            };
             match &node.kind {
                 NodeKind::Source { relation, .. } => {
                     for b in deltas.get(relation).into_iter().flatten() {
@@ -72,11 +120,23 @@ impl Dataflow {
                     }
                 }
             }
-            op.on_barrier(epoch, &mut out)?;
+            op.on_barrier(epoch, time.watermark, &mut out)?;
             outputs.push(out);
+            node_times.push(time);
         }
         self.output = outputs.pop().unwrap_or_default();
+        self.watermark = node_times.pop().unwrap_or_default();
         Ok(())
+    }
+
+    /// Entries in the operators' state tables (the view's own contents excluded).
+    pub fn state_entries(&self) -> usize {
+        self.ops.iter().map(|o| o.state_entries()).sum()
+    }
+
+    /// Late changes dropped for this view: at its sources and inside its operators.
+    pub fn total_late_rows(&self) -> u64 {
+        self.late_rows + self.ops.iter().map(|o| o.late_rows()).sum::<u64>()
     }
 
     pub fn take_output(&mut self) -> Vec<ChangeBatch> {

@@ -27,7 +27,8 @@ use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
 use kappa_plan::StreamGraph;
 use kappa_state::{MultisetSnapshot, StateStore};
 
-pub use table::{Table, TableWrite};
+pub use dataflow::EventTime;
+pub use table::{Table, TableEventTime, TableWrite};
 
 use dataflow::Dataflow;
 
@@ -66,6 +67,19 @@ impl RelationSnapshot {
 pub struct Snapshot {
     pub epoch: Epoch,
     pub relations: HashMap<RelationId, Arc<RelationSnapshot>>,
+    /// Per materialized view, at this epoch.
+    pub view_stats: HashMap<RelationId, ViewStats>,
+}
+
+/// A materialized view's progress, as `kappa_view_stats` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct ViewStats {
+    /// The watermark of the view's output (event-time microseconds).
+    pub watermark: Option<i64>,
+    /// Late changes dropped since the view was created.
+    pub late_rows: u64,
+    /// Entries in the view's operator state (its own contents excluded).
+    pub state_entries: usize,
 }
 
 struct Inner {
@@ -127,7 +141,23 @@ impl Runtime {
         name: &str,
         schema: datafusion::arrow::datatypes::SchemaRef,
         primary_key: Option<Vec<usize>>,
+        watermark: Option<(
+            usize,
+            datafusion::logical_expr::Expr,
+            Option<std::time::Duration>,
+        )>,
     ) -> Result<Arc<Table>> {
+        let event_time = match watermark {
+            Some((column, expr, idle_timeout)) => {
+                let df = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
+                Some(TableEventTime {
+                    column,
+                    expr: self.ctx.create_physical_expr(expr, &df)?,
+                    idle_timeout,
+                })
+            }
+            None => None,
+        };
         let table = Arc::new(Table::new(
             id,
             name,
@@ -135,6 +165,7 @@ impl Runtime {
             primary_key,
             self.store.as_ref(),
             self.gate.clone(),
+            event_time,
         )?);
         self.tables
             .write()
@@ -172,7 +203,7 @@ impl Runtime {
             );
         }
         let epoch = inner.epoch;
-        view.run_epoch(epoch, &backfill)?;
+        view.run_epoch(epoch, &backfill, &HashMap::new())?;
         inner.views.push(view);
         self.barrier_locked(&mut inner)
     }
@@ -199,6 +230,8 @@ impl Runtime {
     fn barrier_locked(&self, inner: &mut Inner) -> Result<()> {
         let previous = self.snapshot();
         let mut deltas: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
+        let mut times: HashMap<RelationId, EventTime> = HashMap::new();
+        let mut late: HashMap<RelationId, u64> = HashMap::new();
         let mut relations = HashMap::new();
         {
             let _cut = self
@@ -211,18 +244,21 @@ impl Runtime {
                 .map_err(|_| KappaError::internal("table registry poisoned"))?
                 .clone();
             for (id, table) in &tables {
-                let (changes, snap) = table.drain()?;
-                let unchanged = changes.is_empty();
-                deltas.insert(*id, changes);
+                let d = table.drain()?;
+                let unchanged = d.changes.is_empty() && d.late == 0;
+                deltas.insert(*id, d.changes);
+                times.insert(*id, d.time);
+                late.insert(*id, d.late);
                 let rel = match previous.relations.get(id) {
                     Some(p) if unchanged => p.clone(),
-                    _ => RelationSnapshot::new(snap, None),
+                    _ => RelationSnapshot::new(d.contents, None),
                 };
                 relations.insert(*id, rel);
             }
         }
         inner.epoch += 1;
         let epoch = inner.epoch;
+        let mut view_stats = HashMap::new();
         for view in &mut inner.views {
             let was_failed = view.failure.is_some();
             if view.failure.is_none() {
@@ -234,7 +270,7 @@ impl Runtime {
                 });
                 if let Some(f) = failed_input {
                     view.failure = Some(f);
-                } else if let Err(e) = view.run_epoch(epoch, &deltas) {
+                } else if let Err(e) = view.run_epoch(epoch, &deltas, &times) {
                     tracing::error!(view = view.name(), error = %e, "materialized view failed");
                     view.failure = Some(format!(
                         "materialized view \"{}\" stopped updating at epoch {epoch}: {e}",
@@ -242,6 +278,21 @@ impl Runtime {
                     ));
                 }
             }
+            view.late_rows += view
+                .graph
+                .sources()
+                .iter()
+                .filter_map(|s| late.get(s))
+                .sum::<u64>();
+            times.insert(view.relation, view.watermark);
+            view_stats.insert(
+                view.relation,
+                ViewStats {
+                    watermark: view.watermark.watermark,
+                    late_rows: view.total_late_rows(),
+                    state_entries: view.state_entries(),
+                },
+            );
             let out = view.take_output();
             let unchanged = out.is_empty() && was_failed == view.failure.is_some();
             deltas.insert(view.relation, out);
@@ -251,7 +302,11 @@ impl Runtime {
             };
             relations.insert(view.relation, rel);
         }
-        let snapshot = Arc::new(Snapshot { epoch, relations });
+        let snapshot = Arc::new(Snapshot {
+            epoch,
+            relations,
+            view_stats,
+        });
         match self.published.write() {
             Ok(mut p) => *p = snapshot,
             Err(p) => *p.into_inner() = snapshot,

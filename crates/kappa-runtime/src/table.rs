@@ -4,15 +4,49 @@
 //! constraint checks run against) and the changes not yet cut into an epoch. The barrier
 //! drains the pending changes and takes a snapshot of the contents at the same instant, so
 //! the snapshot readers see is exactly the sum of all drained changes.
+//!
+//! # Event time
+//! A table with a `WATERMARK FOR col AS expr` keeps its watermark: the largest `expr` over
+//! every row inserted so far (it never goes back). Each statement's changes are judged
+//! against the watermark as it stood before the statement: a change whose `col` is below it
+//! is late. Late changes still apply to the table (ad-hoc queries see them) but are not
+//! passed to the views; they are counted instead. A table that has not been written for
+//! longer than its idle timeout reports itself idle, so it does not hold back the watermark
+//! of a view that also reads other inputs.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, KappaError, RelationId, Result, SqlState};
 use kappa_state::{MultisetSnapshot, RowMultiset, StateStore, StateTable};
+
+use crate::dataflow::EventTime;
+
+/// A table's declared event time, compiled.
+pub struct TableEventTime {
+    /// The event-time column (a timestamp).
+    pub column: usize,
+    /// The watermark expression, evaluated per inserted row.
+    pub expr: Arc<dyn PhysicalExpr>,
+    /// After this long without a write the table reports itself idle; `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// What the barrier takes from a table: the changes for the views, the contents they lead
+/// to, where the table stands in event time, and how many late changes were held back.
+pub(crate) struct Drained {
+    pub changes: Vec<ChangeBatch>,
+    pub contents: MultisetSnapshot,
+    pub time: EventTime,
+    pub late: u64,
+}
 
 /// One statement's effect on a table: rows removed (each must be present) and rows added.
 #[derive(Default)]
@@ -26,6 +60,9 @@ struct Inner {
     /// Primary key (row format) → 1, for tables with a primary key.
     pk_index: Option<(RowConverter, Box<dyn StateTable>)>,
     pending: Vec<ChangeBatch>,
+    watermark: Option<i64>,
+    late: u64,
+    last_write: Instant,
 }
 
 pub struct Table {
@@ -33,6 +70,7 @@ pub struct Table {
     pub name: String,
     pub schema: SchemaRef,
     pub primary_key: Option<Vec<usize>>,
+    event_time: Option<TableEventTime>,
     /// Serializes statements on this table from their read to their write.
     dml: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
@@ -47,6 +85,7 @@ impl Table {
         primary_key: Option<Vec<usize>>,
         store: &dyn StateStore,
         gate: Arc<RwLock<()>>,
+        event_time: Option<TableEventTime>,
     ) -> Result<Self> {
         let contents =
             RowMultiset::new(schema.clone(), store.create_table(&format!("{name}.rows")))?;
@@ -68,11 +107,15 @@ impl Table {
             name: name.to_string(),
             schema,
             primary_key,
+            event_time,
             dml: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 contents,
                 pk_index,
                 pending: Vec::new(),
+                watermark: None,
+                late: 0,
+                last_write: Instant::now(),
             }),
             gate,
         })
@@ -159,11 +202,23 @@ impl Table {
             }
         }
         // All checks passed: apply.
+        let new_watermark = match (&self.event_time, &ins) {
+            (Some(et), Some(i)) => {
+                let v = et.expr.evaluate(i.data())?.into_array(i.num_rows())?;
+                let v = cast(&v, &DataType::Int64)?;
+                datafusion::arrow::compute::max(v.as_primitive::<Int64Type>())
+            }
+            _ => None,
+        };
         let Inner {
             contents,
             pk_index,
             pending,
+            watermark,
+            late,
+            last_write,
         } = &mut *inner;
+        *last_write = Instant::now();
         for change in [del, ins].into_iter().flatten() {
             contents.apply(&change)?;
             if let (Some(pk), Some((conv, index))) = (&self.primary_key, pk_index.as_mut()) {
@@ -177,7 +232,25 @@ impl Table {
                     }
                 }
             }
-            pending.push(change);
+            match (&self.event_time, *watermark) {
+                (Some(et), Some(w)) => {
+                    let ts = cast(&change.columns()[et.column], &DataType::Int64)?;
+                    let ts = ts.as_primitive::<Int64Type>();
+                    let keep: BooleanArray =
+                        ts.iter().map(|t| Some(t.is_none_or(|t| t >= w))).collect();
+                    let dropped = change.num_rows() - keep.true_count();
+                    if dropped == 0 {
+                        pending.push(change);
+                    } else {
+                        *late += dropped as u64;
+                        pending.push(change.filter(&keep)?);
+                    }
+                }
+                _ => pending.push(change),
+            }
+        }
+        if let Some(w) = new_watermark {
+            *watermark = Some(watermark.map_or(w, |old| old.max(w)));
         }
         Ok(())
     }
@@ -214,9 +287,22 @@ impl Table {
     }
 
     /// Takes the changes not yet in an epoch and the contents they lead to.
-    pub(crate) fn drain(&self) -> Result<(Vec<ChangeBatch>, MultisetSnapshot)> {
+    pub(crate) fn drain(&self) -> Result<Drained> {
         let mut inner = self.inner()?;
-        let pending = std::mem::take(&mut inner.pending);
-        Ok((pending, inner.contents.snapshot()))
+        let changes = std::mem::take(&mut inner.pending);
+        let idle = self
+            .event_time
+            .as_ref()
+            .and_then(|e| e.idle_timeout)
+            .is_some_and(|t| inner.last_write.elapsed() > t);
+        Ok(Drained {
+            changes,
+            contents: inner.contents.snapshot(),
+            time: EventTime {
+                watermark: inner.watermark,
+                idle,
+            },
+            late: std::mem::take(&mut inner.late),
+        })
     }
 }

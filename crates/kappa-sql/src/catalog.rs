@@ -13,6 +13,9 @@ use kappa_common::{KappaError, RelationId, Result, SqlState};
 pub enum RelationKind {
     /// An engine table: a changelog fed by INSERT/UPDATE/DELETE/COPY.
     Table { primary_key: Option<Vec<usize>> },
+    /// A source: an append-only stream from a connector, read by materialized views; it
+    /// keeps no contents of its own.
+    Source { connector: String },
     /// A materialized view, kept up to date by the runtime.
     MaterializedView,
     /// A view: a named query, expanded where it is used.
@@ -23,6 +26,7 @@ impl RelationKind {
     pub fn describe(&self) -> &'static str {
         match self {
             Self::Table { .. } => "table",
+            Self::Source { .. } => "source",
             Self::MaterializedView => "materialized view",
             Self::View => "view",
         }
@@ -41,6 +45,17 @@ pub struct Relation {
     pub depends_on: Vec<RelationId>,
     /// The streaming plan as EXPLAIN prints it (materialized views).
     pub plan_text: Option<String>,
+    /// The event-time column and the watermark declared on it (tables and sources).
+    pub watermark: Option<WatermarkDef>,
+}
+
+/// `WATERMARK FOR column AS expr`: the watermark is the largest value of `expr` over the
+/// rows received so far; a change whose `column` is below it is late.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatermarkDef {
+    pub column: usize,
+    /// The expression, as SQL over the relation's columns.
+    pub expr: String,
 }
 
 #[derive(Default, Clone, Debug)]

@@ -6,5 +6,6 @@
 pub mod catalog;
 mod lower;
 pub mod parse;
+pub mod tvf;
 
-pub use lower::lower_to_stream_graph;
+pub use lower::{ScanSource, lower_to_stream_graph};

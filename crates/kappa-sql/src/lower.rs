@@ -6,26 +6,50 @@
 
 use std::sync::Arc;
 
+use datafusion::arrow::datatypes::Schema;
 use datafusion::common::{DFSchema, TableReference};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Sort};
 use kappa_common::{KappaError, RelationId, Result};
-use kappa_plan::{AggCall, AggFunc, NodeId, NodeKind, StreamGraph, StreamNode};
+use kappa_plan::{AggCall, AggFunc, NodeId, NodeKind, StreamGraph, StreamNode, WatermarkCol};
+
+use crate::tvf::WindowTable;
+
+/// What a scanned table name stands for.
+pub struct ScanSource {
+    pub relation: RelationId,
+    pub name: String,
+    /// The relation's event-time column, if it declares a watermark.
+    pub watermark_col: Option<usize>,
+    /// Set when the name is a window table function over `relation`.
+    pub window: Option<WindowTable>,
+}
 
 /// Resolves a scanned table to the relation that feeds it.
-pub type Resolver<'a> = dyn Fn(&TableReference) -> Result<RelationId> + 'a;
+pub type Resolver<'a> = dyn Fn(&TableReference) -> Result<ScanSource> + 'a;
 
 /// Lowers `plan` (the optimized plan of a materialized view's query) into a graph whose sink
-/// materializes into `sink`.
+/// materializes into `sink`. With `emit_on_window_close`, every aggregate must be grouped by
+/// a watermark-bounded column (a window bound) and emits each group once, when it closes.
 pub fn lower_to_stream_graph(
     plan: &LogicalPlan,
     resolve: &Resolver<'_>,
     sink: (RelationId, &str),
+    emit_on_window_close: bool,
 ) -> Result<StreamGraph> {
     let mut l = Lowering {
         nodes: vec![],
         resolve,
+        emit_on_window_close,
+        aggregates: 0,
     };
     let top = l.lower(plan)?;
+    if emit_on_window_close && l.aggregates == 0 {
+        return Err(KappaError::not_supported(
+            "EMIT ON WINDOW CLOSE on a view without GROUP BY window_start or window_end",
+        ));
+    }
+    let watermark_cols = l.nodes[top].watermark_cols.clone();
+    let append_only = l.nodes[top].append_only;
     l.nodes.push(StreamNode {
         kind: NodeKind::Materialize {
             relation: sink.0,
@@ -33,7 +57,8 @@ pub fn lower_to_stream_graph(
         },
         inputs: vec![top],
         schema: plan.schema().clone(),
-        append_only: false,
+        append_only,
+        watermark_cols,
     });
     Ok(StreamGraph { nodes: l.nodes })
 }
@@ -41,6 +66,8 @@ pub fn lower_to_stream_graph(
 struct Lowering<'a> {
     nodes: Vec<StreamNode>,
     resolve: &'a Resolver<'a>,
+    emit_on_window_close: bool,
+    aggregates: usize,
 }
 
 fn check_exprs<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<()> {
@@ -75,20 +102,164 @@ fn check_exprs<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<()> {
 use datafusion::common::tree_node::TreeNode;
 
 impl Lowering<'_> {
+    /// The watermark-bounded column of `input` that `e` is, if it is one.
+    fn bounded_col(&self, input: NodeId, e: &Expr) -> Option<WatermarkCol> {
+        let Expr::Column(c) = e.clone().unalias() else {
+            return None;
+        };
+        let node = &self.nodes[input];
+        let idx = node.schema.index_of_column(&c).ok()?;
+        node.watermark_cols.iter().find(|w| w.col == idx).copied()
+    }
+
     fn push(&mut self, kind: NodeKind, inputs: Vec<NodeId>, schema: Arc<DFSchema>) -> NodeId {
+        let first = inputs.first().map(|&i| &self.nodes[i]);
         let append_only = match &kind {
-            NodeKind::Project { .. } | NodeKind::Filter { .. } | NodeKind::Union => {
-                inputs.iter().all(|&i| self.nodes[i].append_only)
-            }
+            NodeKind::Project { .. }
+            | NodeKind::Filter { .. }
+            | NodeKind::Union
+            | NodeKind::WindowExpand { .. } => inputs.iter().all(|&i| self.nodes[i].append_only),
+            NodeKind::Aggregate {
+                emit_on_window_close,
+                ..
+            } => *emit_on_window_close,
             _ => false,
+        };
+        let watermark_cols = match &kind {
+            NodeKind::Source { .. } | NodeKind::Materialize { .. } => vec![],
+            NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
+            NodeKind::Project { exprs } => exprs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let w = self.bounded_col(inputs[0], e)?;
+                    Some(WatermarkCol {
+                        col: i,
+                        offset: w.offset,
+                    })
+                })
+                .collect(),
+            NodeKind::WindowExpand { time_col, spec } => {
+                let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
+                let n = first.map(|n| n.schema.fields().len()).unwrap_or(0);
+                // Every window has end >= t + 1 µs and start + size >= end, so from
+                // t + k > W follows end + (k - 1) > W and start + size + (k - 1) > W.
+                if let Some(t) = cols.iter().find(|w| w.col == *time_col).copied() {
+                    let k = t.offset - 1;
+                    cols.push(WatermarkCol {
+                        col: n,
+                        offset: spec.size.saturating_add(k),
+                    });
+                    cols.push(WatermarkCol {
+                        col: n + 1,
+                        offset: k,
+                    });
+                }
+                cols
+            }
+            NodeKind::Aggregate { group_exprs, .. } => group_exprs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, e)| {
+                    let w = self.bounded_col(inputs[0], e)?;
+                    Some(WatermarkCol {
+                        col: i,
+                        offset: w.offset,
+                    })
+                })
+                .collect(),
+            NodeKind::Union => {
+                let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
+                for &i in &inputs[1..] {
+                    let other = &self.nodes[i].watermark_cols;
+                    cols.retain_mut(|w| match other.iter().find(|o| o.col == w.col) {
+                        Some(o) => {
+                            w.offset = w.offset.max(o.offset);
+                            true
+                        }
+                        None => false,
+                    });
+                }
+                cols
+            }
         };
         self.nodes.push(StreamNode {
             kind,
             inputs,
             schema,
             append_only,
+            watermark_cols,
         });
         self.nodes.len() - 1
+    }
+
+    /// A scan; `alias` is the schema of a SubqueryAlias directly above it, which a window
+    /// scan produces itself (so plans never show the synthetic window relation's name).
+    fn lower_scan(
+        &mut self,
+        scan: &datafusion::logical_expr::TableScan,
+        alias: Option<&Arc<DFSchema>>,
+    ) -> Result<NodeId> {
+        let src = (self.resolve)(&scan.table_name)?;
+        let Some(window) = src.window else {
+            let id = self.push(
+                NodeKind::Source {
+                    relation: src.relation,
+                    name: src.name,
+                    projection: scan.projection.clone(),
+                },
+                vec![],
+                scan.projected_schema.clone(),
+            );
+            let wm = src.watermark_col.and_then(|c| match &scan.projection {
+                None => Some(c),
+                Some(p) => p.iter().position(|&x| x == c),
+            });
+            if let Some(col) = wm {
+                self.nodes[id].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
+            }
+            return Ok(id);
+        };
+        // The synthetic window relation: the input's columns, then window_start, window_end.
+        let full = scan.source.schema();
+        let n = full.fields().len().saturating_sub(2);
+        let input_schema = Schema::new(full.fields()[..n].to_vec());
+        let qualifier = TableReference::bare(src.name.clone());
+        let input_df = Arc::new(DFSchema::try_from_qualified_schema(
+            qualifier.clone(),
+            &input_schema,
+        )?);
+        let full_df = Arc::new(DFSchema::try_from_qualified_schema(qualifier, &full)?);
+        let source = self.push(
+            NodeKind::Source {
+                relation: src.relation,
+                name: src.name,
+                projection: None,
+            },
+            vec![],
+            input_df,
+        );
+        if let Some(col) = src.watermark_col {
+            self.nodes[source].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
+        }
+        let expand = self.push(
+            NodeKind::WindowExpand {
+                time_col: window.time_col,
+                spec: window.spec,
+            },
+            vec![source],
+            full_df.clone(),
+        );
+        let all: Vec<usize> = (0..full.fields().len()).collect();
+        let exprs = scan
+            .projection
+            .as_ref()
+            .unwrap_or(&all)
+            .iter()
+            .map(|&i| Expr::Column(full_df.columns()[i].clone()))
+            .collect();
+        let out = alias.unwrap_or(&scan.projected_schema).clone();
+        Ok(self.push(NodeKind::Project { exprs }, vec![expand], out))
     }
 
     fn lower(&mut self, plan: &LogicalPlan) -> Result<NodeId> {
@@ -102,16 +273,7 @@ impl Lowering<'_> {
                         "filters were pushed into a streaming scan",
                     ));
                 }
-                let relation = (self.resolve)(&scan.table_name)?;
-                Ok(self.push(
-                    NodeKind::Source {
-                        relation,
-                        name: scan.table_name.table().to_string(),
-                        projection: scan.projection.clone(),
-                    },
-                    vec![],
-                    scan.projected_schema.clone(),
-                ))
+                self.lower_scan(scan, None)
             }
             LogicalPlan::Projection(p) => {
                 check_exprs(&p.expr)?;
@@ -135,6 +297,20 @@ impl Lowering<'_> {
                     vec![input],
                     schema,
                 ))
+            }
+            LogicalPlan::SubqueryAlias(a)
+                if matches!(a.input.as_ref(), LogicalPlan::TableScan(s)
+                    if WindowTable::decode(s.table_name.table()).is_some()) =>
+            {
+                let LogicalPlan::TableScan(scan) = a.input.as_ref() else {
+                    return Err(KappaError::internal("window scan vanished"));
+                };
+                if scan.fetch.is_some() || !scan.filters.is_empty() {
+                    return Err(KappaError::internal(
+                        "a window scan with a limit or filters",
+                    ));
+                }
+                self.lower_scan(scan, Some(&a.schema))
             }
             LogicalPlan::SubqueryAlias(a) => {
                 // Same rows, new qualifiers: a projection of plain columns.
@@ -192,10 +368,25 @@ impl Lowering<'_> {
                     });
                 }
                 let input = self.lower(&a.input)?;
+                let window_close = a.group_expr.iter().enumerate().find_map(|(i, e)| {
+                    let w = self.bounded_col(input, e)?;
+                    Some(WatermarkCol {
+                        col: i,
+                        offset: w.offset,
+                    })
+                });
+                if self.emit_on_window_close && window_close.is_none() {
+                    return Err(KappaError::not_supported(
+                        "EMIT ON WINDOW CLOSE on an aggregate that is not grouped by window_start or window_end of a source with a WATERMARK",
+                    ));
+                }
+                self.aggregates += 1;
                 Ok(self.push(
                     NodeKind::Aggregate {
                         group_exprs: a.group_expr.clone(),
                         aggregates,
+                        window_close,
+                        emit_on_window_close: self.emit_on_window_close,
                     },
                     vec![input],
                     a.schema.clone(),
@@ -209,10 +400,17 @@ impl Lowering<'_> {
                     .map(Expr::Column)
                     .collect();
                 let id = self.lower(input)?;
+                if self.emit_on_window_close {
+                    return Err(KappaError::not_supported(
+                        "EMIT ON WINDOW CLOSE with DISTINCT; use GROUP BY window_start, window_end",
+                    ));
+                }
                 Ok(self.push(
                     NodeKind::Aggregate {
                         group_exprs,
                         aggregates: vec![],
+                        window_close: None,
+                        emit_on_window_close: false,
                     },
                     vec![id],
                     input.schema().clone(),

@@ -1,20 +1,252 @@
 //! Parsing SQL text into statements.
+//!
+//! Kappa speaks PostgreSQL's dialect plus three streaming extensions that sqlparser does not
+//! know. They are taken out of each statement's tokens before parsing and put back into the
+//! parsed statement as options whose keys start with `__kappa_` (a prefix users cannot
+//! write, see [`is_internal_option`]):
+//! - `CREATE SOURCE name (…) WITH (…)` parses as `CREATE TABLE` plus the option
+//!   [`SOURCE_OPTION`];
+//! - `WATERMARK FOR col AS expr` inside a CREATE TABLE / SOURCE column list becomes the option
+//!   [`WATERMARK_OPTION`] whose value is the tuple `(col, expr)`;
+//! - a trailing `EMIT ON WINDOW CLOSE` on CREATE MATERIALIZED VIEW becomes the option
+//!   [`EMIT_OPTION`].
 
-use datafusion::sql::sqlparser::ast::Statement;
+use datafusion::sql::sqlparser::ast::{
+    CreateTableOptions, Expr, Ident, SqlOption, Statement, Value,
+};
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 use kappa_common::{KappaError, Result, SqlState};
+
+pub const SOURCE_OPTION: &str = "__kappa_source";
+pub const WATERMARK_OPTION: &str = "__kappa_watermark";
+pub const EMIT_OPTION: &str = "__kappa_emit_on_window_close";
+
+pub fn is_internal_option(key: &str) -> bool {
+    key.starts_with("__kappa")
+}
+
+fn syntax(msg: impl std::fmt::Display) -> KappaError {
+    let msg = msg.to_string();
+    let msg = msg
+        .strip_prefix("sql parser error: ")
+        .unwrap_or(&msg)
+        .to_string();
+    KappaError::user(SqlState::SYNTAX_ERROR, format!("syntax error: {msg}"))
+}
 
 /// Parses one or more `;`-separated statements.
 pub fn parse_statements(sql: &str) -> Result<Vec<Statement>> {
-    Parser::new(&PostgreSqlDialect {})
-        .try_with_sql(sql)
-        .and_then(|mut p| p.parse_statements())
-        .map_err(|e| {
-            let msg = e.to_string();
-            let msg = msg.strip_prefix("sql parser error: ").unwrap_or(&msg);
-            KappaError::user(SqlState::SYNTAX_ERROR, format!("syntax error: {msg}"))
-        })
+    let dialect = PostgreSqlDialect {};
+    let tokens = Tokenizer::new(&dialect, sql)
+        .tokenize_with_location()
+        .map_err(syntax)?;
+    let mut out = Vec::new();
+    let mut current: Vec<TokenWithSpan> = Vec::new();
+    for t in tokens
+        .into_iter()
+        .chain(std::iter::once(TokenWithSpan::wrap(Token::SemiColon)))
+    {
+        if t.token != Token::SemiColon {
+            current.push(t);
+            continue;
+        }
+        let stmt = std::mem::take(&mut current);
+        if stmt.iter().all(|t| is_blank(&t.token)) {
+            continue;
+        }
+        out.push(parse_one(&dialect, stmt)?);
+    }
+    Ok(out)
+}
+
+fn is_blank(t: &Token) -> bool {
+    matches!(t, Token::Whitespace(_) | Token::EOF)
+}
+
+fn is_word(t: &Token, kw: Keyword) -> bool {
+    matches!(t, Token::Word(w) if w.keyword == kw)
+}
+
+fn is_word_text(t: &Token, text: &str) -> bool {
+    matches!(t, Token::Word(w) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(text))
+}
+
+#[derive(Default)]
+struct Extensions {
+    source: bool,
+    /// Column and the tokens of the watermark expression.
+    watermark: Option<(Ident, Vec<TokenWithSpan>)>,
+    emit_on_window_close: bool,
+}
+
+fn parse_one(dialect: &PostgreSqlDialect, mut tokens: Vec<TokenWithSpan>) -> Result<Statement> {
+    let ext = extract_extensions(&mut tokens)?;
+    let mut parser = Parser::new(dialect).with_tokens_with_locations(tokens);
+    let mut stmt = parser.parse_statement().map_err(syntax)?;
+    if parser.peek_token().token != Token::EOF {
+        return Err(syntax(format!(
+            "Expected: end of statement, found: {}",
+            parser.peek_token().token
+        )));
+    }
+    let flag = |key: &str| SqlOption::KeyValue {
+        key: Ident::new(key),
+        value: Expr::Value(Value::Boolean(true).into()),
+    };
+    let push = |opts: &mut CreateTableOptions, o: SqlOption| match opts {
+        CreateTableOptions::With(v) => v.push(o),
+        other => *other = CreateTableOptions::With(vec![o]),
+    };
+    match &mut stmt {
+        Statement::CreateTable(ct) => {
+            if ext.source {
+                push(&mut ct.table_options, flag(SOURCE_OPTION));
+            }
+            if let Some((col, expr_tokens)) = ext.watermark {
+                let expr = Parser::new(dialect)
+                    .with_tokens_with_locations(expr_tokens)
+                    .parse_expr()
+                    .map_err(syntax)?;
+                push(
+                    &mut ct.table_options,
+                    SqlOption::KeyValue {
+                        key: Ident::new(WATERMARK_OPTION),
+                        value: Expr::Tuple(vec![Expr::Identifier(col), expr]),
+                    },
+                );
+            }
+        }
+        Statement::CreateView(cv) if ext.emit_on_window_close => {
+            push(&mut cv.options, flag(EMIT_OPTION));
+        }
+        _ => {}
+    }
+    Ok(stmt)
+}
+
+/// Finds and removes the streaming extensions from one statement's tokens.
+fn extract_extensions(tokens: &mut Vec<TokenWithSpan>) -> Result<Extensions> {
+    let mut ext = Extensions::default();
+    let sig: Vec<usize> = (0..tokens.len())
+        .filter(|&i| !is_blank(&tokens[i].token))
+        .collect();
+    let word = |tokens: &[TokenWithSpan], k: usize, kw: Keyword| {
+        sig.get(k).is_some_and(|&i| is_word(&tokens[i].token, kw))
+    };
+    if !word(tokens, 0, Keyword::CREATE) {
+        return Ok(ext);
+    }
+    // CREATE SOURCE → CREATE TABLE.
+    if sig
+        .get(1)
+        .is_some_and(|&i| is_word_text(&tokens[i].token, "source"))
+    {
+        ext.source = true;
+        tokens[sig[1]].token = Token::make_keyword("TABLE");
+    }
+    let is_mv = word(tokens, 1, Keyword::MATERIALIZED)
+        || (word(tokens, 1, Keyword::OR)
+            && word(tokens, 2, Keyword::REPLACE)
+            && word(tokens, 3, Keyword::MATERIALIZED));
+    if ext.source || word(tokens, 1, Keyword::TABLE) {
+        extract_watermark(tokens, &mut ext)?;
+    }
+    if is_mv && sig.len() >= 4 {
+        let n = sig.len();
+        let tail = [sig[n - 4], sig[n - 3], sig[n - 2], sig[n - 1]];
+        if is_word_text(&tokens[tail[0]].token, "emit")
+            && is_word(&tokens[tail[1]].token, Keyword::ON)
+            && is_word(&tokens[tail[2]].token, Keyword::WINDOW)
+            && is_word(&tokens[tail[3]].token, Keyword::CLOSE)
+        {
+            ext.emit_on_window_close = true;
+            tokens.truncate(tail[0]);
+        }
+    }
+    Ok(ext)
+}
+
+/// `WATERMARK FOR col AS expr` as an element of the column list (paren depth 1).
+fn extract_watermark(tokens: &mut Vec<TokenWithSpan>, ext: &mut Extensions) -> Result<()> {
+    let mut depth = 0i32;
+    let mut i = 0;
+    while i < tokens.len() {
+        match &tokens[i].token {
+            Token::LParen => depth += 1,
+            Token::RParen => depth -= 1,
+            t if depth == 1 && is_word_text(t, "watermark") => {
+                let next_sig =
+                    |from: usize| (from..tokens.len()).find(|&j| !is_blank(&tokens[j].token));
+                let Some(for_i) =
+                    next_sig(i + 1).filter(|&j| is_word(&tokens[j].token, Keyword::FOR))
+                else {
+                    i += 1;
+                    continue;
+                };
+                let col_i = next_sig(for_i + 1)
+                    .ok_or_else(|| syntax("expected a column after WATERMARK FOR"))?;
+                let col = match &tokens[col_i].token {
+                    Token::Word(w) => Ident {
+                        value: w.value.clone(),
+                        quote_style: w.quote_style,
+                        span: tokens[col_i].span,
+                    },
+                    other => {
+                        return Err(syntax(format!(
+                            "expected a column after WATERMARK FOR, found {other}"
+                        )));
+                    }
+                };
+                let as_i = next_sig(col_i + 1)
+                    .filter(|&j| is_word(&tokens[j].token, Keyword::AS))
+                    .ok_or_else(|| syntax("expected AS after WATERMARK FOR column"))?;
+                // The expression runs to the next comma or closing parenthesis at depth 1.
+                let mut d = 0i32;
+                let mut end = as_i + 1;
+                while end < tokens.len() {
+                    match tokens[end].token {
+                        Token::LParen => d += 1,
+                        Token::RParen if d == 0 => break,
+                        Token::RParen => d -= 1,
+                        Token::Comma if d == 0 => break,
+                        _ => {}
+                    }
+                    end += 1;
+                }
+                if ext.watermark.is_some() {
+                    return Err(KappaError::user(
+                        SqlState::INVALID_TABLE_DEFINITION,
+                        "a table can declare only one WATERMARK",
+                    ));
+                }
+                let expr: Vec<TokenWithSpan> = tokens[as_i + 1..end].to_vec();
+                if expr.iter().all(|t| is_blank(&t.token)) {
+                    return Err(syntax(
+                        "expected an expression after WATERMARK FOR column AS",
+                    ));
+                }
+                ext.watermark = Some((col, expr));
+                // Remove the element and the comma that separates it from its neighbour.
+                let mut start = i;
+                let prev = (0..i).rev().find(|&j| !is_blank(&tokens[j].token));
+                let mut stop = end;
+                if let Some(p) = prev.filter(|&p| tokens[p].token == Token::Comma) {
+                    start = p;
+                } else if end < tokens.len() && tokens[end].token == Token::Comma {
+                    stop = end + 1;
+                }
+                tokens.drain(start..stop);
+                i = start;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 /// Folds an identifier as PostgreSQL does: unquoted names are lower-cased.
@@ -44,5 +276,60 @@ mod tests {
         let e = parse_statements("SELEC 1").unwrap_err();
         assert_eq!(e.sqlstate(), SqlState::SYNTAX_ERROR);
         assert_eq!(parse_statements("select 1; select 2").unwrap().len(), 2);
+        assert_eq!(parse_statements(" ; select 1;; ").unwrap().len(), 1);
+        assert!(parse_statements("select 1 select").is_err());
+    }
+
+    fn options(s: &Statement) -> Vec<String> {
+        let opts = match s {
+            Statement::CreateTable(ct) => &ct.table_options,
+            Statement::CreateView(cv) => &cv.options,
+            _ => return vec![],
+        };
+        match opts {
+            CreateTableOptions::With(v) => v.iter().map(|o| o.to_string()).collect(),
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn streaming_extensions() {
+        let s = parse_statements(
+            "CREATE TABLE bid (a INT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND, b TEXT)",
+        )
+        .unwrap();
+        let Statement::CreateTable(ct) = &s[0] else {
+            panic!()
+        };
+        assert_eq!(ct.columns.len(), 3);
+        assert_eq!(
+            options(&s[0]),
+            vec!["__kappa_watermark = (ts, ts - INTERVAL '5' SECOND)"]
+        );
+        let s = parse_statements(
+            "create source s (ts timestamp, watermark for ts as ts) with (connector = 'nexmark')",
+        )
+        .unwrap();
+        assert_eq!(
+            options(&s[0]),
+            vec![
+                "connector = 'nexmark'",
+                "__kappa_source = true",
+                "__kappa_watermark = (ts, ts)"
+            ]
+        );
+        let s = parse_statements(
+            "CREATE MATERIALIZED VIEW v AS SELECT 1 EMIT ON WINDOW CLOSE; SELECT 2",
+        )
+        .unwrap();
+        assert_eq!(options(&s[0]), vec!["__kappa_emit_on_window_close = true"]);
+        assert_eq!(s.len(), 2);
+        // `watermark` stays an ordinary column name.
+        let s = parse_statements("CREATE TABLE t (watermark INT)").unwrap();
+        let Statement::CreateTable(ct) = &s[0] else {
+            panic!()
+        };
+        assert_eq!(ct.columns.len(), 1);
+        assert!(parse_statements("CREATE TABLE t (ts TIMESTAMP, WATERMARK FOR ts AS)").is_err());
     }
 }
