@@ -1,0 +1,85 @@
+//! Connectors: where a source's rows come from.
+//!
+//! A connector is a [`SourceReader`]: an append-only stream of Arrow batches, split at
+//! offsets (events), that can be read from any offset again. The runtime polls it at each
+//! barrier; a materialized view created later replays the source from offset 0, so a
+//! deterministic connector (a generator with a seed) gives every view the same stream.
+
+pub mod datagen;
+pub mod nexmark;
+mod rng;
+
+use std::collections::BTreeMap;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use kappa_common::{KappaError, Result, SqlState};
+
+/// What one poll returned.
+pub struct Poll {
+    pub batches: Vec<RecordBatch>,
+    /// The stream has ended: nothing will ever follow.
+    pub finished: bool,
+}
+
+/// A live source stream.
+pub trait SourceReader: Send {
+    /// Everything available now, without waiting, up to roughly `max_rows` rows.
+    fn poll(&mut self, max_rows: usize) -> Result<Poll>;
+
+    /// The rows from the start of the stream up to (excluding) row offset `rows`, as a
+    /// view created later replays them.
+    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>>;
+}
+
+/// Builds the reader for `CREATE SOURCE … WITH (connector = …, …)` producing `schema`.
+pub fn create_reader(
+    options: &BTreeMap<String, String>,
+    schema: SchemaRef,
+) -> Result<Box<dyn SourceReader>> {
+    match options.get("connector").map(String::as_str) {
+        Some("nexmark") => Ok(Box::new(nexmark::NexmarkReader::start(
+            nexmark::NexmarkConfig::from_options(options)?,
+            schema,
+        )?)),
+        Some("datagen") => Ok(Box::new(datagen::DatagenReader::start(options, schema)?)),
+        Some(other) => Err(KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("unknown connector '{other}' (available: nexmark, datagen)"),
+        )),
+        None => Err(KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            "CREATE SOURCE needs WITH (connector = '…')",
+        )),
+    }
+}
+
+/// Parses an integer option, with a clear error.
+pub(crate) fn int_option(
+    options: &BTreeMap<String, String>,
+    key: &str,
+    default: Option<u64>,
+) -> Result<Option<u64>> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(v) => v.trim().replace('_', "").parse::<u64>().map(Some).map_err(|_| {
+            KappaError::user(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("option {key} must be a non-negative integer, not '{v}'"),
+            )
+        }),
+    }
+}
+
+/// Refuses options the connector does not know (typos must not be silently ignored).
+pub(crate) fn check_known(options: &BTreeMap<String, String>, known: &[&str]) -> Result<()> {
+    for k in options.keys() {
+        if k != "connector" && !known.contains(&k.as_str()) {
+            return Err(KappaError::user(
+                SqlState::INVALID_PARAMETER_VALUE,
+                format!("unknown option \"{k}\" (known: {})", known.join(", ")),
+            ));
+        }
+    }
+    Ok(())
+}
