@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch,
-    RecordBatchOptions, StringBuilder, TimestampMicrosecondArray,
+    ArrayRef, BooleanArray, Float64Array, Int32Array, Int64Array, RecordBatch, RecordBatchOptions,
+    StringBuilder, TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
@@ -96,8 +96,8 @@ impl DatagenReader {
             seed: int_option(o, "datagen.seed", Some(0))?.unwrap_or(0),
             rows: int_option(o, "datagen.rows", None)?,
             next: 0,
-            start_us: int_option(o, "datagen.start.time.ms", Some(1_704_067_200_000))?
-                .unwrap_or(0) as i64
+            start_us: int_option(o, "datagen.start.time.ms", Some(1_704_067_200_000))?.unwrap_or(0)
+                as i64
                 * 1000,
             interval_us: int_option(o, "datagen.interval.us", Some(1000))?.unwrap_or(1000) as i64,
             ranges,
@@ -147,7 +147,11 @@ impl DatagenReader {
             cols.push(col);
         }
         let opts = RecordBatchOptions::new().with_row_count(Some(n));
-        Ok(RecordBatch::try_new_with_options(self.schema.clone(), cols, &opts)?)
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            cols,
+            &opts,
+        )?)
     }
 }
 

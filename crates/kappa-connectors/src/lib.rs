@@ -62,12 +62,17 @@ pub(crate) fn int_option(
 ) -> Result<Option<u64>> {
     match options.get(key) {
         None => Ok(default),
-        Some(v) => v.trim().replace('_', "").parse::<u64>().map(Some).map_err(|_| {
-            KappaError::user(
-                SqlState::INVALID_PARAMETER_VALUE,
-                format!("option {key} must be a non-negative integer, not '{v}'"),
-            )
-        }),
+        Some(v) => v
+            .trim()
+            .replace('_', "")
+            .parse::<u64>()
+            .map(Some)
+            .map_err(|_| {
+                KappaError::user(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("option {key} must be a non-negative integer, not '{v}'"),
+                )
+            }),
     }
 }
 

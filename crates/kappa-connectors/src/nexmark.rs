@@ -34,8 +34,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 
 use datafusion::arrow::array::{
-    ArrayRef, Int64Array, RecordBatch, RecordBatchOptions, StringBuilder,
-    TimestampMicrosecondArray,
+    ArrayRef, Int64Array, RecordBatch, RecordBatchOptions, StringBuilder, TimestampMicrosecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
@@ -407,12 +406,12 @@ pub fn generate(c: &NexmarkConfig, schema: &SchemaRef, rows: Range<u64>) -> Resu
                     s.push_str(&format!("{v:04}"));
                 }
             }),
-            (NexmarkTable::Person, "city") => strings(&mut |e, s| {
-                s.push_str(US_CITIES[rng(e, stream::CITY).below(10) as usize])
-            }),
-            (NexmarkTable::Person, "state") => strings(&mut |e, s| {
-                s.push_str(US_STATES[rng(e, stream::STATE).below(6) as usize])
-            }),
+            (NexmarkTable::Person, "city") => {
+                strings(&mut |e, s| s.push_str(US_CITIES[rng(e, stream::CITY).below(10) as usize]))
+            }
+            (NexmarkTable::Person, "state") => {
+                strings(&mut |e, s| s.push_str(US_STATES[rng(e, stream::STATE).below(6) as usize]))
+            }
             (NexmarkTable::Person, "extra") => strings(&mut |e, s| {
                 let mut r = rng(e, stream::EMAIL);
                 let email = string_len(&mut r, 7) + 1 + 5 + 4;
@@ -435,9 +434,7 @@ pub fn generate(c: &NexmarkConfig, schema: &SchemaRef, rows: Range<u64>) -> Resu
                 next_price(&mut rng(e, stream::INITIAL_BID))
                     + next_price(&mut rng(e, stream::RESERVE))
             }),
-            (NexmarkTable::Auction, "expires") => {
-                times(&|e| c.timestamp_ms(e) + auction_len_ms(e))
-            }
+            (NexmarkTable::Auction, "expires") => times(&|e| c.timestamp_ms(e) + auction_len_ms(e)),
             (NexmarkTable::Auction, "seller") => ints(&|e| {
                 let mut r = rng(e, stream::ID);
                 let p = if r.below(HOT_SELLER_RATIO) > 0 {
@@ -721,10 +718,17 @@ mod tests {
         let b = generate(&c, &s, 50_000..100_000).unwrap();
         assert_eq!(a.slice(50_000, 50_000), b);
         let price = a.column(2).as_primitive::<Int64Type>();
-        let (lo, hi) = (price.values().iter().min().unwrap(), price.values().iter().max().unwrap());
+        let (lo, hi) = (
+            price.values().iter().min().unwrap(),
+            price.values().iter().max().unwrap(),
+        );
         assert!(*lo >= 100 && *hi <= 100_000_000, "{lo} {hi}");
         // Log-uniform: about a sixth of prices in each decade.
-        let in_decade = price.values().iter().filter(|&&p| (1000..10_000).contains(&p)).count();
+        let in_decade = price
+            .values()
+            .iter()
+            .filter(|&&p| (1000..10_000).contains(&p))
+            .count();
         assert!((14_000..19_000).contains(&in_decade), "{in_decade}");
         // Half the bids go to the hot auction of their batch.
         let auctions = a.column(0).as_primitive::<Int64Type>();
@@ -737,7 +741,10 @@ mod tests {
         assert!((49_000..53_000).contains(&hot), "{hot}");
         // `extra` pads a bid to about 100 bytes: 68 ± 20 %.
         let extra = a.column(6).as_string::<i32>();
-        let avg = (0..extra.len()).map(|i| extra.value(i).len()).sum::<usize>() / extra.len();
+        let avg = (0..extra.len())
+            .map(|i| extra.value(i).len())
+            .sum::<usize>()
+            / extra.len();
         assert!((60..76).contains(&avg), "{avg}");
     }
 
@@ -753,7 +760,13 @@ mod tests {
         loop {
             let p = r.poll(10_000).unwrap();
             for b in &p.batches {
-                ids.extend(b.column(0).as_primitive::<Int64Type>().values().iter().copied());
+                ids.extend(
+                    b.column(0)
+                        .as_primitive::<Int64Type>()
+                        .values()
+                        .iter()
+                        .copied(),
+                );
             }
             if p.finished {
                 break;

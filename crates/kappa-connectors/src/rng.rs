@@ -46,7 +46,10 @@ mod tests {
         for _ in 0..100_000 {
             hits[r.below(10) as usize] += 1;
         }
-        assert!(hits.iter().all(|&h| (9_000..11_000).contains(&h)), "{hits:?}");
+        assert!(
+            hits.iter().all(|&h| (9_000..11_000).contains(&h)),
+            "{hits:?}"
+        );
         let a = Rng::new(1, 2, 3).next_u64();
         assert_eq!(a, Rng::new(1, 2, 3).next_u64());
         assert_ne!(a, Rng::new(1, 3, 3).next_u64());

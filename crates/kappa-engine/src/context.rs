@@ -127,6 +127,9 @@ impl SchemaProvider for KappaSchema {
             if name == VIEW_STATS {
                 return Ok(Some(self.view_stats()?));
             }
+            if name == SOURCE_STATS {
+                return Ok(Some(self.source_stats()?));
+            }
             return Ok(None);
         };
         match &rel.kind {
@@ -144,13 +147,58 @@ impl SchemaProvider for KappaSchema {
         self.sources.catalog.get(name).is_some()
             || WindowTable::decode(name).is_some()
             || name == VIEW_STATS
+            || name == SOURCE_STATS
     }
 }
 
 /// The system relation with every materialized view's progress at the snapshot's epoch.
 pub const VIEW_STATS: &str = "kappa_view_stats";
+/// The system relation with every source's progress at the snapshot's epoch.
+pub const SOURCE_STATS: &str = "kappa_sources";
 
 impl KappaSchema {
+    fn source_stats(&self) -> DfResult<Arc<dyn TableProvider>> {
+        use datafusion::arrow::array::{BooleanArray, Int64Array, StringArray};
+        use datafusion::arrow::datatypes::DataType;
+        let s = &self.sources;
+        let mut rows: Vec<(&str, &str, &kappa_runtime::SourceStats)> = s
+            .catalog
+            .relations()
+            .filter_map(|r| match &r.kind {
+                RelationKind::Source { connector } => s
+                    .snapshot
+                    .source_stats
+                    .get(&r.id)
+                    .map(|st| (r.name.as_str(), connector.as_str(), st)),
+                _ => None,
+            })
+            .collect();
+        rows.sort_by_key(|r| r.0);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("connector", DataType::Utf8, false),
+            Field::new("rows", DataType::Int64, false),
+            Field::new("finished", DataType::Boolean, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.2.rows as i64),
+                )),
+                Arc::new(BooleanArray::from_iter(
+                    rows.iter().map(|r| Some(r.2.finished)),
+                )),
+            ],
+        )?;
+        Ok(Arc::new(datafusion::datasource::MemTable::try_new(
+            schema,
+            vec![vec![batch]],
+        )?))
+    }
+
     fn view_stats(&self) -> DfResult<Arc<dyn TableProvider>> {
         use datafusion::arrow::array::{Int64Array, StringArray, TimestampMicrosecondArray};
         use datafusion::arrow::datatypes::{DataType, TimeUnit};
@@ -184,7 +232,9 @@ impl KappaSchema {
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                 Arc::new(Int64Array::from(vec![epoch; rows.len()])),
                 Arc::new(TimestampMicrosecondArray::from_iter(
-                    rows.iter().map(|r| r.1.watermark),
+                    // The end of a finished stream is shown as NULL (no timestamp).
+                    rows.iter()
+                        .map(|r| r.1.watermark.filter(|&w| w != i64::MAX)),
                 )),
                 Arc::new(Int64Array::from_iter_values(
                     rows.iter().map(|r| r.1.late_rows as i64),

@@ -138,7 +138,7 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
             ));
         }
         let connector =
-            crate::source::start_source(engine, id, &name, &schema, &opts, watermark.as_ref())?;
+            crate::source::start_source(engine, id, &schema, &opts, watermark.as_ref())?;
         (RelationKind::Source { connector }, "CREATE SOURCE")
     } else {
         if let Some(k) = opts.with.keys().next() {
@@ -506,7 +506,8 @@ async fn drop(
                 format!("{want} \"{name}\" does not exist"),
             ));
         };
-        if rel.kind.describe() != want {
+        let is_source_drop = want == "table" && matches!(rel.kind, RelationKind::Source { .. });
+        if rel.kind.describe() != want && !is_source_drop {
             return Err(KappaError::user(
                 SqlState::WRONG_OBJECT_TYPE,
                 format!(

@@ -1,22 +1,26 @@
 //! CREATE SOURCE: connectors that feed append-only streams into the runtime.
 
 use datafusion::arrow::datatypes::SchemaRef;
-use kappa_common::{KappaError, RelationId, Result};
+use kappa_common::{RelationId, Result};
 use kappa_sql::catalog::WatermarkDef;
 
 use crate::Engine;
 use crate::ddl::TableOptions;
 
+/// Starts the source's connector; returns the connector's name.
 pub(crate) fn start_source(
-    _engine: &Engine,
-    _id: RelationId,
-    _name: &str,
-    _schema: &SchemaRef,
+    engine: &Engine,
+    id: RelationId,
+    schema: &SchemaRef,
     opts: &TableOptions,
-    _watermark: Option<&(WatermarkDef, datafusion::logical_expr::Expr)>,
+    watermark: Option<&(WatermarkDef, datafusion::logical_expr::Expr)>,
 ) -> Result<String> {
-    let connector = opts.with.get("connector").cloned().unwrap_or_default();
-    Err(KappaError::not_supported(format!(
-        "the connector '{connector}'"
-    )))
+    let reader = kappa_connectors::create_reader(&opts.with, schema.clone())?;
+    engine.runtime().create_source(
+        id,
+        schema.clone(),
+        reader,
+        watermark.map(|(d, e)| (d.column, e.clone())),
+    )?;
+    Ok(opts.with.get("connector").cloned().unwrap_or_default())
 }

@@ -15,6 +15,7 @@
 //! contract is the same one an asynchronous, channel-based scheduler will drive.
 
 mod build;
+mod clock;
 mod dataflow;
 mod table;
 
@@ -69,6 +70,8 @@ pub struct Snapshot {
     pub relations: HashMap<RelationId, Arc<RelationSnapshot>>,
     /// Per materialized view, at this epoch.
     pub view_stats: HashMap<RelationId, ViewStats>,
+    /// Per source, at this epoch.
+    pub source_stats: HashMap<RelationId, SourceStats>,
 }
 
 /// A materialized view's progress, as `kappa_view_stats` shows it.
@@ -86,6 +89,26 @@ struct Inner {
     epoch: Epoch,
     /// In creation order (a topological order).
     views: Vec<Dataflow>,
+    sources: BTreeMap<RelationId, LiveSource>,
+}
+
+/// A connector-fed source: its reader, how far the views have read it, its event clock.
+struct LiveSource {
+    reader: Box<dyn kappa_connectors::SourceReader>,
+    /// Rows handed to the views so far (the offset a later view replays up to).
+    rows: u64,
+    finished: bool,
+    clock: Option<clock::EventClock>,
+}
+
+/// Rows a barrier takes from one source at most, so an epoch stays short.
+const MAX_SOURCE_ROWS_PER_EPOCH: usize = 1 << 20;
+
+/// A source's progress, as `kappa_sources` shows it.
+#[derive(Clone, Debug, Default)]
+pub struct SourceStats {
+    pub rows: u64,
+    pub finished: bool,
 }
 
 pub struct Runtime {
@@ -107,6 +130,7 @@ impl Runtime {
             inner: Mutex::new(Inner {
                 epoch: 0,
                 views: Vec::new(),
+                sources: BTreeMap::new(),
             }),
             tables: RwLock::new(BTreeMap::new()),
             gate: Arc::new(RwLock::new(())),
@@ -174,6 +198,37 @@ impl Runtime {
         Ok(table)
     }
 
+    /// Registers a connector-fed source. Its rows flow to views from the next barrier on.
+    pub fn create_source(
+        &self,
+        id: RelationId,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        reader: Box<dyn kappa_connectors::SourceReader>,
+        watermark: Option<(usize, datafusion::logical_expr::Expr)>,
+    ) -> Result<()> {
+        let clock = match watermark {
+            Some((column, expr)) => {
+                let df = datafusion::common::DFSchema::try_from(schema.as_ref().clone())?;
+                Some(clock::EventClock::new(
+                    column,
+                    self.ctx.create_physical_expr(expr, &df)?,
+                ))
+            }
+            None => None,
+        };
+        let mut inner = self.lock()?;
+        inner.sources.insert(
+            id,
+            LiveSource {
+                reader,
+                rows: 0,
+                finished: false,
+                clock,
+            },
+        );
+        Ok(())
+    }
+
     pub fn table(&self, id: RelationId) -> Option<Arc<Table>> {
         self.tables.read().ok()?.get(&id).cloned()
     }
@@ -187,6 +242,11 @@ impl Runtime {
         let mut view = build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref())?;
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
+            if let Some(s) = inner.sources.get(&src) {
+                let batches = s.reader.replay(s.rows)?;
+                backfill.insert(src, batches.into_iter().map(ChangeBatch::inserts).collect());
+                continue;
+            }
             let snap = current.relations.get(&src).ok_or_else(|| {
                 KappaError::internal(format!("relation {src} has no committed snapshot"))
             })?;
@@ -216,6 +276,7 @@ impl Runtime {
             .map_err(|_| KappaError::internal("table registry poisoned"))?
             .remove(&relation);
         inner.views.retain(|v| v.relation != relation);
+        inner.sources.remove(&relation);
         self.barrier_locked(&mut inner)
     }
 
@@ -255,6 +316,52 @@ impl Runtime {
                 };
                 relations.insert(*id, rel);
             }
+        }
+        let mut source_stats = HashMap::new();
+        for (id, s) in inner.sources.iter_mut() {
+            let mut changes = Vec::new();
+            if !s.finished {
+                let poll = s.reader.poll(MAX_SOURCE_ROWS_PER_EPOCH)?;
+                for b in poll.batches {
+                    s.rows += b.num_rows() as u64;
+                    let change = ChangeBatch::inserts(b);
+                    let change = match s.clock.as_mut() {
+                        Some(c) => {
+                            let admitted = c.admit(change.clone())?;
+                            c.advance(change.data())?;
+                            admitted
+                        }
+                        None => change,
+                    };
+                    changes.push(change);
+                }
+                s.finished = poll.finished;
+            }
+            deltas.insert(*id, changes);
+            // A finished stream's watermark is the end of time: every window closes.
+            let watermark = match (&s.clock, s.finished) {
+                (Some(_), true) => Some(i64::MAX),
+                (Some(c), false) => c.watermark,
+                (None, _) => None,
+            };
+            times.insert(
+                *id,
+                EventTime {
+                    watermark,
+                    idle: false,
+                },
+            );
+            late.insert(
+                *id,
+                s.clock.as_mut().map_or(0, |c| std::mem::take(&mut c.late)),
+            );
+            source_stats.insert(
+                *id,
+                SourceStats {
+                    rows: s.rows,
+                    finished: s.finished,
+                },
+            );
         }
         inner.epoch += 1;
         let epoch = inner.epoch;
@@ -306,6 +413,7 @@ impl Runtime {
             epoch,
             relations,
             view_stats,
+            source_stats,
         });
         match self.published.write() {
             Ok(mut p) => *p = snapshot,

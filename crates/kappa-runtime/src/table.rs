@@ -18,15 +18,14 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::datatypes::{DataType, Int64Type};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, KappaError, RelationId, Result, SqlState};
 use kappa_state::{MultisetSnapshot, RowMultiset, StateStore, StateTable};
 
+use crate::clock::EventClock;
 use crate::dataflow::EventTime;
 
 /// A table's declared event time, compiled.
@@ -60,8 +59,7 @@ struct Inner {
     /// Primary key (row format) → 1, for tables with a primary key.
     pk_index: Option<(RowConverter, Box<dyn StateTable>)>,
     pending: Vec<ChangeBatch>,
-    watermark: Option<i64>,
-    late: u64,
+    clock: Option<EventClock>,
     last_write: Instant,
 }
 
@@ -70,7 +68,7 @@ pub struct Table {
     pub name: String,
     pub schema: SchemaRef,
     pub primary_key: Option<Vec<usize>>,
-    event_time: Option<TableEventTime>,
+    idle_timeout: Option<Duration>,
     /// Serializes statements on this table from their read to their write.
     dml: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
@@ -107,14 +105,13 @@ impl Table {
             name: name.to_string(),
             schema,
             primary_key,
-            event_time,
+            idle_timeout: event_time.as_ref().and_then(|e| e.idle_timeout),
             dml: tokio::sync::Mutex::new(()),
             inner: Mutex::new(Inner {
                 contents,
                 pk_index,
                 pending: Vec::new(),
-                watermark: None,
-                late: 0,
+                clock: event_time.map(|e| EventClock::new(e.column, e.expr)),
                 last_write: Instant::now(),
             }),
             gate,
@@ -202,23 +199,15 @@ impl Table {
             }
         }
         // All checks passed: apply.
-        let new_watermark = match (&self.event_time, &ins) {
-            (Some(et), Some(i)) => {
-                let v = et.expr.evaluate(i.data())?.into_array(i.num_rows())?;
-                let v = cast(&v, &DataType::Int64)?;
-                datafusion::arrow::compute::max(v.as_primitive::<Int64Type>())
-            }
-            _ => None,
-        };
         let Inner {
             contents,
             pk_index,
             pending,
-            watermark,
-            late,
+            clock,
             last_write,
         } = &mut *inner;
         *last_write = Instant::now();
+        let inserted = ins.as_ref().map(|i| i.data().clone());
         for change in [del, ins].into_iter().flatten() {
             contents.apply(&change)?;
             if let (Some(pk), Some((conv, index))) = (&self.primary_key, pk_index.as_mut()) {
@@ -232,25 +221,13 @@ impl Table {
                     }
                 }
             }
-            match (&self.event_time, *watermark) {
-                (Some(et), Some(w)) => {
-                    let ts = cast(&change.columns()[et.column], &DataType::Int64)?;
-                    let ts = ts.as_primitive::<Int64Type>();
-                    let keep: BooleanArray =
-                        ts.iter().map(|t| Some(t.is_none_or(|t| t >= w))).collect();
-                    let dropped = change.num_rows() - keep.true_count();
-                    if dropped == 0 {
-                        pending.push(change);
-                    } else {
-                        *late += dropped as u64;
-                        pending.push(change.filter(&keep)?);
-                    }
-                }
-                _ => pending.push(change),
-            }
+            pending.push(match clock.as_mut() {
+                Some(c) => c.admit(change)?,
+                None => change,
+            });
         }
-        if let Some(w) = new_watermark {
-            *watermark = Some(watermark.map_or(w, |old| old.max(w)));
+        if let (Some(c), Some(i)) = (clock.as_mut(), &inserted) {
+            c.advance(i)?;
         }
         Ok(())
     }
@@ -291,18 +268,18 @@ impl Table {
         let mut inner = self.inner()?;
         let changes = std::mem::take(&mut inner.pending);
         let idle = self
-            .event_time
-            .as_ref()
-            .and_then(|e| e.idle_timeout)
+            .idle_timeout
             .is_some_and(|t| inner.last_write.elapsed() > t);
+        let watermark = inner.clock.as_ref().and_then(|c| c.watermark);
+        let late = inner
+            .clock
+            .as_mut()
+            .map_or(0, |c| std::mem::take(&mut c.late));
         Ok(Drained {
             changes,
             contents: inner.contents.snapshot(),
-            time: EventTime {
-                watermark: inner.watermark,
-                idle,
-            },
-            late: std::mem::take(&mut inner.late),
+            time: EventTime { watermark, idle },
+            late,
         })
     }
 }

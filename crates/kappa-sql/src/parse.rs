@@ -8,6 +8,7 @@
 //!   [`SOURCE_OPTION`];
 //! - `WATERMARK FOR col AS expr` inside a CREATE TABLE / SOURCE column list becomes the option
 //!   [`WATERMARK_OPTION`] whose value is the tuple `(col, expr)`;
+//! - `DROP SOURCE` parses as `DROP TABLE`, which drops tables and sources;
 //! - a trailing `EMIT ON WINDOW CLOSE` on CREATE MATERIALIZED VIEW becomes the option
 //!   [`EMIT_OPTION`].
 
@@ -136,6 +137,15 @@ fn extract_extensions(tokens: &mut Vec<TokenWithSpan>) -> Result<Extensions> {
     let word = |tokens: &[TokenWithSpan], k: usize, kw: Keyword| {
         sig.get(k).is_some_and(|&i| is_word(&tokens[i].token, kw))
     };
+    // DROP SOURCE → DROP TABLE (which drops sources too).
+    if word(tokens, 0, Keyword::DROP)
+        && sig
+            .get(1)
+            .is_some_and(|&i| is_word_text(&tokens[i].token, "source"))
+    {
+        tokens[sig[1]].token = Token::make_keyword("TABLE");
+        return Ok(ext);
+    }
     if !word(tokens, 0, Keyword::CREATE) {
         return Ok(ext);
     }
@@ -153,6 +163,7 @@ fn extract_extensions(tokens: &mut Vec<TokenWithSpan>) -> Result<Extensions> {
             && word(tokens, 3, Keyword::MATERIALIZED));
     if ext.source || word(tokens, 1, Keyword::TABLE) {
         extract_watermark(tokens, &mut ext)?;
+        join_dotted_option_keys(tokens);
     }
     if is_mv && sig.len() >= 4 {
         let n = sig.len();
@@ -167,6 +178,43 @@ fn extract_extensions(tokens: &mut Vec<TokenWithSpan>) -> Result<Extensions> {
         }
     }
     Ok(ext)
+}
+
+/// Connector options have dotted keys (`nexmark.table.type = 'bid'`): inside `WITH (…)`,
+/// `a.b.c` becomes the one identifier `"a.b.c"`.
+fn join_dotted_option_keys(tokens: &mut Vec<TokenWithSpan>) {
+    let Some(with) = (0..tokens.len())
+        .rev()
+        .find(|&i| is_word(&tokens[i].token, Keyword::WITH))
+    else {
+        return;
+    };
+    let mut i = with + 1;
+    while i < tokens.len() {
+        if let Token::Word(w) = &tokens[i].token
+            && tokens.get(i + 1).is_some_and(|t| t.token == Token::Period)
+        {
+            let mut key = w.value.clone();
+            let mut j = i + 1;
+            while tokens.get(j).is_some_and(|t| t.token == Token::Period) {
+                match tokens.get(j + 1).map(|t| &t.token) {
+                    Some(Token::Word(next)) => {
+                        key.push('.');
+                        key.push_str(&next.value);
+                        j += 2;
+                    }
+                    _ => break,
+                }
+            }
+            tokens[i].token = Token::Word(datafusion::sql::sqlparser::tokenizer::Word {
+                value: key.to_lowercase(),
+                quote_style: Some('"'),
+                keyword: Keyword::NoKeyword,
+            });
+            tokens.drain(i + 1..j);
+        }
+        i += 1;
+    }
 }
 
 /// `WATERMARK FOR col AS expr` as an element of the column list (paren depth 1).
