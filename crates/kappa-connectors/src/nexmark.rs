@@ -276,7 +276,7 @@ fn next_string(r: &mut Rng, max: u64, out: &mut String) {
     let len = string_len(r, max);
     for _ in 0..len {
         let x = r.next_u64();
-        if x % 13 == 0 {
+        if x.is_multiple_of(13) {
             out.push(' ');
         } else {
             out.push((b'a' + ((x >> 8) % 26) as u8) as char);
