@@ -98,8 +98,18 @@ impl Engine {
             let mut tick = tokio::time::interval(config.barrier_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
                 let Some(engine) = weak.upgrade() else { break };
+                // While a source has more rows ready, the next epoch starts at once: a
+                // source's throughput is not capped at one poll per interval.
+                if !engine.runtime.sources_have_more() {
+                    drop(engine);
+                    tick.tick().await;
+                    let Some(e) = weak.upgrade() else { break };
+                    if let Err(e) = e.barrier().await {
+                        tracing::error!(error = %e, "barrier failed");
+                    }
+                    continue;
+                }
                 if let Err(e) = engine.barrier().await {
                     tracing::error!(error = %e, "barrier failed");
                 }

@@ -98,6 +98,8 @@ struct LiveSource {
     /// Rows handed to the views so far (the offset a later view replays up to).
     rows: u64,
     finished: bool,
+    /// The last poll returned rows: there may be more ready.
+    busy: bool,
     clock: Option<clock::EventClock>,
 }
 
@@ -223,10 +225,20 @@ impl Runtime {
                 reader,
                 rows: 0,
                 finished: false,
+                busy: true,
                 clock,
             },
         );
         Ok(())
+    }
+
+    /// Whether a source delivered rows at the last barrier and is not finished: another
+    /// barrier right away will likely find more.
+    pub fn sources_have_more(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|i| i.sources.values().any(|s| s.busy))
+            .unwrap_or(false)
     }
 
     pub fn table(&self, id: RelationId) -> Option<Arc<Table>> {
@@ -336,6 +348,7 @@ impl Runtime {
                     changes.push(change);
                 }
                 s.finished = poll.finished;
+                s.busy = !changes.is_empty() && !s.finished;
             }
             deltas.insert(*id, changes);
             // A finished stream's watermark is the end of time: every window closes.

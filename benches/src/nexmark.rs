@@ -1,0 +1,132 @@
+//! Nexmark queries as materialized views over the built-in generator.
+//!
+//! One query per process, so the peak RSS is the query's. The clock starts before
+//! `CREATE SOURCE` and stops when the (bounded) source has finished and the epoch that
+//! consumed its last rows is committed, so generation, the dataflow and the view's storage
+//! are all inside the measurement. The source DDL is Kappa's; the query text is the
+//! published RisingWave/Nexmark SQL.
+//!
+//! Usage: `nexmark QUERY [EVENTS] [WORKERS]` (defaults: 10000000 events, all cores for the
+//! generator). `nexmark list` prints the queries.
+
+use std::time::{Duration, Instant};
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// (name, sources it reads, view SQL, what it is).
+const QUERIES: &[(&str, &[&str], &str, &str)] = &[
+    (
+        "q0",
+        &["bid"],
+        "SELECT auction, bidder, price, date_time FROM bid",
+        "pass-through",
+    ),
+    (
+        "q1",
+        &["bid"],
+        "SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid",
+        "currency conversion",
+    ),
+    (
+        "q2",
+        &["bid"],
+        "SELECT auction, price FROM bid WHERE auction = 1007 OR auction = 1020 OR auction = 2001 OR auction = 2019 OR auction = 2087",
+        "selection",
+    ),
+    (
+        "q5-hop",
+        &["bid"],
+        "SELECT auction, count(*) AS num, window_start AS starttime FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end, auction",
+        "q5's windowed count per auction (q5 without its join)",
+    ),
+    (
+        "q7-tumble",
+        &["bid"],
+        "SELECT window_start, window_end, max(price) AS maxprice FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE",
+        "q7's windowed max (q7 without its join), emit on window close",
+    ),
+];
+
+fn source_ddl(name: &str, events: u64, workers: usize) -> String {
+    let cols = match name {
+        "bid" => {
+            "auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, url VARCHAR, date_time TIMESTAMP, extra VARCHAR"
+        }
+        "auction" => {
+            "id BIGINT, item_name VARCHAR, description VARCHAR, initial_bid BIGINT, reserve BIGINT, date_time TIMESTAMP, expires TIMESTAMP, seller BIGINT, category BIGINT, extra VARCHAR"
+        }
+        _ => {
+            "id BIGINT, name VARCHAR, email_address VARCHAR, credit_card VARCHAR, city VARCHAR, state VARCHAR, date_time TIMESTAMP, extra VARCHAR"
+        }
+    };
+    format!(
+        "CREATE SOURCE {name} ({cols}, WATERMARK FOR date_time AS date_time - INTERVAL '4' SECOND) \
+         WITH (connector = 'nexmark', nexmark.table.type = '{name}', nexmark.event.num = '{events}', nexmark.workers = '{workers}')"
+    )
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let query = args.next().unwrap_or_else(|| "list".into());
+    if query == "list" {
+        for (name, _, sql, what) in QUERIES {
+            println!("{name}: {what}\n    {sql}");
+        }
+        return Ok(());
+    }
+    let events: u64 = args
+        .next()
+        .and_then(|a| a.replace('_', "").parse().ok())
+        .unwrap_or(10_000_000);
+    let workers: usize = args
+        .next()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    let Some((name, sources, sql, _)) = QUERIES.iter().find(|q| q.0 == query) else {
+        return Err(format!("unknown query {query}; try `nexmark list`").into());
+    };
+    let addr = kappa_sql_tests::start_kappa().await;
+    let client = kappa_sql_tests::connect(addr).await;
+    let start = Instant::now();
+    for s in *sources {
+        client.batch_execute(&source_ddl(s, events, workers)).await?;
+    }
+    client
+        .batch_execute(&format!("CREATE MATERIALIZED VIEW \"{name}\" AS {sql}"))
+        .await?;
+    loop {
+        let unfinished: i64 = client
+            .query_one("SELECT count(*) FROM kappa_sources WHERE NOT finished", &[])
+            .await?
+            .get(0);
+        if unfinished == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = start.elapsed();
+    let rows: i64 = client
+        .query_one(&format!("SELECT count(*) FROM \"{name}\""), &[])
+        .await?
+        .get(0);
+    let secs = elapsed.as_secs_f64();
+    println!(
+        "nexmark {name}: events={events} generator_workers={workers} time={secs:.2}s \
+         throughput={:.2}M events/s view_rows={rows} peak_rss={:.0}MiB",
+        events as f64 / secs / 1e6,
+        peak_rss_mib()
+    );
+    Ok(())
+}
