@@ -101,7 +101,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = kappa_sql_tests::connect(addr).await;
     let start = Instant::now();
     for s in *sources {
-        client.batch_execute(&source_ddl(s, events, workers)).await?;
+        client
+            .batch_execute(&source_ddl(s, events, workers))
+            .await?;
     }
     client
         .batch_execute(&format!("CREATE MATERIALIZED VIEW \"{name}\" AS {sql}"))

@@ -363,6 +363,7 @@ fn lower(
                 name: r.name.clone(),
                 watermark_col: r.watermark.as_ref().map(|w| w.column),
                 window,
+                append_only: matches!(r.kind, RelationKind::Source { .. }),
             })
             .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
     };

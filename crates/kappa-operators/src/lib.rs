@@ -19,7 +19,7 @@ use kappa_common::{ChangeBatch, Epoch, Result};
 
 pub use aggregate::{AggSpec, HashAggregate};
 pub use filter::Filter;
-pub use materialize::Materialize;
+pub use materialize::{ContentsSnapshot, Materialize, ViewContents};
 pub use project::Project;
 pub use source::SourceScan;
 pub use union::Union;

@@ -9,7 +9,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
-    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union, WindowExpand,
+    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union,
+    ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -33,10 +34,14 @@ pub(crate) fn build_dataflow(
     let sink = graph
         .sink()
         .ok_or_else(|| KappaError::internal("empty stream graph"))?;
-    let contents = Arc::new(Mutex::new(RowMultiset::new(
-        arrow_schema(&sink.schema),
-        store.create_table(&format!("mv{relation}.contents")),
-    )?));
+    let contents = Arc::new(Mutex::new(if sink.append_only {
+        ViewContents::AppendOnly(Arc::default())
+    } else {
+        ViewContents::Multiset(RowMultiset::new(
+            arrow_schema(&sink.schema),
+            store.create_table(&format!("mv{relation}.contents")),
+        )?)
+    }));
     let mut ops: Vec<Box<dyn Operator>> = Vec::with_capacity(graph.nodes.len());
     for (i, node) in graph.nodes.iter().enumerate() {
         let schema = arrow_schema(&node.schema);

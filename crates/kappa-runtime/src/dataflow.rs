@@ -4,16 +4,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
-use kappa_operators::{Materialize, Operator};
+use kappa_operators::{ContentsSnapshot, Materialize, Operator, ViewContents};
 use kappa_plan::{NodeKind, StreamGraph};
-use kappa_state::{MultisetSnapshot, RowMultiset};
 
 pub(crate) struct Dataflow {
     pub relation: RelationId,
     pub graph: StreamGraph,
     /// One operator per graph node, same index.
     pub ops: Vec<Box<dyn Operator>>,
-    pub contents: Arc<Mutex<RowMultiset>>,
+    pub contents: Arc<Mutex<ViewContents>>,
     pub failure: Option<String>,
     /// The view's changes in the epoch just run, for the views that read it.
     output: Vec<ChangeBatch>,
@@ -61,7 +60,7 @@ impl Dataflow {
         relation: RelationId,
         graph: StreamGraph,
         ops: Vec<Box<dyn Operator>>,
-        contents: Arc<Mutex<RowMultiset>>,
+        contents: Arc<Mutex<ViewContents>>,
     ) -> Self {
         Self {
             relation,
@@ -143,7 +142,7 @@ impl Dataflow {
         std::mem::take(&mut self.output)
     }
 
-    pub fn snapshot(&self) -> Result<MultisetSnapshot> {
+    pub fn snapshot(&self) -> Result<ContentsSnapshot> {
         Materialize::snapshot(&self.contents)
     }
 }

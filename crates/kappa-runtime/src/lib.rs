@@ -25,8 +25,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
+use kappa_operators::ContentsSnapshot;
 use kappa_plan::StreamGraph;
-use kappa_state::{MultisetSnapshot, StateStore};
+use kappa_state::StateStore;
 
 pub use dataflow::EventTime;
 pub use table::{Table, TableEventTime, TableWrite};
@@ -38,14 +39,14 @@ pub const READ_BATCH_SIZE: usize = 8192;
 
 /// One relation's contents at a committed epoch.
 pub struct RelationSnapshot {
-    pub data: MultisetSnapshot,
+    pub data: ContentsSnapshot,
     /// Set if the view stopped updating because its dataflow failed; readers get the error.
     pub failure: Option<String>,
     batches: OnceLock<Arc<Vec<RecordBatch>>>,
 }
 
 impl RelationSnapshot {
-    fn new(data: MultisetSnapshot, failure: Option<String>) -> Arc<Self> {
+    fn new(data: ContentsSnapshot, failure: Option<String>) -> Arc<Self> {
         Arc::new(Self {
             data,
             failure,
@@ -324,7 +325,7 @@ impl Runtime {
                 late.insert(*id, d.late);
                 let rel = match previous.relations.get(id) {
                     Some(p) if unchanged => p.clone(),
-                    _ => RelationSnapshot::new(d.contents, None),
+                    _ => RelationSnapshot::new(ContentsSnapshot::Multiset(d.contents), None),
                 };
                 relations.insert(*id, rel);
             }

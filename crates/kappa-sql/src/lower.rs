@@ -22,6 +22,8 @@ pub struct ScanSource {
     pub watermark_col: Option<usize>,
     /// Set when the name is a window table function over `relation`.
     pub window: Option<WindowTable>,
+    /// The relation never retracts a row (a source).
+    pub append_only: bool,
 }
 
 /// Resolves a scanned table to the relation that feeds it.
@@ -218,6 +220,7 @@ impl Lowering<'_> {
             if let Some(col) = wm {
                 self.nodes[id].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
             }
+            self.nodes[id].append_only = src.append_only;
             return Ok(id);
         };
         // The synthetic window relation: the input's columns, then window_start, window_end.
@@ -242,6 +245,7 @@ impl Lowering<'_> {
         if let Some(col) = src.watermark_col {
             self.nodes[source].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
         }
+        self.nodes[source].append_only = src.append_only;
         let expand = self.push(
             NodeKind::WindowExpand {
                 time_col: window.time_col,
