@@ -22,6 +22,12 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 
+# DuckDB: the independent batch engine the Nexmark oracle test compares window views with.
+if ! python3 -c 'import duckdb' 2>/dev/null; then
+  echo "setup: installing duckdb"
+  python3 -m pip install -q 'duckdb>=1.1'
+fi
+
 # The Python client used by the compatibility test (extended protocol).
 if ! python3 -c 'import psycopg' 2>/dev/null; then
   echo "setup: installing psycopg"
