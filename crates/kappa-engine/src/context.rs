@@ -151,6 +151,18 @@ impl SchemaProvider for KappaSchema {
     }
 }
 
+/// A system relation's rows: one batch in memory.
+fn one_batch_table(
+    schema: SchemaRef,
+    columns: Vec<datafusion::arrow::array::ArrayRef>,
+) -> DfResult<Arc<dyn TableProvider>> {
+    let batch = RecordBatch::try_new(schema.clone(), columns)?;
+    Ok(Arc::new(datafusion::datasource::MemTable::try_new(
+        schema,
+        vec![vec![batch]],
+    )?))
+}
+
 /// The system relation with every materialized view's progress at the snapshot's epoch.
 pub const VIEW_STATS: &str = "kappa_view_stats";
 /// The system relation with every source's progress at the snapshot's epoch.
@@ -180,8 +192,8 @@ impl KappaSchema {
             Field::new("rows", DataType::Int64, false),
             Field::new("finished", DataType::Boolean, false),
         ]));
-        let batch = RecordBatch::try_new(
-            schema.clone(),
+        one_batch_table(
+            schema,
             vec![
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
@@ -192,11 +204,7 @@ impl KappaSchema {
                     rows.iter().map(|r| Some(r.2.finished)),
                 )),
             ],
-        )?;
-        Ok(Arc::new(datafusion::datasource::MemTable::try_new(
-            schema,
-            vec![vec![batch]],
-        )?))
+        )
     }
 
     fn view_stats(&self) -> DfResult<Arc<dyn TableProvider>> {
@@ -226,8 +234,8 @@ impl KappaSchema {
             Field::new("state_entries", DataType::Int64, false),
         ]));
         let epoch = s.snapshot.epoch as i64;
-        let batch = RecordBatch::try_new(
-            schema.clone(),
+        one_batch_table(
+            schema,
             vec![
                 Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.0))),
                 Arc::new(Int64Array::from(vec![epoch; rows.len()])),
@@ -243,11 +251,7 @@ impl KappaSchema {
                     rows.iter().map(|r| r.1.state_entries as i64),
                 )),
             ],
-        )?;
-        Ok(Arc::new(datafusion::datasource::MemTable::try_new(
-            schema,
-            vec![vec![batch]],
-        )?))
+        )
     }
 
     /// A window table function over a relation (see [`kappa_sql::tvf`]).

@@ -114,6 +114,21 @@ impl Lowering<'_> {
         node.watermark_cols.iter().find(|w| w.col == idx).copied()
     }
 
+    /// The output columns among `exprs` (evaluated over `input`) that the watermark bounds.
+    fn bounded_cols(&self, input: NodeId, exprs: &[Expr]) -> Vec<WatermarkCol> {
+        exprs
+            .iter()
+            .enumerate()
+            .filter_map(|(col, e)| {
+                let w = self.bounded_col(input, e)?;
+                Some(WatermarkCol {
+                    col,
+                    offset: w.offset,
+                })
+            })
+            .collect()
+    }
+
     fn push(&mut self, kind: NodeKind, inputs: Vec<NodeId>, schema: Arc<DFSchema>) -> NodeId {
         let first = inputs.first().map(|&i| &self.nodes[i]);
         let append_only = match &kind {
@@ -130,17 +145,7 @@ impl Lowering<'_> {
         let watermark_cols = match &kind {
             NodeKind::Source { .. } | NodeKind::Materialize { .. } => vec![],
             NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
-            NodeKind::Project { exprs } => exprs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| {
-                    let w = self.bounded_col(inputs[0], e)?;
-                    Some(WatermarkCol {
-                        col: i,
-                        offset: w.offset,
-                    })
-                })
-                .collect(),
+            NodeKind::Project { exprs } => self.bounded_cols(inputs[0], exprs),
             NodeKind::WindowExpand { time_col, spec } => {
                 let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
                 let n = first.map(|n| n.schema.fields().len()).unwrap_or(0);
@@ -159,17 +164,7 @@ impl Lowering<'_> {
                 }
                 cols
             }
-            NodeKind::Aggregate { group_exprs, .. } => group_exprs
-                .iter()
-                .enumerate()
-                .filter_map(|(i, e)| {
-                    let w = self.bounded_col(inputs[0], e)?;
-                    Some(WatermarkCol {
-                        col: i,
-                        offset: w.offset,
-                    })
-                })
-                .collect(),
+            NodeKind::Aggregate { group_exprs, .. } => self.bounded_cols(inputs[0], group_exprs),
             NodeKind::Union => {
                 let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
                 for &i in &inputs[1..] {
@@ -372,13 +367,7 @@ impl Lowering<'_> {
                     });
                 }
                 let input = self.lower(&a.input)?;
-                let window_close = a.group_expr.iter().enumerate().find_map(|(i, e)| {
-                    let w = self.bounded_col(input, e)?;
-                    Some(WatermarkCol {
-                        col: i,
-                        offset: w.offset,
-                    })
-                });
+                let window_close = self.bounded_cols(input, &a.group_expr).first().copied();
                 if self.emit_on_window_close && window_close.is_none() {
                     return Err(KappaError::not_supported(
                         "EMIT ON WINDOW CLOSE on an aggregate that is not grouped by window_start or window_end of a source with a WATERMARK",
