@@ -221,12 +221,6 @@ impl TableOptions {
                         Expr::Identifier(i) => i.value.clone(),
                         other => other.to_string(),
                     };
-                    if kappa_sql::parse::is_internal_option(&k) {
-                        return Err(KappaError::user(
-                            SqlState::INVALID_PARAMETER_VALUE,
-                            format!("unknown option \"{k}\""),
-                        ));
-                    }
                     if k == "idle_timeout" {
                         let iv = datafusion::arrow::compute::kernels::cast_utils::parse_interval_month_day_nano(&text)
                             .map_err(|e| KappaError::user(SqlState::INVALID_PARAMETER_VALUE, format!("invalid idle_timeout '{text}': {e}")))?;
@@ -256,7 +250,6 @@ fn watermark_def(
     expr: &datafusion::sql::sqlparser::ast::Expr,
 ) -> Result<(WatermarkDef, datafusion::logical_expr::Expr)> {
     use datafusion::arrow::datatypes::{DataType, TimeUnit};
-    use datafusion::logical_expr::ExprSchemable;
     let column = schema.index_of(col).map_err(|_| {
         KappaError::user(
             SqlState::UNDEFINED_COLUMN,
@@ -293,7 +286,6 @@ fn watermark_def(
             format!("the WATERMARK expression {text} must not be volatile"),
         ));
     }
-    let _ = logical.get_type(&df);
     Ok((WatermarkDef { column, expr: text }, logical))
 }
 

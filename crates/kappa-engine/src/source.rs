@@ -21,6 +21,7 @@ pub(crate) fn start_source(
         schema.clone(),
         reader,
         watermark.map(|(d, e)| (d.column, e.clone())),
+        opts.idle_timeout,
     )?;
     Ok(opts.with.get("connector").cloned().unwrap_or_default())
 }

@@ -102,6 +102,27 @@ struct LiveSource {
     /// The last poll returned rows: there may be more ready.
     busy: bool,
     clock: Option<clock::EventClock>,
+    /// After this long without rows the source reports itself idle; `None`: never.
+    idle_timeout: Option<std::time::Duration>,
+    last_rows: std::time::Instant,
+}
+
+impl LiveSource {
+    /// Where the source stands in event time. A finished stream's watermark is the end of
+    /// time (every window closes); a live one without rows for longer than its idle timeout
+    /// is idle.
+    fn event_time(&self) -> EventTime {
+        let watermark = match (&self.clock, self.finished) {
+            (Some(_), true) => Some(i64::MAX),
+            (Some(c), false) => c.watermark,
+            (None, _) => None,
+        };
+        let idle = !self.finished
+            && self
+                .idle_timeout
+                .is_some_and(|t| self.last_rows.elapsed() > t);
+        EventTime { watermark, idle }
+    }
 }
 
 /// Rows a barrier takes from one source at most, so an epoch stays short.
@@ -208,6 +229,7 @@ impl Runtime {
         schema: datafusion::arrow::datatypes::SchemaRef,
         reader: Box<dyn kappa_connectors::SourceReader>,
         watermark: Option<(usize, datafusion::logical_expr::Expr)>,
+        idle_timeout: Option<std::time::Duration>,
     ) -> Result<()> {
         let clock = match watermark {
             Some((column, expr)) => {
@@ -228,6 +250,8 @@ impl Runtime {
                 finished: false,
                 busy: true,
                 clock,
+                idle_timeout,
+                last_rows: std::time::Instant::now(),
             },
         );
         Ok(())
@@ -350,21 +374,12 @@ impl Runtime {
                 }
                 s.finished = poll.finished;
                 s.busy = !changes.is_empty() && !s.finished;
+                if !changes.is_empty() {
+                    s.last_rows = std::time::Instant::now();
+                }
             }
             deltas.insert(*id, changes);
-            // A finished stream's watermark is the end of time: every window closes.
-            let watermark = match (&s.clock, s.finished) {
-                (Some(_), true) => Some(i64::MAX),
-                (Some(c), false) => c.watermark,
-                (None, _) => None,
-            };
-            times.insert(
-                *id,
-                EventTime {
-                    watermark,
-                    idle: false,
-                },
-            );
+            times.insert(*id, s.event_time());
             late.insert(
                 *id,
                 s.clock.as_mut().map_or(0, |c| std::mem::take(&mut c.late)),
@@ -434,5 +449,52 @@ impl Runtime {
             Err(p) => *p.into_inner() = snapshot,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    struct Silent;
+
+    impl kappa_connectors::SourceReader for Silent {
+        fn poll(&mut self, _max_rows: usize) -> Result<kappa_connectors::Poll> {
+            Ok(kappa_connectors::Poll {
+                batches: vec![],
+                finished: false,
+            })
+        }
+        fn replay(&self, _rows: u64) -> Result<Vec<RecordBatch>> {
+            Ok(vec![])
+        }
+    }
+
+    fn source(idle_timeout: Option<Duration>, quiet_for: Duration, finished: bool) -> LiveSource {
+        LiveSource {
+            reader: Box::new(Silent),
+            rows: 0,
+            finished,
+            busy: false,
+            clock: None,
+            idle_timeout,
+            last_rows: Instant::now() - quiet_for,
+        }
+    }
+
+    #[test]
+    fn a_quiet_source_becomes_idle_after_its_timeout() {
+        let t = Some(Duration::from_millis(100));
+        assert!(!source(t, Duration::ZERO, false).event_time().idle);
+        assert!(source(t, Duration::from_secs(1), false).event_time().idle);
+        assert!(
+            !source(None, Duration::from_secs(1), false)
+                .event_time()
+                .idle
+        );
+        // A finished stream is not idle: its watermark is the end of time instead.
+        assert!(!source(t, Duration::from_secs(1), true).event_time().idle);
     }
 }

@@ -101,6 +101,24 @@ fn parse_one(dialect: &PostgreSqlDialect, mut tokens: Vec<TokenWithSpan>) -> Res
         CreateTableOptions::With(v) => v.push(o),
         other => *other = CreateTableOptions::With(vec![o]),
     };
+    // The internal keys come only from the extensions above, never from the user.
+    let user_options = match &stmt {
+        Statement::CreateTable(ct) => Some(&ct.table_options),
+        Statement::CreateView(cv) => Some(&cv.options),
+        _ => None,
+    };
+    if let Some(CreateTableOptions::With(opts)) = user_options {
+        for o in opts {
+            if let SqlOption::KeyValue { key, .. } = o
+                && is_internal_option(&key.value.to_lowercase())
+            {
+                return Err(KappaError::user(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("unknown option \"{}\"", key.value),
+                ));
+            }
+        }
+    }
     match &mut stmt {
         Statement::CreateTable(ct) => {
             if ext.source {
@@ -379,5 +397,10 @@ mod tests {
         };
         assert_eq!(ct.columns.len(), 1);
         assert!(parse_statements("CREATE TABLE t (ts TIMESTAMP, WATERMARK FOR ts AS)").is_err());
+        // Users cannot write the internal options themselves.
+        let e =
+            parse_statements("CREATE TABLE t (a INT) WITH (__kappa_source = true)").unwrap_err();
+        assert_eq!(e.sqlstate(), SqlState::INVALID_PARAMETER_VALUE);
+        assert!(parse_statements("CREATE MATERIALIZED VIEW v WITH (\"__Kappa_emit_on_window_close\" = true) AS SELECT 1").is_err());
     }
 }
