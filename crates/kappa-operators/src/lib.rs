@@ -8,6 +8,7 @@
 
 mod aggregate;
 mod filter;
+mod join;
 mod materialize;
 mod project;
 mod source;
@@ -19,6 +20,7 @@ use kappa_common::{ChangeBatch, Epoch, Result};
 
 pub use aggregate::{AggSpec, HashAggregate};
 pub use filter::Filter;
+pub use join::{HashJoin, JoinSide};
 pub use materialize::{ContentsSnapshot, Materialize, ViewContents};
 pub use project::Project;
 pub use source::SourceScan;

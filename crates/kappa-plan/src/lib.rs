@@ -97,9 +97,88 @@ pub enum NodeKind {
     },
     /// The multiset sum of all inputs (UNION ALL).
     Union,
+    /// Join of its two inputs. `on` pairs a key expression over the left input with one
+    /// over the right (equality; NULL keys match nothing unless `null_equals_null`);
+    /// `filter` is the rest of the join condition, over the left's columns followed by the
+    /// right's. A stored row of input `s` that has a column of `expiry[s]` closed at the
+    /// watermark can never match a future row of the other input, and is freed.
+    Join {
+        kind: JoinKind,
+        on: Vec<(Expr, Expr)>,
+        filter: Option<Expr>,
+        null_equals_null: bool,
+        expiry: [Vec<WatermarkCol>; 2],
+    },
     /// Keeps the relation `relation` equal to the sum of all changes it receives, and
     /// publishes it at each epoch commit.
     Materialize { relation: RelationId, name: String },
+}
+
+/// What a join emits. Output columns: the left's then the right's, except for semi and
+/// anti joins, which emit only the rows (columns) of one side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinKind {
+    /// Every matching pair.
+    Inner,
+    /// Matching pairs, plus every left row without a match, NULL-extended.
+    Left,
+    Right,
+    Full,
+    /// Every left row that has at least one match, once.
+    LeftSemi,
+    RightSemi,
+    /// Every left row that has no match.
+    LeftAnti,
+    RightAnti,
+}
+
+impl JoinKind {
+    /// Whether the output has the matching pairs (left columns, then right columns).
+    pub fn emits_pairs(self) -> bool {
+        matches!(self, Self::Inner | Self::Left | Self::Right | Self::Full)
+    }
+
+    /// Whether the rows of input `side` (0 left, 1 right) without a match appear,
+    /// NULL-extended.
+    pub fn preserves(self, side: usize) -> bool {
+        match self {
+            Self::Left => side == 0,
+            Self::Right => side == 1,
+            Self::Full => true,
+            _ => false,
+        }
+    }
+
+    /// The input whose rows alone form a semi join's output.
+    pub fn semi_side(self) -> Option<usize> {
+        match self {
+            Self::LeftSemi => Some(0),
+            Self::RightSemi => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The input whose unmatched rows alone form an anti join's output.
+    pub fn anti_side(self) -> Option<usize> {
+        match self {
+            Self::LeftAnti => Some(0),
+            Self::RightAnti => Some(1),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Inner => "Inner",
+            Self::Left => "Left",
+            Self::Right => "Right",
+            Self::Full => "Full",
+            Self::LeftSemi => "LeftSemi",
+            Self::RightSemi => "RightSemi",
+            Self::LeftAnti => "LeftAnti",
+            Self::RightAnti => "RightAnti",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -235,6 +314,43 @@ impl StreamGraph {
                 )
             }
             NodeKind::Union => "StreamUnion".to_string(),
+            NodeKind::Join {
+                kind,
+                on,
+                filter,
+                expiry,
+                ..
+            } => {
+                let on: Vec<String> = on.iter().map(|(l, r)| format!("{l} = {r}")).collect();
+                let mut s = format!(
+                    "StreamHashJoin: type={}, on=[{}]",
+                    kind.name(),
+                    on.join(", ")
+                );
+                if let Some(f) = filter {
+                    s.push_str(&format!(", filter={f}"));
+                }
+                for (i, (side, cols)) in ["left", "right"].iter().zip(expiry).enumerate() {
+                    let input = &self.nodes[node.inputs[i]];
+                    let names: Vec<String> = cols
+                        .iter()
+                        .map(|c| {
+                            format!(
+                                "{} + {}",
+                                input.schema.field(c.col).name(),
+                                format_micros(c.offset)
+                            )
+                        })
+                        .collect();
+                    if !names.is_empty() {
+                        s.push_str(&format!(
+                            ", {side} rows freed when {} <= watermark",
+                            names.join(" or ")
+                        ));
+                    }
+                }
+                s
+            }
             NodeKind::Materialize { name, .. } => format!("StreamMaterialize: {name}"),
         };
         writeln!(f, "{pad}{line}")?;
@@ -242,6 +358,15 @@ impl StreamGraph {
             self.fmt_node(f, i, depth + 1)?;
         }
         Ok(())
+    }
+}
+
+/// A duration in microseconds as EXPLAIN shows it: `10s`, `1.000001s`, `0s`.
+fn format_micros(us: i64) -> String {
+    if us % 1_000_000 == 0 {
+        format!("{}s", us / 1_000_000)
+    } else {
+        format!("{}s", us as f64 / 1e6)
     }
 }
 

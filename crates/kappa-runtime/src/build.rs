@@ -9,8 +9,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
-    AggSpec, Filter, HashAggregate, Materialize, Operator, Project, SourceScan, Union,
-    ViewContents, WindowExpand,
+    AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project, SourceScan,
+    Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -116,6 +116,51 @@ pub(crate) fn build_dataflow(
                 })
             }
             NodeKind::Union => Box::new(Union::new(schema)),
+            NodeKind::Join {
+                kind,
+                on,
+                filter,
+                null_equals_null,
+                expiry,
+            } => {
+                let [l, r] = node.inputs.as_slice() else {
+                    return Err(KappaError::internal("a join node needs two inputs"));
+                };
+                let (ls, rs) = (
+                    graph.nodes[*l].schema.as_ref(),
+                    graph.nodes[*r].schema.as_ref(),
+                );
+                let key_types = on
+                    .iter()
+                    .map(|(e, _)| e.get_type(ls))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                let keys = |schema: &DFSchema, right: bool| {
+                    on.iter()
+                        .map(|(le, re)| compile(ctx, if right { re } else { le }, schema))
+                        .collect::<Result<Vec<_>>>()
+                };
+                let side = |schema: &DFSchema, right: bool, name: &str| -> Result<JoinSide> {
+                    Ok(JoinSide {
+                        keys: keys(schema, right)?,
+                        schema: arrow_schema(schema),
+                        state: store.create_table(&format!("mv{relation}.n{i}.{name}")),
+                        expiry: expiry[usize::from(right)].clone(),
+                    })
+                };
+                let residual = match filter {
+                    Some(f) => Some(compile(ctx, f, &ls.join(rs)?)?),
+                    None => None,
+                };
+                Box::new(HashJoin::new(
+                    *kind,
+                    side(ls, false, "left")?,
+                    side(rs, true, "right")?,
+                    key_types,
+                    residual,
+                    *null_equals_null,
+                    schema,
+                )?)
+            }
             NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),
         };
         ops.push(op);

@@ -4,6 +4,7 @@
 //! This crate never depends on the runtime: it produces plans, the runtime runs them.
 
 pub mod catalog;
+mod join;
 mod lower;
 pub mod parse;
 pub mod tvf;

@@ -10,7 +10,9 @@ use datafusion::arrow::datatypes::Schema;
 use datafusion::common::{DFSchema, TableReference};
 use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Sort};
 use kappa_common::{KappaError, RelationId, Result};
-use kappa_plan::{AggCall, AggFunc, NodeId, NodeKind, StreamGraph, StreamNode, WatermarkCol};
+use kappa_plan::{
+    AggCall, AggFunc, JoinKind, NodeId, NodeKind, StreamGraph, StreamNode, WatermarkCol,
+};
 
 use crate::tvf::WindowTable;
 
@@ -136,6 +138,14 @@ impl Lowering<'_> {
             | NodeKind::Filter { .. }
             | NodeKind::Union
             | NodeKind::WindowExpand { .. } => inputs.iter().all(|&i| self.nodes[i].append_only),
+            // An inner or semi join only retracts when an input does; outer and anti joins
+            // retract unmatched rows when a match arrives.
+            NodeKind::Join { kind, .. } => {
+                matches!(
+                    kind,
+                    JoinKind::Inner | JoinKind::LeftSemi | JoinKind::RightSemi
+                ) && inputs.iter().all(|&i| self.nodes[i].append_only)
+            }
             NodeKind::Aggregate {
                 emit_on_window_close,
                 ..
@@ -143,7 +153,10 @@ impl Lowering<'_> {
             _ => false,
         };
         let watermark_cols = match &kind {
-            NodeKind::Source { .. } | NodeKind::Materialize { .. } => vec![],
+            // A join's bounds come from its condition; the lowering sets them.
+            NodeKind::Source { .. } | NodeKind::Materialize { .. } | NodeKind::Join { .. } => {
+                vec![]
+            }
             NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
             NodeKind::Project { exprs } => self.bounded_cols(inputs[0], exprs),
             NodeKind::WindowExpand { time_col, spec } => {
@@ -259,6 +272,84 @@ impl Lowering<'_> {
             .collect();
         let out = alias.unwrap_or(&scan.projected_schema).clone();
         Ok(self.push(NodeKind::Project { exprs }, vec![expand], out))
+    }
+
+    fn lower_join(&mut self, j: &datafusion::logical_expr::Join) -> Result<NodeId> {
+        use datafusion::common::NullEquality;
+        use datafusion::logical_expr::JoinType;
+        let kind = match j.join_type {
+            JoinType::Inner => JoinKind::Inner,
+            JoinType::Left => JoinKind::Left,
+            JoinType::Right => JoinKind::Right,
+            JoinType::Full => JoinKind::Full,
+            JoinType::LeftSemi => JoinKind::LeftSemi,
+            JoinType::RightSemi => JoinKind::RightSemi,
+            JoinType::LeftAnti => JoinKind::LeftAnti,
+            JoinType::RightAnti => JoinKind::RightAnti,
+            other => {
+                return Err(KappaError::not_supported(format!(
+                    "a {other} join (EXISTS inside OR) in a materialized view"
+                )));
+            }
+        };
+        if j.null_aware {
+            return Err(KappaError::not_supported(
+                "NOT IN (subquery) in a materialized view; write NOT EXISTS",
+            ));
+        }
+        check_exprs(j.on.iter().flat_map(|(l, r)| [l, r]))?;
+        if let Some(f) = &j.filter {
+            check_exprs([f])?;
+        }
+        let left = self.lower(&j.left)?;
+        let right = self.lower(&j.right)?;
+        let left_width = self.nodes[left].schema.fields().len();
+        let pairs = self.nodes[left].schema.join(&self.nodes[right].schema)?;
+        let bounds = crate::join::time_bounds(
+            &j.on,
+            j.filter.as_ref(),
+            &pairs,
+            left_width,
+            [
+                &self.nodes[left].watermark_cols,
+                &self.nodes[right].watermark_cols,
+            ],
+        );
+        // Output columns that are never NULL-extended keep their bounds.
+        let shown = |side: usize| -> Vec<WatermarkCol> {
+            let shift = match kind {
+                JoinKind::RightSemi | JoinKind::RightAnti => left_width,
+                _ => 0,
+            };
+            bounds
+                .output
+                .iter()
+                .filter(|w| (w.col >= left_width) == (side == 1))
+                .map(|w| WatermarkCol {
+                    col: w.col - shift,
+                    offset: w.offset,
+                })
+                .collect()
+        };
+        let watermark_cols = match kind {
+            JoinKind::Inner => bounds.output.clone(),
+            JoinKind::Left | JoinKind::LeftSemi | JoinKind::LeftAnti => shown(0),
+            JoinKind::Right | JoinKind::RightSemi | JoinKind::RightAnti => shown(1),
+            JoinKind::Full => vec![],
+        };
+        let id = self.push(
+            NodeKind::Join {
+                kind,
+                on: j.on.clone(),
+                filter: j.filter.clone(),
+                null_equals_null: j.null_equality == NullEquality::NullEqualsNull,
+                expiry: bounds.expiry,
+            },
+            vec![left, right],
+            j.schema.clone(),
+        );
+        self.nodes[id].watermark_cols = watermark_cols;
+        Ok(id)
     }
 
     fn lower(&mut self, plan: &LogicalPlan) -> Result<NodeId> {
@@ -427,9 +518,7 @@ impl Lowering<'_> {
                 self.lower(input)
             }
             LogicalPlan::Limit(_) => Err(KappaError::not_supported("LIMIT in a materialized view")),
-            LogicalPlan::Join(_) => Err(KappaError::not_supported(
-                "JOIN in a materialized view (streaming joins are planned)",
-            )),
+            LogicalPlan::Join(j) => self.lower_join(j),
             LogicalPlan::Window(_) => Err(KappaError::not_supported(
                 "window functions (OVER) in a materialized view",
             )),

@@ -1,0 +1,759 @@
+//! Incremental hash join: inner, left/right/full outer, semi and anti, with an optional
+//! residual condition and watermark-driven state cleanup (which makes interval joins and
+//! window joins run in bounded state).
+//!
+//! # Semantics
+//! A left row `l` and a right row `r` *match* when their keys are equal and the residual
+//! condition holds on `l ++ r`. A key with a NULL in any column matches nothing (SQL `=`),
+//! unless the plan asked for `null_equals_null` (e.g. `IS NOT DISTINCT FROM`). The output
+//! is what [`JoinKind`] says, as a multiset: a pair has weight `w(l) · w(r)`; an unmatched
+//! row of a preserved side appears NULL-extended with its own weight; a semi (anti) join
+//! emits each row of its side that has at least one (no) match, with its own weight.
+//!
+//! # Incremental rule
+//! Pairs are bilinear: `Δ(L ⋈ R) = ΔL ⋈ R + (L + ΔL) ⋈ ΔR`, so a batch from one side is
+//! probed against the other side's state and then added to its own; any interleaving of
+//! the two inputs' batches gives the same sum. The rest depends on whether a row has a
+//! match, so every stored row of a side that needs it (preserved, semi or anti) carries its
+//! *match count*, the weighted number of matching rows on the other side. A change of the
+//! other side updates the counts of the rows it matches, and a row whose count moves
+//! between zero and non-zero changes its unmatched / semi / anti output. A new row's own
+//! count is the probe's result.
+//!
+//! # State
+//! One [`StateTable`] per side: `key length (u32 BE) ‖ key ‖ row` → `count (i64 LE)`, plus
+//! `matches (i64 LE)` on sides that track them. Keys and rows are in Arrow's row format, so
+//! a probe is a prefix scan over the matching key. Rows whose key cannot match (NULL) are
+//! not stored: their output never changes, and a later change to them is computed alone.
+//!
+//! # Expiry (state freed by the watermark)
+//! The planner derives, from the join condition and the watermark-bounded columns of the
+//! inputs, for each side a list of [`WatermarkCol`]s over that side's columns: a stored row
+//! whose value `v` in such a column has `v + offset <= W` (W the watermark of the join's
+//! inputs) can never match a future row of the other side. E.g. for
+//! `b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' HOUR` a stored `a` row expires once
+//! `a.ts + 1 h < W`, and in a window join a stored row expires once its `window_end <= W`.
+//! Expired rows are deleted at the barrier (an in-memory index orders them by expiry time);
+//! their output stays as it is, final. A change that arrives for a row already expired is
+//! still joined with the other side's state (which holds everything it could match), but
+//! not stored: nothing could probe it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array, new_null_array,
+};
+use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
+use kappa_plan::{JoinKind, WatermarkCol};
+use kappa_state::{Bytes, StateTable};
+
+use crate::Operator;
+
+/// One input of the join.
+pub struct JoinSide {
+    /// The equi-join key expressions over this side's input.
+    pub keys: Vec<Arc<dyn PhysicalExpr>>,
+    /// This side's input schema.
+    pub schema: SchemaRef,
+    pub state: Box<dyn StateTable>,
+    /// A stored row expires when any of these (timestamp) columns is closed.
+    pub expiry: Vec<WatermarkCol>,
+}
+
+struct Side {
+    keys: Vec<Arc<dyn PhysicalExpr>>,
+    schema: SchemaRef,
+    rows: RowConverter,
+    state: Box<dyn StateTable>,
+    expiry: Vec<WatermarkCol>,
+    /// Whether stored rows carry their match count.
+    tracked: bool,
+    /// Expiry time (smallest `v + offset` over `expiry`) → state keys of the rows stored
+    /// with it. Entries may outlive their rows (a row retracted before it expires); deleting
+    /// an absent key is harmless.
+    expiring: BTreeMap<i64, Vec<Bytes>>,
+}
+
+pub struct HashJoin {
+    kind: JoinKind,
+    sides: [Side; 2],
+    key_converter: RowConverter,
+    key_types: Vec<DataType>,
+    /// Over the left's columns followed by the right's (`pair_schema`).
+    residual: Option<Arc<dyn PhysicalExpr>>,
+    null_equals_null: bool,
+    pair_schema: SchemaRef,
+    schema: SchemaRef,
+    watermark: Option<i64>,
+    key_buf: Vec<u8>,
+}
+
+/// A stored row's value: its count and, on tracked sides, its match count.
+fn encode_entry(count: i64, matches: Option<i64>) -> Bytes {
+    let mut v = Vec::with_capacity(16);
+    v.extend_from_slice(&count.to_le_bytes());
+    if let Some(m) = matches {
+        v.extend_from_slice(&m.to_le_bytes());
+    }
+    Arc::from(v.as_slice())
+}
+
+fn decode_entry(v: &[u8]) -> (i64, i64) {
+    let word = |i: usize| {
+        v.get(i * 8..i * 8 + 8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, i64::from_le_bytes)
+    };
+    (word(0), word(1))
+}
+
+/// Where the row starts in a state key (after the length-prefixed join key).
+fn prefix_len(k: &[u8]) -> Option<usize> {
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    Some(4 + len)
+}
+
+fn state_key(buf: &mut Vec<u8>, key: &[u8]) {
+    buf.clear();
+    buf.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    buf.extend_from_slice(key);
+}
+
+/// A candidate pair found by a probe: row `row` of the delta batch and a stored row of
+/// the other side (its state key and count).
+struct Candidate {
+    row: u32,
+    other: Bytes,
+    count: i64,
+}
+
+impl HashJoin {
+    /// `key_types` are the types both sides' keys are compared in; `residual` is evaluated
+    /// over the left's columns followed by the right's; `schema` is the output's.
+    pub fn new(
+        kind: JoinKind,
+        left: JoinSide,
+        right: JoinSide,
+        key_types: Vec<DataType>,
+        residual: Option<Arc<dyn PhysicalExpr>>,
+        null_equals_null: bool,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        if left.keys.len() != key_types.len() || right.keys.len() != key_types.len() {
+            return Err(KappaError::internal("join key arity mismatch"));
+        }
+        let pair_fields: Vec<_> = left
+            .schema
+            .fields()
+            .iter()
+            .chain(right.schema.fields().iter())
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect();
+        let pair_schema = Arc::new(datafusion::arrow::datatypes::Schema::new(pair_fields));
+        let width = match (kind.semi_side(), kind.anti_side()) {
+            (Some(s), _) | (_, Some(s)) => [&left, &right][s].schema.fields().len(),
+            _ => pair_schema.fields().len(),
+        };
+        if width != schema.fields().len() {
+            return Err(KappaError::internal(
+                "join output does not have the columns its kind implies",
+            ));
+        }
+        let side = |s: JoinSide, i: usize| -> Result<Side> {
+            Ok(Side {
+                keys: s.keys,
+                rows: kappa_state::row_converter(&s.schema)?,
+                schema: s.schema,
+                state: s.state,
+                expiry: s.expiry,
+                tracked: kind.preserves(i)
+                    || kind.semi_side() == Some(i)
+                    || kind.anti_side() == Some(i),
+                expiring: BTreeMap::new(),
+            })
+        };
+        Ok(Self {
+            kind,
+            key_converter: RowConverter::new(
+                key_types.iter().cloned().map(SortField::new).collect(),
+            )?,
+            sides: [side(left, 0)?, side(right, 1)?],
+            key_types,
+            residual,
+            null_equals_null,
+            pair_schema,
+            schema,
+            watermark: None,
+            key_buf: Vec::new(),
+        })
+    }
+
+    /// The batch's join keys in row format, and which rows can match at all.
+    fn keys(&self, side: usize, batch: &ChangeBatch) -> Result<(Rows, Option<BooleanArray>)> {
+        let n = batch.num_rows();
+        let mut cols: Vec<ArrayRef> = Vec::with_capacity(self.key_types.len());
+        for (e, t) in self.sides[side].keys.iter().zip(&self.key_types) {
+            let a = e.evaluate(batch.data())?.into_array(n)?;
+            cols.push(if a.data_type() == t { a } else { cast(&a, t)? });
+        }
+        let valid = if self.null_equals_null || cols.iter().all(|c| c.null_count() == 0) {
+            None
+        } else {
+            Some(
+                (0..n)
+                    .map(|i| Some(cols.iter().all(|c| c.is_valid(i))))
+                    .collect::<BooleanArray>(),
+            )
+        };
+        Ok((self.key_converter.convert_columns(&cols)?, valid))
+    }
+
+    /// When each row of `side` stops being able to match: the smallest `v + offset` over
+    /// the side's expiry columns (`None`: never).
+    fn expiry_times(&self, side: usize, batch: &ChangeBatch) -> Result<Vec<Option<i64>>> {
+        let s = &self.sides[side];
+        let mut times = vec![None; batch.num_rows()];
+        for e in &s.expiry {
+            let col = cast(
+                batch.data().column(e.col),
+                &DataType::Timestamp(TimeUnit::Microsecond, None),
+            )?;
+            let ts = col.as_primitive::<TimestampMicrosecondType>();
+            for (i, t) in times.iter_mut().enumerate() {
+                if ts.is_valid(i) {
+                    let v = ts.value(i).saturating_add(e.offset);
+                    *t = Some(t.map_or(v, |x: i64| x.min(v)));
+                }
+            }
+        }
+        Ok(times)
+    }
+
+    /// Rows of `side` decoded from state keys.
+    fn decode_rows(&self, side: usize, keys: &[Bytes]) -> Result<Vec<ArrayRef>> {
+        let conv = &self.sides[side].rows;
+        let parser = conv.parser();
+        let rows = keys
+            .iter()
+            .map(|k| {
+                prefix_len(k)
+                    .and_then(|p| k.get(p..))
+                    .map(|r| parser.parse(r))
+                    .ok_or_else(|| KappaError::internal("corrupt join state key"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(conv.convert_rows(rows)?)
+    }
+
+    /// Left columns then right columns from one side's columns (the other side's are
+    /// taken from `other`, or NULL).
+    fn pair_columns(
+        &self,
+        side: usize,
+        this: Vec<ArrayRef>,
+        other: Option<Vec<ArrayRef>>,
+        rows: usize,
+    ) -> Vec<ArrayRef> {
+        let other = other.unwrap_or_else(|| {
+            self.sides[1 - side]
+                .schema
+                .fields()
+                .iter()
+                .map(|f| new_null_array(f.data_type(), rows))
+                .collect()
+        });
+        if side == 0 {
+            this.into_iter().chain(other).collect()
+        } else {
+            other.into_iter().chain(this).collect()
+        }
+    }
+
+    /// Emits rows of one side alone: NULL-extended for outer joins, as they are for semi
+    /// and anti joins.
+    fn emit_side_rows(
+        &self,
+        side: usize,
+        columns: Vec<ArrayRef>,
+        weights: Vec<i64>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if weights.is_empty() {
+            return Ok(());
+        }
+        let n = weights.len();
+        let columns = if self.kind.emits_pairs() {
+            self.pair_columns(side, columns, None, n)
+        } else {
+            columns
+        };
+        let data = crate::batch_with_rows(self.schema.clone(), columns, n)?;
+        out.push(ChangeBatch::new(data, Int64Array::from(weights))?);
+        Ok(())
+    }
+
+    /// The weight with which a row of `side` whose match count is `matches` appears alone
+    /// in the output, per unit of its own weight (0 or 1).
+    fn alone(&self, side: usize, matches: i64) -> i64 {
+        let shown = if matches == 0 {
+            self.kind.preserves(side) || self.kind.anti_side() == Some(side)
+        } else {
+            self.kind.semi_side() == Some(side)
+        };
+        i64::from(shown)
+    }
+}
+
+impl Operator for HashJoin {
+    fn process(
+        &mut self,
+        input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if input > 1 {
+            return Err(KappaError::internal("a join has two inputs"));
+        }
+        let other = 1 - input;
+        let n = batch.num_rows();
+        let (keys, valid) = self.keys(input, &batch)?;
+        let can_match = |i: usize| valid.as_ref().is_none_or(|v| v.value(i));
+        let weights = batch.weights().clone();
+
+        // Probe the other side's state.
+        let mut cands: Vec<Candidate> = Vec::new();
+        let mut buf = std::mem::take(&mut self.key_buf);
+        for i in (0..n).filter(|&i| can_match(i)) {
+            state_key(&mut buf, keys.row(i).as_ref());
+            for (k, v) in self.sides[other].state.scan_prefix(&buf) {
+                cands.push(Candidate {
+                    row: i as u32,
+                    other: k,
+                    count: decode_entry(&v).0,
+                });
+            }
+        }
+
+        // The candidate pairs as rows, and which of them match (satisfy the residual).
+        let mut mask: Option<BooleanArray> = None;
+        if !cands.is_empty() && (self.residual.is_some() || self.kind.emits_pairs()) {
+            let idx = UInt32Array::from_iter_values(cands.iter().map(|c| c.row));
+            let this_cols = batch
+                .columns()
+                .iter()
+                .map(|c| take(c.as_ref(), &idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let stored: Vec<Bytes> = cands.iter().map(|c| c.other.clone()).collect();
+            let other_cols = self.decode_rows(other, &stored)?;
+            let columns = self.pair_columns(input, this_cols, Some(other_cols), cands.len());
+            let pairs = crate::batch_with_rows(self.pair_schema.clone(), columns, cands.len())?;
+            if let Some(residual) = &self.residual {
+                let m = residual.evaluate(&pairs)?.into_array(cands.len())?;
+                let m = m
+                    .as_any()
+                    .downcast_ref::<BooleanArray>()
+                    .ok_or_else(|| KappaError::internal("join condition is not boolean"))?;
+                // NULL is not true.
+                mask = Some(match m.nulls() {
+                    Some(nulls) => BooleanArray::new(m.values() & nulls.inner(), None),
+                    None => m.clone(),
+                });
+            }
+            if self.kind.emits_pairs() {
+                let w = cands
+                    .iter()
+                    .map(|c| weights.value(c.row as usize).checked_mul(c.count))
+                    .collect::<Option<Vec<i64>>>()
+                    .ok_or_else(|| KappaError::internal("join weight overflow"))?;
+                let data = crate::batch_with_rows(
+                    self.schema.clone(),
+                    pairs.columns().to_vec(),
+                    cands.len(),
+                )?;
+                let mut joined = ChangeBatch::new(data, Int64Array::from(w))?;
+                if let Some(m) = &mask {
+                    joined = joined.filter(m)?;
+                }
+                if !joined.is_empty() {
+                    out.push(joined);
+                }
+            }
+        }
+        let matched = |j: usize| mask.as_ref().is_none_or(|m| m.value(j));
+
+        // Match counts: this batch's rows', and those of the other side's rows it matches.
+        let mut matches = vec![0i64; n];
+        let mut flipped: Vec<Bytes> = Vec::new();
+        let mut flipped_w: Vec<i64> = Vec::new();
+        for (_, c) in cands.iter().enumerate().filter(|(j, _)| matched(*j)) {
+            let row = c.row as usize;
+            matches[row] += c.count;
+            if !self.sides[other].tracked {
+                continue;
+            }
+            let state = &mut self.sides[other].state;
+            let Some(v) = state.get(&c.other) else {
+                return Err(KappaError::internal("probed join row vanished"));
+            };
+            let (count, m) = decode_entry(&v);
+            let new = m + weights.value(row);
+            if new < 0 {
+                return Err(KappaError::internal(format!(
+                    "join match count became negative ({new}) on input {other}"
+                )));
+            }
+            state.put(c.other.clone(), encode_entry(count, Some(new)));
+            let change = self.alone(other, new) - self.alone(other, m);
+            if change != 0 {
+                flipped.push(c.other.clone());
+                flipped_w.push(change * count);
+            }
+        }
+        if !flipped.is_empty() {
+            let cols = self.decode_rows(other, &flipped)?;
+            self.emit_side_rows(other, cols, flipped_w, out)?;
+        }
+
+        // This batch's rows alone (unmatched rows of a preserved side, semi/anti rows).
+        if self.sides[input].tracked {
+            let (idx, w): (Vec<u32>, Vec<i64>) = (0..n)
+                .filter(|&i| self.alone(input, matches[i]) != 0)
+                .map(|i| (i as u32, weights.value(i)))
+                .unzip();
+            if !idx.is_empty() {
+                let idx = UInt32Array::from(idx);
+                let cols = batch
+                    .columns()
+                    .iter()
+                    .map(|c| take(c.as_ref(), &idx, None))
+                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                self.emit_side_rows(input, cols, w, out)?;
+            }
+        }
+
+        // Store: This += ΔThis (rows that already expired could never be probed).
+        let expiry = self.expiry_times(input, &batch)?;
+        let rows = self.sides[input].rows.convert_columns(batch.columns())?;
+        let watermark = self.watermark;
+        let side = &mut self.sides[input];
+        for i in (0..n).filter(|&i| can_match(i)) {
+            let expires = expiry[i];
+            if let (Some(t), Some(w)) = (expires, watermark)
+                && t <= w
+            {
+                continue;
+            }
+            state_key(&mut buf, keys.row(i).as_ref());
+            buf.extend_from_slice(rows.row(i).as_ref());
+            let old = side.state.get(&buf).map_or(0, |v| decode_entry(&v).0);
+            let new = old + weights.value(i);
+            if new < 0 {
+                return Err(KappaError::internal(format!(
+                    "join state count became negative ({new}) on input {input}"
+                )));
+            }
+            if new == 0 {
+                side.state.delete(&buf);
+                continue;
+            }
+            let key: Bytes = Arc::from(buf.as_slice());
+            if old == 0
+                && let Some(t) = expires
+            {
+                side.expiring.entry(t).or_default().push(key.clone());
+            }
+            let tracked = side.tracked.then_some(matches[i]);
+            side.state.put(key, encode_entry(new, tracked));
+        }
+        self.key_buf = buf;
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        watermark: Option<i64>,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let Some(w) = watermark else {
+            return Ok(());
+        };
+        if self.watermark.is_some_and(|old| old >= w) {
+            return Ok(());
+        }
+        self.watermark = Some(w);
+        for side in &mut self.sides {
+            // Expiry times t <= w are expired.
+            let live = match w.checked_add(1) {
+                Some(b) => side.expiring.split_off(&b),
+                None => BTreeMap::new(),
+            };
+            let expired = std::mem::replace(&mut side.expiring, live);
+            for key in expired.into_values().flatten() {
+                side.state.delete(&key);
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "StreamHashJoin"
+    }
+
+    fn state_entries(&self) -> usize {
+        self.sides.iter().map(|s| s.state.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+    use datafusion::logical_expr::Operator as Op;
+    use datafusion::physical_expr::expressions::{BinaryExpr, Column};
+    use kappa_state::MemStateTable;
+
+    fn col(name: &str, i: usize) -> Arc<dyn PhysicalExpr> {
+        Arc::new(Column::new(name, i))
+    }
+
+    const L: &str = "k:i64, a:utf8";
+    const R: &str = "k2:i64, b:utf8";
+
+    fn side(spec: &str, key: usize, expiry: Vec<WatermarkCol>) -> JoinSide {
+        let s = schema(spec);
+        JoinSide {
+            keys: vec![col(s.field(key).name(), key)],
+            schema: s,
+            state: Box::new(MemStateTable::default()),
+            expiry,
+        }
+    }
+
+    fn equi_join() -> HashJoin {
+        kind_join(JoinKind::Inner, "k:i64, a:utf8, k2:i64, b:utf8")
+    }
+
+    fn kind_join(kind: JoinKind, out: &str) -> HashJoin {
+        HashJoin::new(
+            kind,
+            side(L, 0, vec![]),
+            side(R, 0, vec![]),
+            vec![DataType::Int64],
+            None,
+            false,
+            schema(out),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn left_join_turns_matches_into_null_extended_rows_and_back() {
+        let mut j = kind_join(JoinKind::Left, "k:i64, a:utf8, k2:i64, b:utf8");
+        let mut out = vec![];
+        j.process(0, changes(L, "+ 1 | x\n+ NULL | n"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ 1 | x | NULL | NULL\n+ NULL | n | NULL | NULL");
+        out.clear();
+        // The first match retracts the NULL-extended row; a second match adds a pair only.
+        j.process(1, changes(R, "+ 1 | p\n+ 1 | q"), &mut out)
+            .unwrap();
+        assert_changes(
+            &out,
+            "- 1 | x | NULL | NULL\n+ 1 | x | 1 | p\n+ 1 | x | 1 | q",
+        );
+        out.clear();
+        // Deleting both matches brings it back; deleting the NULL-key row retracts it alone.
+        j.process(1, changes(R, "- 1 | p\n- 1 | q"), &mut out)
+            .unwrap();
+        j.process(0, changes(L, "- NULL | n"), &mut out).unwrap();
+        assert_changes(
+            &out,
+            "- 1 | x | 1 | p\n- 1 | x | 1 | q\n+ 1 | x | NULL | NULL\n- NULL | n | NULL | NULL",
+        );
+        out.clear();
+        // A left row with two copies arriving while the right has a match: pairs only.
+        j.process(1, changes(R, "+ 1 | r"), &mut out).unwrap();
+        j.process(0, changes(L, "+2 1 | y"), &mut out).unwrap();
+        assert_changes(
+            &out,
+            "- 1 | x | NULL | NULL\n+ 1 | x | 1 | r\n+2 1 | y | 1 | r",
+        );
+    }
+
+    #[test]
+    fn full_join_preserves_both_sides() {
+        let mut j = kind_join(JoinKind::Full, "k:i64, a:utf8, k2:i64, b:utf8");
+        let mut out = vec![];
+        j.process(0, changes(L, "+ 1 | x"), &mut out).unwrap();
+        j.process(1, changes(R, "+ 2 | p\n+ 1 | q"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ NULL | NULL | 2 | p\n+ 1 | x | 1 | q");
+        out.clear();
+        j.process(0, changes(L, "- 1 | x\n+ 2 | y"), &mut out)
+            .unwrap();
+        assert_changes(
+            &out,
+            "- 1 | x | 1 | q\n+ NULL | NULL | 1 | q\n- NULL | NULL | 2 | p\n+ 2 | y | 2 | p",
+        );
+    }
+
+    #[test]
+    fn semi_and_anti_joins_follow_the_first_and_last_match() {
+        let mut semi = kind_join(JoinKind::LeftSemi, L);
+        let mut anti = kind_join(JoinKind::LeftAnti, L);
+        for (j, first, second) in [
+            (&mut semi, "", "+ 1 | x"),
+            (&mut anti, "+ 1 | x\n+ NULL | n", "- 1 | x"),
+        ] {
+            let mut out = vec![];
+            j.process(0, changes(L, "+ 1 | x\n+ NULL | n"), &mut out)
+                .unwrap();
+            assert_changes(&out, first);
+            out.clear();
+            j.process(1, changes(R, "+ 1 | p\n+2 1 | q"), &mut out)
+                .unwrap();
+            assert_changes(&out, second);
+            out.clear();
+            // Only the last match's retraction changes the output back.
+            j.process(1, changes(R, "- 1 | p\n-2 1 | q"), &mut out)
+                .unwrap();
+            let back = if second.starts_with('+') {
+                "- 1 | x"
+            } else {
+                "+ 1 | x"
+            };
+            assert_changes(&out, back);
+        }
+    }
+
+    #[test]
+    fn joins_deltas_against_the_other_side_and_retracts() {
+        let mut j = equi_join();
+        let mut out = vec![];
+        j.process(
+            0,
+            changes(L, "+ 1 | x\n+2 1 | y\n+ 2 | z\n+ NULL | n"),
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.is_empty());
+        j.process(1, changes(R, "+ 1 | p\n+ 3 | q\n+ NULL | n"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ 1 | x | 1 | p\n+2 1 | y | 1 | p");
+        out.clear();
+        // Deleting a right row retracts every match; a new left row joins the rest.
+        j.process(0, changes(L, "+ 3 | w\n- 1 | y"), &mut out)
+            .unwrap();
+        j.process(1, changes(R, "- 1 | p"), &mut out).unwrap();
+        assert_changes(
+            &out,
+            "+ 3 | w | 3 | q\n- 1 | y | 1 | p\n- 1 | x | 1 | p\n- 1 | y | 1 | p",
+        );
+        // Left: x, y, z, w, (null); right: q, (null).
+        assert_eq!(j.state_entries(), 4 + 1);
+    }
+
+    #[test]
+    fn residual_condition_filters_matches() {
+        let s = schema("k:i64, a:i64, k2:i64, b:i64");
+        let residual: Arc<dyn PhysicalExpr> =
+            Arc::new(BinaryExpr::new(col("a", 1), Op::GtEq, col("b", 3)));
+        let mut j = HashJoin::new(
+            JoinKind::Inner,
+            side("k:i64, a:i64", 0, vec![]),
+            side("k2:i64, b:i64", 0, vec![]),
+            vec![DataType::Int64],
+            Some(residual),
+            false,
+            s,
+        )
+        .unwrap();
+        let mut out = vec![];
+        j.process(0, changes("k:i64, a:i64", "+ 1 | 5\n+ 1 | 10"), &mut out)
+            .unwrap();
+        j.process(1, changes("k2:i64, b:i64", "+ 1 | 7\n+ 2 | 1"), &mut out)
+            .unwrap();
+        assert_changes(&out, "+ 1 | 10 | 1 | 7");
+    }
+
+    #[test]
+    fn interval_join_frees_rows_that_can_no_longer_match() {
+        // b.t BETWEEN a.t AND a.t + 10 s: an `a` row expires when a.t + 10 s < W
+        // (offset 10 s + 1 µs), a `b` row when b.t < W (offset 1 µs).
+        let sec = 1_000_000;
+        let ls = "k:i64, t:ts";
+        let rs = "k2:i64, t2:ts";
+        let residual: Arc<dyn PhysicalExpr> = Arc::new(BinaryExpr::new(
+            Arc::new(BinaryExpr::new(col("t2", 3), Op::GtEq, col("t", 1))),
+            Op::And,
+            Arc::new(BinaryExpr::new(
+                col("t2", 3),
+                Op::LtEq,
+                Arc::new(BinaryExpr::new(
+                    col("t", 1),
+                    Op::Plus,
+                    Arc::new(datafusion::physical_expr::expressions::Literal::new(
+                        datafusion::scalar::ScalarValue::new_interval_mdn(0, 0, 10_000_000_000),
+                    )),
+                )),
+            )),
+        ));
+        let mut j = HashJoin::new(
+            JoinKind::Inner,
+            side(
+                ls,
+                0,
+                vec![WatermarkCol {
+                    col: 1,
+                    offset: 10 * sec + 1,
+                }],
+            ),
+            side(rs, 0, vec![WatermarkCol { col: 1, offset: 1 }]),
+            vec![DataType::Int64],
+            Some(residual),
+            false,
+            schema("k:i64, t:ts, k2:i64, t2:ts"),
+        )
+        .unwrap();
+        let mut out = vec![];
+        j.process(0, changes(ls, "+ 1 | 100\n+ 1 | 105"), &mut out)
+            .unwrap();
+        j.process(1, changes(rs, "+ 1 | 108\n+ 1 | 120"), &mut out)
+            .unwrap();
+        j.on_barrier(1, Some(110 * sec), &mut out).unwrap();
+        let t = |s: u32| format!("1970-01-01T00:01:{s:02}");
+        assert_changes(
+            &out,
+            &format!(
+                "+ 1 | {} | 1 | {}\n+ 1 | {} | 1 | {}",
+                t(40),
+                t(48),
+                t(45),
+                t(48)
+            ),
+        );
+        // At W = 110 s: b@108 expired (108 < 110); a rows expire after 110 s / 115 s.
+        assert_eq!(j.state_entries(), 3);
+        out.clear();
+        j.on_barrier(2, Some(112 * sec), &mut out).unwrap();
+        assert_eq!(j.state_entries(), 2, "a@100 expired at W > 110 s");
+        j.process(1, changes(rs, "+ 1 | 113"), &mut out).unwrap();
+        assert_changes(&out, &format!("+ 1 | {} | 1 | {}", t(45), t(53)));
+        out.clear();
+        j.on_barrier(3, Some(200 * sec), &mut out).unwrap();
+        assert_eq!(j.state_entries(), 0);
+        // A change for an already expired row is joined but not stored.
+        j.process(0, changes(ls, "+ 1 | 150"), &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(j.state_entries(), 0);
+    }
+}
