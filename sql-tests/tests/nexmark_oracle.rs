@@ -232,7 +232,11 @@ async fn nexmark_window_and_join_views_equal_duckdb() {
         let cols: Vec<String> = cols
             .iter()
             .map(|(n, t)| {
-                let ty = if *t == DataType::Utf8 { "VARCHAR" } else { "BIGINT" };
+                let ty = if *t == DataType::Utf8 {
+                    "VARCHAR"
+                } else {
+                    "BIGINT"
+                };
                 format!("{n} {ty}")
             })
             .collect();

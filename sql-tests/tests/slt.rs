@@ -1,4 +1,5 @@
 //! Runs every `.slt` file under `sql-tests/slt/`, each against its own fresh server.
+//! `KAPPA_SLT=text` runs only the files whose path contains `text`.
 
 use std::path::PathBuf;
 
@@ -15,6 +16,9 @@ fn slt_files() -> Vec<PathBuf> {
                 out.push(p);
             }
         }
+    }
+    if let Ok(only) = std::env::var("KAPPA_SLT") {
+        out.retain(|p| p.to_string_lossy().contains(&only));
     }
     out.sort();
     out
