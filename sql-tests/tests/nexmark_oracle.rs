@@ -121,8 +121,11 @@ const QUERIES: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-/// The columns of each stream the queries read (the event time last).
-const STREAMS: &[(&str, NexmarkTable, &[(&str, DataType)])] = &[
+/// A column's name and type.
+type Col = (&'static str, DataType);
+
+/// The columns of each stream the queries read (`date_time` follows them).
+const STREAMS: &[(&str, NexmarkTable, &[Col])] = &[
     (
         "bid",
         NexmarkTable::Bid,
@@ -145,7 +148,7 @@ const STREAMS: &[(&str, NexmarkTable, &[(&str, DataType)])] = &[
 ];
 
 /// Writes the stream `table` (columns `cols`, then `date_time` as microseconds) as CSV.
-fn write_csv(path: &std::path::Path, table: NexmarkTable, cols: &[(&str, DataType)]) {
+fn write_csv(path: &std::path::Path, table: NexmarkTable, cols: &[Col]) {
     let mut c = NexmarkConfig::new(table);
     c.seed = SEED;
     c.rate = RATE;
