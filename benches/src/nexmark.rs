@@ -34,6 +34,55 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         "selection",
     ),
     (
+        "q5",
+        &["bid"],
+        "SELECT AuctionBids.auction, AuctionBids.num FROM ( \
+           SELECT bid.auction, count(*) AS num, window_start AS starttime \
+           FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
+           GROUP BY window_start, bid.auction \
+         ) AS AuctionBids \
+         JOIN ( \
+           SELECT max(CountBids.num) AS maxn, CountBids.starttime_c \
+           FROM ( \
+             SELECT count(*) AS num, window_start AS starttime_c \
+             FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) \
+             GROUP BY bid.auction, window_start \
+           ) AS CountBids \
+           GROUP BY CountBids.starttime_c \
+         ) AS MaxBids \
+         ON AuctionBids.starttime = MaxBids.starttime_c AND AuctionBids.num >= MaxBids.maxn",
+        "hot items: auctions with the most bids per hopping window (window join)",
+    ),
+    (
+        "q7",
+        &["bid"],
+        "SELECT B.auction, B.price, B.bidder, B.date_time, B.extra \
+         FROM bid B \
+         JOIN ( \
+           SELECT MAX(price) AS maxprice, window_end as date_time \
+           FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) \
+           GROUP BY window_end \
+         ) B1 ON B.price = B1.maxprice \
+         WHERE B.date_time BETWEEN B1.date_time - INTERVAL '10' SECOND AND B1.date_time",
+        "highest bid per window (interval join with the window's max)",
+    ),
+    (
+        "q8",
+        &["person", "auction"],
+        "SELECT P.id, P.name, P.starttime \
+         FROM ( \
+           SELECT id, name, window_start AS starttime, window_end AS endtime \
+           FROM TUMBLE(person, date_time, INTERVAL '10' SECOND) \
+           GROUP BY id, name, window_start, window_end \
+         ) P \
+         JOIN ( \
+           SELECT seller, window_start AS starttime, window_end AS endtime \
+           FROM TUMBLE(auction, date_time, INTERVAL '10' SECOND) \
+           GROUP BY seller, window_start, window_end \
+         ) A ON P.id = A.seller AND P.starttime = A.starttime AND P.endtime = A.endtime",
+        "new users who opened an auction in the same window (window join)",
+    ),
+    (
         "q5-hop",
         &["bid"],
         "SELECT auction, count(*) AS num, window_start AS starttime FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end, auction",

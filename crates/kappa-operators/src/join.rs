@@ -21,10 +21,12 @@
 //! count is the probe's result.
 //!
 //! # State
-//! One [`StateTable`] per side: `key length (u32 BE) ‖ key ‖ row` → `count (i64 LE)`, plus
-//! `matches (i64 LE)` on sides that track them. Keys and rows are in Arrow's row format, so
-//! a probe is a prefix scan over the matching key. Rows whose key cannot match (NULL) are
-//! not stored: their output never changes, and a later change to them is computed alone.
+//! Per side, in memory: join key → (row → count and match count), keys and rows in Arrow's
+//! row format, in hash maps, so a probe or an update costs one hash lookup (an ordered
+//! byte-keyed map costs a chain of cache-missing key comparisons per row, which made the
+//! join ten times slower). Rows whose key cannot match (NULL) are not stored: their output
+//! never changes, and a later change to them is computed alone. Durable join state (issue
+//! 5) will write these entries through to a `StateTable` and keep this map as its cache.
 //!
 //! # Expiry (state freed by the watermark)
 //! The planner derives, from the join condition and the watermark-bounded columns of the
@@ -50,7 +52,9 @@ use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{JoinKind, WatermarkCol};
-use kappa_state::{Bytes, StateTable};
+
+type Bytes = Arc<[u8]>;
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
 
 use crate::Operator;
 
@@ -60,7 +64,6 @@ pub struct JoinSide {
     pub keys: Vec<Arc<dyn PhysicalExpr>>,
     /// This side's input schema.
     pub schema: SchemaRef,
-    pub state: Box<dyn StateTable>,
     /// A stored row expires when any of these (timestamp) columns is closed.
     pub expiry: Vec<WatermarkCol>,
 }
@@ -69,14 +72,14 @@ struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     schema: SchemaRef,
     rows: RowConverter,
-    state: Box<dyn StateTable>,
+    store: Store,
     expiry: Vec<WatermarkCol>,
     /// Whether stored rows carry their match count.
     tracked: bool,
-    /// Expiry time (smallest `v + offset` over `expiry`) → state keys of the rows stored
+    /// Expiry time (smallest `v + offset` over `expiry`) → (key, row) of the rows stored
     /// with it. Entries may outlive their rows (a row retracted before it expires); deleting
-    /// an absent key is harmless.
-    expiring: BTreeMap<i64, Vec<Bytes>>,
+    /// an absent row is harmless.
+    expiring: BTreeMap<i64, Vec<(Bytes, Bytes)>>,
 }
 
 pub struct HashJoin {
@@ -90,42 +93,100 @@ pub struct HashJoin {
     pair_schema: SchemaRef,
     schema: SchemaRef,
     watermark: Option<i64>,
-    key_buf: Vec<u8>,
 }
 
-/// A stored row's value: its count and, on tracked sides, its match count.
-fn encode_entry(count: i64, matches: Option<i64>) -> Bytes {
-    let mut v = Vec::with_capacity(16);
-    v.extend_from_slice(&count.to_le_bytes());
-    if let Some(m) = matches {
-        v.extend_from_slice(&m.to_le_bytes());
+/// A stored row: how many copies, and (on sides that track it) the weighted number of
+/// rows of the other side it matches.
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    count: i64,
+    matches: i64,
+}
+
+/// One side's rows: join key → row → entry. Every stored count is > 0.
+#[derive(Default)]
+struct Store {
+    buckets: HashMap<Bytes, HashMap<Bytes, Entry>>,
+    len: usize,
+}
+
+impl Store {
+    fn bucket(&self, key: &[u8]) -> Option<&HashMap<Bytes, Entry>> {
+        self.buckets.get(key)
     }
-    Arc::from(v.as_slice())
-}
 
-fn decode_entry(v: &[u8]) -> (i64, i64) {
-    let word = |i: usize| {
-        v.get(i * 8..i * 8 + 8)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, i64::from_le_bytes)
-    };
-    (word(0), word(1))
-}
+    fn entry_mut(&mut self, key: &[u8], row: &[u8]) -> Option<&mut Entry> {
+        self.buckets.get_mut(key)?.get_mut(row)
+    }
 
-/// Where the row starts in a state key (after the length-prefixed join key).
-fn prefix_len(k: &[u8]) -> Option<usize> {
-    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
-    Some(4 + len)
-}
+    /// Adds `weight` copies of `row` under `key` (with match count `matches`); returns the
+    /// shared key and row if the row is new.
+    fn add(
+        &mut self,
+        key: &[u8],
+        row: &[u8],
+        weight: i64,
+        matches: i64,
+    ) -> Result<Option<(Bytes, Bytes)>> {
+        let bucket = match self.buckets.get_mut(key) {
+            Some(b) => b,
+            None => self.buckets.entry(Arc::from(key)).or_default(),
+        };
+        if let Some(e) = bucket.get_mut(row) {
+            e.count += weight;
+            e.matches = matches;
+            if e.count > 0 {
+                return Ok(None);
+            }
+            if e.count < 0 {
+                return Err(KappaError::internal(format!(
+                    "join state count became negative ({})",
+                    e.count
+                )));
+            }
+            bucket.remove(row);
+            self.len -= 1;
+            if bucket.is_empty() {
+                self.buckets.remove(key);
+            }
+            return Ok(None);
+        }
+        if weight < 0 {
+            return Err(KappaError::internal(
+                "join state: retraction of a row never stored",
+            ));
+        }
+        let row: Bytes = Arc::from(row);
+        bucket.insert(
+            row.clone(),
+            Entry {
+                count: weight,
+                matches,
+            },
+        );
+        self.len += 1;
+        let key = self
+            .buckets
+            .get_key_value(key)
+            .map(|(k, _)| k.clone())
+            .ok_or_else(|| KappaError::internal("join bucket vanished"))?;
+        Ok(Some((key, row)))
+    }
 
-fn state_key(buf: &mut Vec<u8>, key: &[u8]) {
-    buf.clear();
-    buf.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    buf.extend_from_slice(key);
+    fn remove(&mut self, key: &[u8], row: &[u8]) {
+        if let Some(bucket) = self.buckets.get_mut(key)
+            && bucket.remove(row).is_some()
+        {
+            self.len -= 1;
+            if bucket.is_empty() {
+                self.buckets.remove(key);
+            }
+        }
+    }
 }
 
 /// A candidate pair found by a probe: row `row` of the delta batch and a stored row of
-/// the other side (its state key and count).
+/// the other side (and its count).
 struct Candidate {
     row: u32,
     other: Bytes,
@@ -169,7 +230,7 @@ impl HashJoin {
                 keys: s.keys,
                 rows: kappa_state::row_converter(&s.schema)?,
                 schema: s.schema,
-                state: s.state,
+                store: Store::default(),
                 expiry: s.expiry,
                 tracked: kind.preserves(i)
                     || kind.semi_side() == Some(i)
@@ -189,7 +250,6 @@ impl HashJoin {
             pair_schema,
             schema,
             watermark: None,
-            key_buf: Vec::new(),
         })
     }
 
@@ -234,20 +294,11 @@ impl HashJoin {
         Ok(times)
     }
 
-    /// Rows of `side` decoded from state keys.
-    fn decode_rows(&self, side: usize, keys: &[Bytes]) -> Result<Vec<ArrayRef>> {
+    /// Stored rows of `side`, decoded.
+    fn decode_rows(&self, side: usize, rows: &[Bytes]) -> Result<Vec<ArrayRef>> {
         let conv = &self.sides[side].rows;
         let parser = conv.parser();
-        let rows = keys
-            .iter()
-            .map(|k| {
-                prefix_len(k)
-                    .and_then(|p| k.get(p..))
-                    .map(|r| parser.parse(r))
-                    .ok_or_else(|| KappaError::internal("corrupt join state key"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(conv.convert_rows(rows)?)
+        Ok(conv.convert_rows(rows.iter().map(|r| parser.parse(r)))?)
     }
 
     /// Left columns then right columns from one side's columns (the other side's are
@@ -330,14 +381,15 @@ impl Operator for HashJoin {
 
         // Probe the other side's state.
         let mut cands: Vec<Candidate> = Vec::new();
-        let mut buf = std::mem::take(&mut self.key_buf);
         for i in (0..n).filter(|&i| can_match(i)) {
-            state_key(&mut buf, keys.row(i).as_ref());
-            for (k, v) in self.sides[other].state.scan_prefix(&buf) {
+            let Some(bucket) = self.sides[other].store.bucket(keys.row(i).as_ref()) else {
+                continue;
+            };
+            for (row, e) in bucket {
                 cands.push(Candidate {
                     row: i as u32,
-                    other: k,
-                    count: decode_entry(&v).0,
+                    other: row.clone(),
+                    count: e.count,
                 });
             }
         }
@@ -399,18 +451,20 @@ impl Operator for HashJoin {
             if !self.sides[other].tracked {
                 continue;
             }
-            let state = &mut self.sides[other].state;
-            let Some(v) = state.get(&c.other) else {
+            let Some(e) = self.sides[other]
+                .store
+                .entry_mut(keys.row(row).as_ref(), &c.other)
+            else {
                 return Err(KappaError::internal("probed join row vanished"));
             };
-            let (count, m) = decode_entry(&v);
+            let (count, m) = (e.count, e.matches);
             let new = m + weights.value(row);
             if new < 0 {
                 return Err(KappaError::internal(format!(
                     "join match count became negative ({new}) on input {other}"
                 )));
             }
-            state.put(c.other.clone(), encode_entry(count, Some(new)));
+            e.matches = new;
             let change = self.alone(other, new) - self.alone(other, m);
             if change != 0 {
                 flipped.push(c.other.clone());
@@ -451,29 +505,16 @@ impl Operator for HashJoin {
             {
                 continue;
             }
-            state_key(&mut buf, keys.row(i).as_ref());
-            buf.extend_from_slice(rows.row(i).as_ref());
-            let old = side.state.get(&buf).map_or(0, |v| decode_entry(&v).0);
-            let new = old + weights.value(i);
-            if new < 0 {
-                return Err(KappaError::internal(format!(
-                    "join state count became negative ({new}) on input {input}"
-                )));
+            let added = side.store.add(
+                keys.row(i).as_ref(),
+                rows.row(i).as_ref(),
+                weights.value(i),
+                matches[i],
+            )?;
+            if let (Some(t), Some(kr)) = (expires, added) {
+                side.expiring.entry(t).or_default().push(kr);
             }
-            if new == 0 {
-                side.state.delete(&buf);
-                continue;
-            }
-            let key: Bytes = Arc::from(buf.as_slice());
-            if old == 0
-                && let Some(t) = expires
-            {
-                side.expiring.entry(t).or_default().push(key.clone());
-            }
-            let tracked = side.tracked.then_some(matches[i]);
-            side.state.put(key, encode_entry(new, tracked));
         }
-        self.key_buf = buf;
         Ok(())
     }
 
@@ -497,8 +538,8 @@ impl Operator for HashJoin {
                 None => BTreeMap::new(),
             };
             let expired = std::mem::replace(&mut side.expiring, live);
-            for key in expired.into_values().flatten() {
-                side.state.delete(&key);
+            for (key, row) in expired.into_values().flatten() {
+                side.store.remove(&key, &row);
             }
         }
         Ok(())
@@ -509,7 +550,7 @@ impl Operator for HashJoin {
     }
 
     fn state_entries(&self) -> usize {
-        self.sides.iter().map(|s| s.state.len()).sum()
+        self.sides.iter().map(|s| s.store.len).sum()
     }
 }
 
@@ -519,7 +560,6 @@ mod tests {
     use crate::testing::{assert_changes, changes, schema};
     use datafusion::logical_expr::Operator as Op;
     use datafusion::physical_expr::expressions::{BinaryExpr, Column};
-    use kappa_state::MemStateTable;
 
     fn col(name: &str, i: usize) -> Arc<dyn PhysicalExpr> {
         Arc::new(Column::new(name, i))
@@ -533,7 +573,6 @@ mod tests {
         JoinSide {
             keys: vec![col(s.field(key).name(), key)],
             schema: s,
-            state: Box::new(MemStateTable::default()),
             expiry,
         }
     }

@@ -139,11 +139,10 @@ pub(crate) fn build_dataflow(
                         .map(|(le, re)| compile(ctx, if right { re } else { le }, schema))
                         .collect::<Result<Vec<_>>>()
                 };
-                let side = |schema: &DFSchema, right: bool, name: &str| -> Result<JoinSide> {
+                let side = |schema: &DFSchema, right: bool| -> Result<JoinSide> {
                     Ok(JoinSide {
                         keys: keys(schema, right)?,
                         schema: arrow_schema(schema),
-                        state: store.create_table(&format!("mv{relation}.n{i}.{name}")),
                         expiry: expiry[usize::from(right)].clone(),
                     })
                 };
@@ -153,8 +152,8 @@ pub(crate) fn build_dataflow(
                 };
                 Box::new(HashJoin::new(
                     *kind,
-                    side(ls, false, "left")?,
-                    side(rs, true, "right")?,
+                    side(ls, false)?,
+                    side(rs, true)?,
                     key_types,
                     residual,
                     *null_equals_null,
