@@ -240,9 +240,13 @@ impl HashJoin {
         };
         Ok(Self {
             kind,
-            key_converter: RowConverter::new(
-                key_types.iter().cloned().map(SortField::new).collect(),
-            )?,
+            // A join without equality conditions (CROSS JOIN, or only a residual) has one
+            // key for every row: a constant column.
+            key_converter: RowConverter::new(if key_types.is_empty() {
+                vec![SortField::new(DataType::Boolean)]
+            } else {
+                key_types.iter().cloned().map(SortField::new).collect()
+            })?,
             sides: [side(left, 0)?, side(right, 1)?],
             key_types,
             residual,
@@ -260,6 +264,9 @@ impl HashJoin {
         for (e, t) in self.sides[side].keys.iter().zip(&self.key_types) {
             let a = e.evaluate(batch.data())?.into_array(n)?;
             cols.push(if a.data_type() == t { a } else { cast(&a, t)? });
+        }
+        if cols.is_empty() {
+            cols.push(Arc::new(BooleanArray::from(vec![true; n])));
         }
         let valid = if self.null_equals_null || cols.iter().all(|c| c.null_count() == 0) {
             None
@@ -699,6 +706,33 @@ mod tests {
         );
         // Left: x, y, z, w, (null); right: q, (null).
         assert_eq!(j.state_entries(), 4 + 1);
+    }
+
+    #[test]
+    fn cross_join_has_one_key_for_all_rows() {
+        let s = |spec: &str| {
+            let schema = schema(spec);
+            JoinSide {
+                keys: vec![],
+                schema,
+                expiry: vec![],
+            }
+        };
+        let mut j = HashJoin::new(
+            JoinKind::Inner,
+            s(L),
+            s(R),
+            vec![],
+            None,
+            false,
+            schema("k:i64, a:utf8, k2:i64, b:utf8"),
+        )
+        .unwrap();
+        let mut out = vec![];
+        j.process(0, changes(L, "+ 1 | x\n+ 2 | y"), &mut out)
+            .unwrap();
+        j.process(1, changes(R, "+ 3 | p"), &mut out).unwrap();
+        assert_changes(&out, "+ 1 | x | 3 | p\n+ 2 | y | 3 | p");
     }
 
     #[test]
