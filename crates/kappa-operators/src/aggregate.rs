@@ -223,12 +223,7 @@ impl HashAggregate {
         weights: &mut Vec<i64>,
     ) -> Result<()> {
         // Values v with v + offset <= w, i.e. v <= w - offset.
-        let bound = w.saturating_sub(close.offset);
-        let still_open = match bound.checked_add(1) {
-            Some(b) => self.open.split_off(&b),
-            None => BTreeMap::new(),
-        };
-        let closed = std::mem::replace(&mut self.open, still_open);
+        let closed = crate::take_closed(&mut self.open, w.saturating_sub(close.offset));
         for group in closed.into_values().flatten() {
             let Some(bytes) = self.groups.get(&group) else {
                 continue;

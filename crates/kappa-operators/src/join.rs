@@ -46,7 +46,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array, new_null_array,
 };
-use datafusion::arrow::compute::{cast, take};
+use datafusion::arrow::compute::kernels::filter::prep_null_mask_filter;
+use datafusion::arrow::compute::{cast, take_arrays};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -405,11 +406,7 @@ impl Operator for HashJoin {
         let mut mask: Option<BooleanArray> = None;
         if !cands.is_empty() && (self.residual.is_some() || self.kind.emits_pairs()) {
             let idx = UInt32Array::from_iter_values(cands.iter().map(|c| c.row));
-            let this_cols = batch
-                .columns()
-                .iter()
-                .map(|c| take(c.as_ref(), &idx, None))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
+            let this_cols = take_arrays(batch.columns(), &idx, None)?;
             let stored: Vec<Bytes> = cands.iter().map(|c| c.other.clone()).collect();
             let other_cols = self.decode_rows(other, &stored)?;
             let columns = self.pair_columns(input, this_cols, Some(other_cols), cands.len());
@@ -420,10 +417,11 @@ impl Operator for HashJoin {
                     .as_any()
                     .downcast_ref::<BooleanArray>()
                     .ok_or_else(|| KappaError::internal("join condition is not boolean"))?;
-                // NULL is not true.
-                mask = Some(match m.nulls() {
-                    Some(nulls) => BooleanArray::new(m.values() & nulls.inner(), None),
-                    None => m.clone(),
+                // NULL is not true (the kernel requires a null buffer).
+                mask = Some(if m.null_count() > 0 {
+                    prep_null_mask_filter(m)
+                } else {
+                    m.clone()
                 });
             }
             if self.kind.emits_pairs() {
@@ -491,11 +489,7 @@ impl Operator for HashJoin {
                 .unzip();
             if !idx.is_empty() {
                 let idx = UInt32Array::from(idx);
-                let cols = batch
-                    .columns()
-                    .iter()
-                    .map(|c| take(c.as_ref(), &idx, None))
-                    .collect::<std::result::Result<Vec<_>, _>>()?;
+                let cols = take_arrays(batch.columns(), &idx, None)?;
                 self.emit_side_rows(input, cols, w, out)?;
             }
         }
@@ -540,12 +534,10 @@ impl Operator for HashJoin {
         self.watermark = Some(w);
         for side in &mut self.sides {
             // Expiry times t <= w are expired.
-            let live = match w.checked_add(1) {
-                Some(b) => side.expiring.split_off(&b),
-                None => BTreeMap::new(),
-            };
-            let expired = std::mem::replace(&mut side.expiring, live);
-            for (key, row) in expired.into_values().flatten() {
+            for (key, row) in crate::take_closed(&mut side.expiring, w)
+                .into_values()
+                .flatten()
+            {
                 side.store.remove(&key, &row);
             }
         }
@@ -753,8 +745,13 @@ mod tests {
         let mut out = vec![];
         j.process(0, changes("k:i64, a:i64", "+ 1 | 5\n+ 1 | 10"), &mut out)
             .unwrap();
-        j.process(1, changes("k2:i64, b:i64", "+ 1 | 7\n+ 2 | 1"), &mut out)
-            .unwrap();
+        // A NULL condition (10 >= NULL) is not a match.
+        j.process(
+            1,
+            changes("k2:i64, b:i64", "+ 1 | 7\n+ 2 | 1\n+ 1 | NULL"),
+            &mut out,
+        )
+        .unwrap();
         assert_changes(&out, "+ 1 | 10 | 1 | 7");
     }
 

@@ -40,6 +40,19 @@ pub(crate) fn batch_with_rows(
     )?)
 }
 
+/// Removes and returns the entries of an event-time index whose key is `<= upto`: the part a
+/// watermark at `upto` has closed (windows, expired join rows).
+pub(crate) fn take_closed<V>(
+    index: &mut std::collections::BTreeMap<i64, V>,
+    upto: i64,
+) -> std::collections::BTreeMap<i64, V> {
+    let open = match upto.checked_add(1) {
+        Some(b) => index.split_off(&b),
+        None => std::collections::BTreeMap::new(),
+    };
+    std::mem::replace(index, open)
+}
+
 /// A streaming operator.
 pub trait Operator: Send {
     /// Consumes one batch that arrived on input number `input` (0-based, in the order of the

@@ -17,7 +17,7 @@
 //! Strict comparisons are treated as non-strict: the bounds are then merely one microsecond
 //! more conservative.
 
-use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, IntervalMonthDayNano, TimeUnit};
 use datafusion::common::DFSchema;
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
@@ -151,18 +151,14 @@ fn constant_micros(e: &Expr) -> Option<i64> {
     let Expr::Literal(v, _) = e else {
         return None;
     };
-    const DAY: i64 = 86_400_000_000;
     match v {
-        ScalarValue::IntervalMonthDayNano(Some(i))
-            if i.months == 0 && i.nanoseconds % 1000 == 0 =>
-        {
-            (i.days as i64)
-                .checked_mul(DAY)?
-                .checked_add(i.nanoseconds / 1000)
-        }
-        ScalarValue::IntervalDayTime(Some(i)) => (i.days as i64)
-            .checked_mul(DAY)?
-            .checked_add(i.milliseconds as i64 * 1000),
+        ScalarValue::IntervalMonthDayNano(Some(i)) => crate::tvf::fixed_micros(*i).ok(),
+        ScalarValue::IntervalDayTime(Some(i)) => crate::tvf::fixed_micros(IntervalMonthDayNano {
+            months: 0,
+            days: i.days,
+            nanoseconds: i.milliseconds as i64 * 1_000_000,
+        })
+        .ok(),
         ScalarValue::DurationMicrosecond(Some(us)) => Some(*us),
         ScalarValue::DurationMillisecond(Some(ms)) => ms.checked_mul(1000),
         ScalarValue::DurationSecond(Some(s)) => s.checked_mul(1_000_000),

@@ -11,7 +11,7 @@
 use std::ops::ControlFlow;
 
 use datafusion::arrow::compute::kernels::cast_utils::parse_interval_month_day_nano;
-use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::arrow::datatypes::{DataType, IntervalMonthDayNano, TimeUnit};
 use datafusion::sql::sqlparser::ast::{
     Expr, FunctionArg, FunctionArgExpr, Ident, ObjectName, TableAlias, TableFactor, Value,
     VisitMut, VisitorMut,
@@ -110,18 +110,21 @@ fn interval_micros(e: &Expr, what: &str) -> Result<i64> {
     };
     let iv = parse_interval_month_day_nano(&text)
         .map_err(|err| bad_arg(format!("invalid interval {e} as {what}: {err}")))?;
+    fixed_micros(iv).map_err(|why| bad_arg(format!("{what} {e} {why}")))
+}
+
+/// The length of an interval in microseconds, if it has a fixed one; else why not.
+pub(crate) fn fixed_micros(iv: IntervalMonthDayNano) -> std::result::Result<i64, &'static str> {
     if iv.months != 0 {
-        return Err(bad_arg(format!(
-            "{what} {e} has no fixed length (months); use days"
-        )));
+        return Err("has no fixed length (months); use days");
     }
     if iv.nanoseconds % 1000 != 0 {
-        return Err(bad_arg(format!("{what} {e} is finer than a microsecond")));
+        return Err("is finer than a microsecond");
     }
     (iv.days as i64)
         .checked_mul(86_400_000_000)
         .and_then(|d| d.checked_add(iv.nanoseconds / 1000))
-        .ok_or_else(|| bad_arg(format!("{what} {e} is too large")))
+        .ok_or("is too large")
 }
 
 struct Rewriter<'a> {

@@ -30,8 +30,6 @@ pub trait StateTable: Send + Sync {
     fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
     /// The entry with the largest key that starts with `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
-    /// Every entry whose key starts with `prefix`, in key order.
-    fn scan_prefix<'a>(&'a self, prefix: &[u8]) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0

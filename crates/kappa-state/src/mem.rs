@@ -62,16 +62,6 @@ impl StateTable for MemStateTable {
             .map(|(k, v)| (k.clone(), v.clone()))
     }
 
-    fn scan_prefix<'a>(&'a self, prefix: &[u8]) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
-        let end = prefix_end(prefix);
-        let upper = match &end {
-            Some(e) => Bound::Excluded(e.as_slice()),
-            None => Bound::Unbounded,
-        };
-        let range = self.map.range::<_, [u8]>((Bound::Included(prefix), upper));
-        Box::new(range.map(|(k, v)| (k.clone(), v.clone())))
-    }
-
     fn len(&self) -> usize {
         self.map.len()
     }
@@ -128,9 +118,6 @@ mod tests {
             b"\xff\xff"
         );
         assert!(t.first_with_prefix(b"c").is_none());
-        let a: Vec<Bytes> = t.scan_prefix(b"a").map(|e| e.0).collect();
-        assert_eq!(a, vec![b(b"a\x01"), b(b"a\x02"), b(b"a\xff")]);
-        assert_eq!(t.scan_prefix(b"\xff").count(), 1);
         let snap = t.snapshot();
         t.delete(b"a\x01");
         assert_eq!(snap.len(), 5);
