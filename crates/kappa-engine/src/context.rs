@@ -375,7 +375,7 @@ struct WindowProvider {
 
 impl std::fmt::Debug for WindowProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "WindowProvider({})", self.window.spec)
+        write!(f, "WindowProvider({})", self.window.window)
     }
 }
 
@@ -397,16 +397,13 @@ impl TableProvider for WindowProvider {
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let batches = self
-            .input
-            .batches()?
-            .iter()
-            .map(|b| {
-                self.window
-                    .spec
-                    .expand(b, self.window.time_col, self.schema.clone())
-                    .map(|(b, _)| b)
-            })
-            .collect::<kappa_common::Result<Vec<_>>>()
+            .window
+            .window
+            .expand_all(
+                &self.input.batches()?,
+                self.window.time_col,
+                self.schema.clone(),
+            )
             .map_err(df_err)?;
         Ok(MemorySourceConfig::try_new_exec(
             &[batches],

@@ -80,6 +80,14 @@ pub enum NodeKind {
         time_col: usize,
         spec: window::WindowSpec,
     },
+    /// Session windows: every input row with `window_start` and `window_end` of its
+    /// session appended. A change can move other rows to a new session (merge, split): they
+    /// are retracted with their old bounds and re-emitted with the new ones. Sessions whose
+    /// end the watermark has passed are final and freed.
+    SessionWindow {
+        time_col: usize,
+        spec: window::SessionSpec,
+    },
     /// Keeps the rows whose predicate is true; weights pass through.
     Filter { predicate: Expr },
     /// Group-by aggregation with retraction. Output columns: the group expressions, then one
@@ -273,6 +281,19 @@ impl StreamGraph {
                 "StreamWindow: {spec} on {}",
                 self.nodes[node.inputs[0]].schema.field(*time_col).name()
             ),
+            NodeKind::SessionWindow { time_col, spec } => {
+                let input = &self.nodes[node.inputs[0]].schema;
+                let parts: Vec<&str> = spec
+                    .partition
+                    .iter()
+                    .map(|&c| input.field(c).name().as_str())
+                    .collect();
+                format!(
+                    "StreamSessionWindow: {spec} on {}, partition by [{}]",
+                    input.field(*time_col).name(),
+                    parts.join(", ")
+                )
+            }
             NodeKind::Filter { predicate } => format!("StreamFilter: {predicate}"),
             NodeKind::Aggregate {
                 group_exprs,

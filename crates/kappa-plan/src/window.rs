@@ -10,6 +10,11 @@
 //!   windows `[S, S + k·step)` for every `k ≥ 1` whose end is after `t` (so `size / step`
 //!   windows share a start and grow by `step`).
 //!
+//! - `SESSION(gap)`: per partition (the values of the partition columns), the rows sorted by
+//!   time fall into maximal runs whose consecutive times are less than `gap` apart; a run
+//!   `t1 <= … <= tn` is the window `[t1, tn + gap)`. Unlike the others, a row's session
+//!   depends on the other rows: a new row can merge two sessions, a deleted one split one.
+//!
 //! A row whose time is NULL belongs to no window.
 
 use std::fmt;
@@ -188,6 +193,161 @@ impl WindowSpec {
     }
 }
 
+/// A session window's parameters: the gap (microseconds) and the partition columns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSpec {
+    pub gap: i64,
+    pub partition: Vec<usize>,
+}
+
+impl SessionSpec {
+    pub fn new(gap: i64, partition: Vec<usize>) -> Result<Self> {
+        if gap <= 0 {
+            return Err(invalid("SESSION gap must be a positive interval".into()));
+        }
+        Ok(Self { gap, partition })
+    }
+
+    /// The sessions over the times `sorted` (ascending, repeats allowed) of one partition,
+    /// as `[start, end)` in ascending order.
+    pub fn sessions(&self, sorted: impl IntoIterator<Item = i64>) -> Vec<(i64, i64)> {
+        let mut out: Vec<(i64, i64)> = Vec::new();
+        for t in sorted {
+            let end = t.saturating_add(self.gap);
+            match out.last_mut() {
+                Some(last) if t < last.1 => last.1 = last.1.max(end),
+                _ => out.push((t, end)),
+            }
+        }
+        out
+    }
+
+    /// Every row of `batches` (NULL times dropped) with the bounds of its session appended,
+    /// computed over all of them: the batch form of the streaming operator, for ad-hoc
+    /// queries.
+    pub fn assign_all(
+        &self,
+        batches: &[RecordBatch],
+        time_col: usize,
+        out_schema: datafusion::arrow::datatypes::SchemaRef,
+    ) -> Result<RecordBatch> {
+        use datafusion::arrow::row::{RowConverter, SortField};
+        let in_schema = match batches.first() {
+            Some(b) => b.schema(),
+            None => return Ok(RecordBatch::new_empty(out_schema)),
+        };
+        let all = datafusion::arrow::compute::concat_batches(&in_schema, batches)?;
+        let col = all.column(time_col);
+        let tz = match col.data_type() {
+            DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
+            other => {
+                return Err(KappaError::user(
+                    SqlState::DATATYPE_MISMATCH,
+                    format!("window time column must be a TIMESTAMP, not {other}"),
+                ));
+            }
+        };
+        let times = col.as_primitive::<TimestampMicrosecondType>();
+        let keys: Vec<ArrayRef> = self
+            .partition
+            .iter()
+            .map(|&c| all.column(c).clone())
+            .collect();
+        let conv = RowConverter::new(
+            keys.iter()
+                .map(|k| SortField::new(k.data_type().clone()))
+                .collect(),
+        )?;
+        let rows = conv.convert_columns(&keys)?;
+        let mut parts: std::collections::HashMap<&[u8], Vec<(i64, u32)>> = Default::default();
+        for i in (0..all.num_rows()).filter(|&i| times.is_valid(i)) {
+            let key: &[u8] = if keys.is_empty() {
+                &[]
+            } else {
+                rows.row(i).data()
+            };
+            parts
+                .entry(key)
+                .or_default()
+                .push((times.value(i), i as u32));
+        }
+        let (mut idx, mut starts, mut ends) = (vec![], vec![], vec![]);
+        for part in parts.values_mut() {
+            part.sort_unstable();
+            let sessions = self.sessions(part.iter().map(|p| p.0));
+            let mut s = 0;
+            for &(t, i) in part.iter() {
+                while t >= sessions[s].1 {
+                    s += 1;
+                }
+                idx.push(i);
+                starts.push(sessions[s].0);
+                ends.push(sessions[s].1);
+            }
+        }
+        let idx = UInt32Array::from(idx);
+        let mut columns = all
+            .columns()
+            .iter()
+            .map(|c| take(c.as_ref(), &idx, None))
+            .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
+        columns.push(std::sync::Arc::new(
+            TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone()),
+        ));
+        columns.push(std::sync::Arc::new(
+            TimestampMicrosecondArray::from(ends).with_timezone_opt(tz),
+        ));
+        let opts =
+            datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(idx.len()));
+        Ok(RecordBatch::try_new_with_options(
+            out_schema, columns, &opts,
+        )?)
+    }
+}
+
+impl fmt::Display for SessionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SESSION(gap={}us)", self.gap)
+    }
+}
+
+/// What a window table function computes: fixed windows (each row's own) or sessions.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableWindow {
+    Fixed(WindowSpec),
+    Session(SessionSpec),
+}
+
+impl TableWindow {
+    /// The windows of all of `batches` (a whole relation), for ad-hoc queries.
+    pub fn expand_all(
+        &self,
+        batches: &[RecordBatch],
+        time_col: usize,
+        out_schema: datafusion::arrow::datatypes::SchemaRef,
+    ) -> Result<Vec<RecordBatch>> {
+        match self {
+            Self::Fixed(spec) => batches
+                .iter()
+                .map(|b| {
+                    spec.expand(b, time_col, out_schema.clone())
+                        .map(|(b, _)| b)
+                })
+                .collect(),
+            Self::Session(spec) => Ok(vec![spec.assign_all(batches, time_col, out_schema)?]),
+        }
+    }
+}
+
+impl fmt::Display for TableWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(s) => s.fmt(f),
+            Self::Session(s) => s.fmt(f),
+        }
+    }
+}
+
 impl fmt::Display for WindowSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let us = |v: i64| format!("{v}us");
@@ -243,6 +403,16 @@ mod tests {
         let w = WindowSpec::new(WindowKind::Hop, 10, 4, 0).unwrap();
         assert_eq!(windows(w, 9), vec![(0, 10), (4, 14), (8, 18)]);
         assert_eq!(windows(w, 11), vec![(4, 14), (8, 18)]);
+    }
+
+    #[test]
+    fn sessions() {
+        let s = SessionSpec::new(10, vec![]).unwrap();
+        assert_eq!(s.sessions([]), vec![]);
+        assert_eq!(s.sessions([5]), vec![(5, 15)]);
+        // 14 - 5 < 10 joins; 24 - 14 = 10 does not.
+        assert_eq!(s.sessions([5, 5, 14, 24]), vec![(5, 24), (24, 34)]);
+        assert!(SessionSpec::new(0, vec![]).is_err());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project, SourceScan,
-    Union, ViewContents, WindowExpand,
+    SessionWindow, Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -68,6 +68,25 @@ pub(crate) fn build_dataflow(
             }
             NodeKind::WindowExpand { time_col, spec } => {
                 Box::new(WindowExpand::new(*time_col, *spec, schema))
+            }
+            NodeKind::SessionWindow { time_col, spec } => {
+                let input_node = node
+                    .inputs
+                    .first()
+                    .map(|&i| &graph.nodes[i])
+                    .ok_or_else(|| KappaError::internal("a session window needs an input"))?;
+                let time_offset = input_node
+                    .watermark_cols
+                    .iter()
+                    .find(|w| w.col == *time_col)
+                    .map(|w| w.offset);
+                Box::new(SessionWindow::new(
+                    *time_col,
+                    spec.clone(),
+                    time_offset,
+                    &arrow_schema(&input_node.schema),
+                    schema,
+                )?)
             }
             NodeKind::Aggregate {
                 group_exprs,

@@ -15,6 +15,7 @@ use kappa_plan::{
 };
 
 use crate::tvf::WindowTable;
+use kappa_plan::window::TableWindow;
 
 /// What a scanned table name stands for.
 pub struct ScanSource {
@@ -138,6 +139,7 @@ impl Lowering<'_> {
             | NodeKind::Filter { .. }
             | NodeKind::Union
             | NodeKind::WindowExpand { .. } => inputs.iter().all(|&i| self.nodes[i].append_only),
+            // Merging and splitting sessions retracts rows.
             // An inner or semi join only retracts when an input does; outer and anti joins
             // retract unmatched rows when a match arrives.
             NodeKind::Join { kind, .. } => {
@@ -177,6 +179,18 @@ impl Lowering<'_> {
                 }
                 cols
             }
+            // A change touches only sessions that end after its time t (t + k > W), so every
+            // session retracted or emitted has end >= t + 1: window_end is bounded with
+            // offset k - 1. Nothing else is: a retracted row can be old.
+            NodeKind::SessionWindow { time_col, .. } => first
+                .and_then(|n| {
+                    let t = n.watermark_cols.iter().find(|w| w.col == *time_col)?;
+                    Some(vec![WatermarkCol {
+                        col: n.schema.fields().len() + 1,
+                        offset: t.offset - 1,
+                    }])
+                })
+                .unwrap_or_default(),
             NodeKind::Aggregate { group_exprs, .. } => self.bounded_cols(inputs[0], group_exprs),
             NodeKind::Union => {
                 let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
@@ -254,14 +268,17 @@ impl Lowering<'_> {
             self.nodes[source].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
         }
         self.nodes[source].append_only = src.append_only;
-        let expand = self.push(
-            NodeKind::WindowExpand {
+        let kind = match window.window {
+            TableWindow::Fixed(spec) => NodeKind::WindowExpand {
                 time_col: window.time_col,
-                spec: window.spec,
+                spec,
             },
-            vec![source],
-            full_df.clone(),
-        );
+            TableWindow::Session(spec) => NodeKind::SessionWindow {
+                time_col: window.time_col,
+                spec,
+            },
+        };
+        let expand = self.push(kind, vec![source], full_df.clone());
         let all: Vec<usize> = (0..full.fields().len()).collect();
         let exprs = scan
             .projection

@@ -1,5 +1,6 @@
 //! Window table functions in FROM: `TUMBLE(t, ts, size [, offset])`,
-//! `HOP(t, ts, slide, size [, offset])`, `CUMULATE(t, ts, step, size [, offset])`.
+//! `HOP(t, ts, slide, size [, offset])`, `CUMULATE(t, ts, step, size [, offset])`,
+//! `SESSION(t, ts, gap [, partition_column …])`.
 //!
 //! Before DataFusion plans a query, each call is replaced by a reference to a synthetic
 //! relation whose name encodes the call ([`WindowTable::encode`]); the schema provider
@@ -17,7 +18,7 @@ use datafusion::sql::sqlparser::ast::{
     VisitMut, VisitorMut,
 };
 use kappa_common::{KappaError, RelationId, Result, SqlState};
-use kappa_plan::window::{WindowKind, WindowSpec};
+use kappa_plan::window::{SessionSpec, TableWindow, WindowKind, WindowSpec};
 
 use crate::catalog::{Catalog, RelationKind};
 use crate::parse::normalize_ident;
@@ -25,30 +26,55 @@ use crate::parse::normalize_ident;
 pub const WINDOW_TABLE_PREFIX: &str = "__kappa_window:";
 
 /// A window function applied to a relation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WindowTable {
     pub relation: RelationId,
     /// Index of the time column in the relation's schema.
     pub time_col: usize,
-    pub spec: WindowSpec,
+    pub window: TableWindow,
 }
 
 impl WindowTable {
     pub fn encode(&self) -> String {
-        let k = match self.spec.kind {
-            WindowKind::Tumble => "tumble",
-            WindowKind::Hop => "hop",
-            WindowKind::Cumulate => "cumulate",
-        };
-        format!(
-            "{WINDOW_TABLE_PREFIX}{k}:{}:{}:{}:{}:{}",
-            self.relation, self.time_col, self.spec.size, self.spec.slide, self.spec.offset
-        )
+        let (rel, col) = (self.relation, self.time_col);
+        match &self.window {
+            TableWindow::Fixed(spec) => {
+                let k = match spec.kind {
+                    WindowKind::Tumble => "tumble",
+                    WindowKind::Hop => "hop",
+                    WindowKind::Cumulate => "cumulate",
+                };
+                format!(
+                    "{WINDOW_TABLE_PREFIX}{k}:{rel}:{col}:{}:{}:{}",
+                    spec.size, spec.slide, spec.offset
+                )
+            }
+            TableWindow::Session(spec) => {
+                let parts: Vec<String> = spec.partition.iter().map(|p| p.to_string()).collect();
+                format!(
+                    "{WINDOW_TABLE_PREFIX}session:{rel}:{col}:{}:{}",
+                    spec.gap,
+                    parts.join(",")
+                )
+            }
+        }
     }
 
     pub fn decode(name: &str) -> Option<Self> {
         let rest = name.strip_prefix(WINDOW_TABLE_PREFIX)?;
         let parts: Vec<&str> = rest.split(':').collect();
+        if let ["session", rel, col, gap, partition] = parts.as_slice() {
+            let partition = partition
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .map(|p| p.parse().ok())
+                .collect::<Option<Vec<usize>>>()?;
+            return Some(Self {
+                relation: rel.parse().ok()?,
+                time_col: col.parse().ok()?,
+                window: TableWindow::Session(SessionSpec::new(gap.parse().ok()?, partition).ok()?),
+            });
+        }
         let [k, rel, col, size, slide, offset] = parts.as_slice() else {
             return None;
         };
@@ -61,13 +87,15 @@ impl WindowTable {
         Some(Self {
             relation: rel.parse().ok()?,
             time_col: col.parse().ok()?,
-            spec: WindowSpec::new(
-                kind,
-                size.parse().ok()?,
-                slide.parse().ok()?,
-                offset.parse().ok()?,
-            )
-            .ok()?,
+            window: TableWindow::Fixed(
+                WindowSpec::new(
+                    kind,
+                    size.parse().ok()?,
+                    slide.parse().ok()?,
+                    offset.parse().ok()?,
+                )
+                .ok()?,
+            ),
         })
     }
 }
@@ -160,27 +188,30 @@ impl Rewriter<'_> {
             return Ok(None);
         };
         let kind = match normalize_ident(fname).as_str() {
-            "tumble" => WindowKind::Tumble,
-            "hop" => WindowKind::Hop,
-            "cumulate" => WindowKind::Cumulate,
-            "session" => {
-                return Err(KappaError::not_supported(
-                    "SESSION windows (TUMBLE, HOP and CUMULATE are supported)",
-                ));
-            }
+            "tumble" => Some(WindowKind::Tumble),
+            "hop" => Some(WindowKind::Hop),
+            "cumulate" => Some(WindowKind::Cumulate),
+            "session" => None,
             _ => return Ok(None),
         };
-        let fname = kind.name();
+        let fname = kind.map_or("SESSION", WindowKind::name);
         let usage = match kind {
-            WindowKind::Tumble => "TUMBLE(relation, time_column, size [, offset])",
-            WindowKind::Hop => "HOP(relation, time_column, slide, size [, offset])",
-            WindowKind::Cumulate => "CUMULATE(relation, time_column, step, size [, offset])",
+            Some(WindowKind::Tumble) => "TUMBLE(relation, time_column, size [, offset])",
+            Some(WindowKind::Hop) => "HOP(relation, time_column, slide, size [, offset])",
+            Some(WindowKind::Cumulate) => {
+                "CUMULATE(relation, time_column, step, size [, offset])"
+            }
+            None => "SESSION(relation, time_column, gap [, partition_column ...])",
         };
         let exprs: Vec<&Expr> = args.args.iter().filter_map(arg_expr).collect();
-        let intervals = if kind == WindowKind::Tumble { 1 } else { 2 };
+        let intervals = if kind == Some(WindowKind::Hop) || kind == Some(WindowKind::Cumulate) {
+            2
+        } else {
+            1
+        };
         if exprs.len() != args.args.len()
             || exprs.len() < 2 + intervals
-            || exprs.len() > 3 + intervals
+            || (kind.is_some() && exprs.len() > 3 + intervals)
         {
             return Err(KappaError::user(
                 SqlState::UNDEFINED_FUNCTION,
@@ -216,21 +247,44 @@ impl Rewriter<'_> {
                 ));
             }
         }
-        let first = interval_micros(exprs[2], "the window size")?;
-        let (size, slide) = if kind == WindowKind::Tumble {
-            (first, first)
-        } else {
-            (interval_micros(exprs[3], "the window size")?, first)
+        let window = match kind {
+            Some(kind) => {
+                let first = interval_micros(exprs[2], "the window size")?;
+                let (size, slide) = if kind == WindowKind::Tumble {
+                    (first, first)
+                } else {
+                    (interval_micros(exprs[3], "the window size")?, first)
+                };
+                let offset = match exprs.get(2 + intervals) {
+                    Some(e) => interval_micros(e, "the window offset")?,
+                    None => 0,
+                };
+                TableWindow::Fixed(WindowSpec::new(kind, size, slide, offset)?)
+            }
+            None => {
+                let gap = interval_micros(exprs[2], "the session gap")?;
+                let mut partition = vec![];
+                for e in &exprs[3..] {
+                    let name = ident_of(e).ok_or_else(|| {
+                        bad_arg(format!("SESSION: partition by columns, not {e}"))
+                    })?;
+                    let idx = rel.schema.index_of(&name).map_err(|_| {
+                        KappaError::user(
+                            SqlState::UNDEFINED_COLUMN,
+                            format!("column \"{name}\" does not exist in {rel_name}"),
+                        )
+                    })?;
+                    if !partition.contains(&idx) {
+                        partition.push(idx);
+                    }
+                }
+                TableWindow::Session(SessionSpec::new(gap, partition)?)
+            }
         };
-        let offset = match exprs.get(2 + intervals) {
-            Some(e) => interval_micros(e, "the window offset")?,
-            None => 0,
-        };
-        let spec = WindowSpec::new(kind, size, slide, offset)?;
         let table = WindowTable {
             relation: rel.id,
             time_col,
-            spec,
+            window,
         };
         let alias = alias.clone().unwrap_or_else(|| TableAlias {
             explicit: false,
@@ -291,9 +345,19 @@ mod tests {
         let t = WindowTable {
             relation: 7,
             time_col: 2,
-            spec: WindowSpec::new(WindowKind::Hop, 10_000_000, 2_000_000, -5).unwrap(),
+            window: TableWindow::Fixed(
+                WindowSpec::new(WindowKind::Hop, 10_000_000, 2_000_000, -5).unwrap(),
+            ),
         };
         assert_eq!(WindowTable::decode(&t.encode()), Some(t));
+        for partition in [vec![], vec![3], vec![1, 0]] {
+            let t = WindowTable {
+                relation: 7,
+                time_col: 2,
+                window: TableWindow::Session(SessionSpec::new(5, partition).unwrap()),
+            };
+            assert_eq!(WindowTable::decode(&t.encode()), Some(t));
+        }
         assert_eq!(WindowTable::decode("bid"), None);
     }
 

@@ -1,0 +1,422 @@
+//! Session windows: each row with the bounds of its session appended.
+//!
+//! # Semantics
+//! Per partition (the values of the partition columns; NULL is a value of its own), the
+//! rows sorted by time fall into sessions: maximal runs whose consecutive times are less
+//! than `gap` apart, each the window `[first, last + gap)` ([`SessionSpec::sessions`]).
+//! The output is every input row (weight and all) with its session's `window_start` and
+//! `window_end`; a row whose time is NULL is in no session and is dropped.
+//!
+//! # Incremental rule
+//! A row's session depends on its neighbours: an insert can extend or merge sessions, a
+//! delete shorten or split one. Changes are collected over the epoch and applied at the
+//! barrier, per touched partition: the sessions before and after are compared, and every
+//! stored row whose bounds changed is retracted with the old ones and emitted with the new
+//! ones; rows of unchanged sessions emit only their own changes. So a growing session is
+//! re-emitted at most once per epoch, not once per row.
+//!
+//! # Watermark
+//! With the time column bounded by the watermark (`t + k > W` for every future row, `k` its
+//! offset), a change can only touch sessions that end after its time, so a session with
+//! `end + k - 1 <= W` is final: its rows are freed. A change whose time has `t + k <= W` is
+//! late (it could only touch final sessions): it is dropped and counted. The output's
+//! `window_end` is bounded with offset `k - 1`, which lets an aggregate grouped by it close
+//! and emit on window close.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, Int64Array, TimestampMicrosecondArray};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use datafusion::arrow::row::{RowConverter, SortField};
+use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
+use kappa_plan::window::SessionSpec;
+
+use crate::Operator;
+
+type Bytes = Arc<[u8]>;
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
+
+/// One partition's stored rows: time → row (row format) → count (> 0).
+type Partition = BTreeMap<i64, HashMap<Bytes, i64>>;
+
+pub struct SessionWindow {
+    time_col: usize,
+    spec: SessionSpec,
+    /// The time column's watermark offset `k`, if the watermark bounds it.
+    time_offset: Option<i64>,
+    keys: RowConverter,
+    rows: RowConverter,
+    schema: SchemaRef,
+    parts: HashMap<Bytes, Partition>,
+    /// This epoch's changes per partition: (time, row, weight).
+    pending: HashMap<Bytes, Vec<(i64, Bytes, i64)>>,
+    /// Session end → partitions that had a session ending then (checked at close).
+    closing: BTreeMap<i64, Vec<Bytes>>,
+    watermark: Option<i64>,
+    entries: usize,
+    late_rows: u64,
+}
+
+/// Rows to emit: row, weight, session bounds.
+#[derive(Default)]
+struct Emit {
+    rows: Vec<Bytes>,
+    weights: Vec<i64>,
+    starts: Vec<i64>,
+    ends: Vec<i64>,
+}
+
+impl Emit {
+    fn push(&mut self, row: &Bytes, w: i64, (start, end): (i64, i64)) {
+        if w != 0 {
+            self.rows.push(row.clone());
+            self.weights.push(w);
+            self.starts.push(start);
+            self.ends.push(end);
+        }
+    }
+}
+
+/// The session containing `t`, among `sessions` (sorted, and one of them contains it).
+fn session_of(sessions: &[(i64, i64)], t: i64) -> Option<(i64, i64)> {
+    let i = sessions.partition_point(|s| s.0 <= t).checked_sub(1)?;
+    Some(sessions[i]).filter(|s| t < s.1)
+}
+
+impl SessionWindow {
+    /// `input` is the input's schema, `schema` the output's (input columns, then
+    /// `window_start` and `window_end`).
+    pub fn new(
+        time_col: usize,
+        spec: SessionSpec,
+        time_offset: Option<i64>,
+        input: &SchemaRef,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        let keys = RowConverter::new(
+            spec.partition
+                .iter()
+                .map(|&c| SortField::new(input.field(c).data_type().clone()))
+                .collect(),
+        )?;
+        Ok(Self {
+            time_col,
+            spec,
+            time_offset,
+            keys,
+            rows: kappa_state::row_converter(input)?,
+            schema,
+            parts: HashMap::default(),
+            pending: HashMap::default(),
+            closing: BTreeMap::new(),
+            watermark: None,
+            entries: 0,
+            late_rows: 0,
+        })
+    }
+
+    /// Applies one partition's changes and records what they do to the output.
+    fn apply(
+        &mut self,
+        key: &Bytes,
+        changes: Vec<(i64, Bytes, i64)>,
+        emit: &mut Emit,
+    ) -> Result<()> {
+        let part = self.parts.entry(key.clone()).or_default();
+        let old = self.spec.sessions(part.keys().copied());
+        // Times present before the changes, and each changed time's deltas.
+        let mut deltas: BTreeMap<i64, (bool, Vec<(Bytes, i64)>)> = BTreeMap::new();
+        for (t, row, w) in changes {
+            let present = part.contains_key(&t);
+            deltas
+                .entry(t)
+                .or_insert_with(|| (present, vec![]))
+                .1
+                .push((row.clone(), w));
+            let rows = part.entry(t).or_default();
+            let count = rows.entry(row.clone()).or_insert(0);
+            if *count == 0 {
+                self.entries += 1;
+            }
+            *count += w;
+            if *count < 0 {
+                return Err(KappaError::internal(
+                    "session window: retraction of a row never stored",
+                ));
+            }
+            if *count == 0 {
+                rows.remove(&row);
+                self.entries -= 1;
+                if rows.is_empty() {
+                    part.remove(&t);
+                }
+            }
+        }
+        let new = self.spec.sessions(part.keys().copied());
+        // Times whose bounds may differ: those of sessions that are not in both lists.
+        let mut visit: Vec<i64> = deltas.keys().copied().collect();
+        for &(s, e) in old.iter().chain(&new) {
+            if old.binary_search(&(s, e)).is_err() || new.binary_search(&(s, e)).is_err() {
+                visit.extend(part.range(s..e).map(|(t, _)| *t));
+            }
+        }
+        visit.sort_unstable();
+        visit.dedup();
+        for t in visit {
+            let (was, delta) = match deltas.get(&t) {
+                Some((was, d)) => (*was, d.as_slice()),
+                None => (true, &[][..]),
+            };
+            let before = if was { session_of(&old, t) } else { None };
+            let now = part.get(&t);
+            let after = now.and_then(|_| session_of(&new, t));
+            if before.is_some() && before == after {
+                for (row, w) in delta {
+                    emit.push(row, *w, after.unwrap_or_default());
+                }
+                continue;
+            }
+            if let Some(b) = before {
+                // The rows as they were: the current ones minus this epoch's deltas.
+                for (row, c) in now.into_iter().flatten() {
+                    emit.push(row, -c, b);
+                }
+                for (row, w) in delta {
+                    emit.push(row, *w, b);
+                }
+            }
+            if let (Some(a), Some(rows)) = (after, now) {
+                for (row, c) in rows {
+                    emit.push(row, *c, a);
+                }
+            }
+        }
+        for &(s, e) in &new {
+            if old.binary_search(&(s, e)).is_err() {
+                self.closing.entry(e).or_default().push(key.clone());
+            }
+        }
+        if part.is_empty() {
+            self.parts.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Frees the sessions of `key` that end at or before `upto` (a prefix of them).
+    fn free(&mut self, key: &Bytes, upto: i64) {
+        let Some(part) = self.parts.get_mut(key) else {
+            return;
+        };
+        let closed = self
+            .spec
+            .sessions(part.keys().copied())
+            .into_iter()
+            .take_while(|s| s.1 <= upto)
+            .last();
+        if let Some((_, end)) = closed {
+            let open = part.split_off(&end);
+            let gone = std::mem::replace(part, open);
+            self.entries -= gone.values().map(|r| r.len()).sum::<usize>();
+            if part.is_empty() {
+                self.parts.remove(key);
+            }
+        }
+    }
+
+    fn output(&self, emit: Emit) -> Result<Option<ChangeBatch>> {
+        if emit.rows.is_empty() {
+            return Ok(None);
+        }
+        let parser = self.rows.parser();
+        let mut columns = self
+            .rows
+            .convert_rows(emit.rows.iter().map(|r| parser.parse(r)))?;
+        let tz = match self.schema.field(self.schema.fields().len() - 1).data_type() {
+            DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
+            _ => None,
+        };
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(emit.starts).with_timezone_opt(tz.clone()),
+        ));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from(emit.ends).with_timezone_opt(tz),
+        ));
+        let n = emit.weights.len();
+        let data = crate::batch_with_rows(self.schema.clone(), columns, n)?;
+        Ok(Some(ChangeBatch::new(data, Int64Array::from(emit.weights))?))
+    }
+}
+
+impl Operator for SessionWindow {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let times = batch.data().column(self.time_col);
+        let times = times
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or_else(|| KappaError::internal("session time column is not a timestamp"))?;
+        let key_cols: Vec<_> = self
+            .spec
+            .partition
+            .iter()
+            .map(|&c| batch.data().column(c).clone())
+            .collect();
+        let keys = self.keys.convert_columns(&key_cols)?;
+        let rows = self.rows.convert_columns(batch.columns())?;
+        let weights = batch.weights();
+        for i in (0..batch.num_rows()).filter(|&i| times.is_valid(i)) {
+            let t = times.value(i);
+            let w = weights.value(i);
+            if let (Some(k), Some(wm)) = (self.time_offset, self.watermark)
+                && t.saturating_add(k) <= wm
+            {
+                self.late_rows += w.unsigned_abs();
+                continue;
+            }
+            let key: &[u8] = if key_cols.is_empty() {
+                &[]
+            } else {
+                keys.row(i).data()
+            };
+            let changes = match self.pending.get_mut(key) {
+                Some(c) => c,
+                None => self.pending.entry(Arc::from(key)).or_default(),
+            };
+            changes.push((t, Arc::from(rows.row(i).data()), w));
+        }
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        watermark: Option<i64>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let mut emit = Emit::default();
+        for (key, changes) in std::mem::take(&mut self.pending) {
+            self.apply(&key, changes, &mut emit)?;
+        }
+        if let Some(b) = self.output(emit)? {
+            out.push(b);
+        }
+        self.watermark = watermark.max(self.watermark);
+        if let (Some(k), Some(wm)) = (self.time_offset, self.watermark) {
+            let upto = wm.saturating_sub(k - 1);
+            for (_, keys) in crate::take_closed(&mut self.closing, upto) {
+                for key in keys {
+                    self.free(&key, upto);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "StreamSessionWindow"
+    }
+
+    fn state_entries(&self) -> usize {
+        self.entries
+    }
+
+    fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+
+    const S: i64 = 1_000_000;
+
+    fn op() -> SessionWindow {
+        SessionWindow::new(
+            1,
+            SessionSpec::new(10 * S, vec![0]).unwrap(),
+            Some(1),
+            &schema("k:i64, t:ts"),
+            schema("k:i64, t:ts, ws:ts, we:ts"),
+        )
+        .unwrap()
+    }
+
+    /// One epoch: `lines` (`k | t` in seconds), then a barrier at watermark `wm` seconds.
+    fn epoch(op: &mut SessionWindow, lines: &str, wm: Option<i64>) -> Vec<ChangeBatch> {
+        let mut out = vec![];
+        op.process(0, changes("k:i64, t:ts", lines), &mut out)
+            .unwrap();
+        op.on_barrier(0, wm.map(|w| w * S), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn sessions_grow_merge_split_and_close() {
+        let mut op = op();
+        let out = epoch(&mut op, "+ 1 | 0\n+ 1 | 5\n+ 2 | 3\n+ 2 | NULL", None);
+        assert_changes(
+            &out,
+            "+ 1 | 1970-01-01T00:00:00 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             + 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             + 2 | 1970-01-01T00:00:03 | 1970-01-01T00:00:03 | 1970-01-01T00:00:13",
+        );
+        // 20 - 5 is not less than the gap: a session of its own.
+        let out = epoch(&mut op, "+ 1 | 20", None);
+        assert_changes(
+            &out,
+            "+ 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:20 | 1970-01-01T00:00:30",
+        );
+        // 12 bridges both sessions of key 1: every row moves to [0, 30).
+        let out = epoch(&mut op, "+ 1 | 12", None);
+        assert_changes(
+            &out,
+            "- 1 | 1970-01-01T00:00:00 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             - 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             - 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:20 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:00 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:12 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30",
+        );
+        // A second copy inside the session changes no bounds: only itself.
+        let out = epoch(&mut op, "+ 1 | 5", None);
+        assert_changes(
+            &out,
+            "+ 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30",
+        );
+        // Deleting the bridge splits the session again.
+        let out = epoch(&mut op, "- 1 | 12\n- 1 | 5", None);
+        assert_changes(
+            &out,
+            "- 1 | 1970-01-01T00:00:00 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             -2 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             - 1 | 1970-01-01T00:00:12 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             - 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:00 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:00 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             + 1 | 1970-01-01T00:00:05 | 1970-01-01T00:00:00 | 1970-01-01T00:00:15
+             + 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:20 | 1970-01-01T00:00:30",
+        );
+        assert_eq!(op.state_entries(), 4);
+        // Watermark 16 s: the sessions ending at 13 s and 15 s are final and freed.
+        assert!(epoch(&mut op, "", Some(16)).is_empty());
+        assert_eq!(op.state_entries(), 1);
+        // 14 s is late (it could only have joined a final session); 16 s extends the last.
+        let out = epoch(&mut op, "+ 1 | 14\n+ 1 | 16", Some(16));
+        assert_changes(
+            &out,
+            "- 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:20 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:16 | 1970-01-01T00:00:16 | 1970-01-01T00:00:30
+             + 1 | 1970-01-01T00:00:20 | 1970-01-01T00:00:16 | 1970-01-01T00:00:30",
+        );
+        assert_eq!(op.late_rows(), 1);
+    }
+}
