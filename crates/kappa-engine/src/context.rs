@@ -86,7 +86,13 @@ fn make_context(sources: Sources) -> SessionContext {
             false,
         )
         .with_extension(sources.catalog.clone());
+    let planning_only = sources.planning_only;
     let ctx = SessionContext::new_with_config(config);
+    if planning_only {
+        // A view's now() is the processing time of each epoch (temporal filters), not a
+        // constant folded in at creation.
+        ctx.register_udf(kappa_sql::temporal::StreamNow::udf());
+    }
     let cat = Arc::new(MemoryCatalogProvider::new());
     let _ = cat.register_schema("public", Arc::new(KappaSchema { sources }));
     ctx.register_catalog("kappa", cat);

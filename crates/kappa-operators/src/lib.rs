@@ -13,6 +13,7 @@ mod materialize;
 mod project;
 mod session;
 mod source;
+mod temporal_filter;
 pub mod testing;
 mod union;
 mod window;
@@ -26,6 +27,7 @@ pub use materialize::{ContentsSnapshot, Materialize, ViewContents};
 pub use project::Project;
 pub use session::SessionWindow;
 pub use source::SourceScan;
+pub use temporal_filter::TemporalFilter;
 pub use union::Union;
 pub use window::WindowExpand;
 
@@ -65,6 +67,11 @@ pub trait Operator: Send {
         batch: ChangeBatch,
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()>;
+
+    /// The epoch's processing time (wall-clock microseconds when the epoch began; the same
+    /// for every view of the epoch, never decreasing), before any of its batches. Only
+    /// operators that the query ties to `now()` use it. Default: ignored.
+    fn advance_time(&mut self, _now: i64) {}
 
     /// Every input has delivered all of the epoch's batches, and the watermark of the
     /// node's input stands at `watermark` (event-time microseconds; `None` while there is

@@ -232,7 +232,11 @@ impl SessionWindow {
         let mut columns = self
             .rows
             .convert_rows(emit.rows.iter().map(|r| parser.parse(r)))?;
-        let tz = match self.schema.field(self.schema.fields().len() - 1).data_type() {
+        let tz = match self
+            .schema
+            .field(self.schema.fields().len() - 1)
+            .data_type()
+        {
             DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
             _ => None,
         };
@@ -244,7 +248,10 @@ impl SessionWindow {
         ));
         let n = emit.weights.len();
         let data = crate::batch_with_rows(self.schema.clone(), columns, n)?;
-        Ok(Some(ChangeBatch::new(data, Int64Array::from(emit.weights))?))
+        Ok(Some(ChangeBatch::new(
+            data,
+            Int64Array::from(emit.weights),
+        )?))
     }
 }
 

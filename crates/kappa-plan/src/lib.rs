@@ -63,6 +63,34 @@ impl WatermarkCol {
     }
 }
 
+/// Which side of a row's visibility a temporal bound gives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TemporalEdge {
+    /// Visible once `now >= expr + offset`.
+    From,
+    /// Visible while `now < expr + offset`.
+    Until,
+}
+
+/// One conjunct of a temporal filter over the processing time `now` (microseconds):
+/// `expr` is a timestamp expression over the input row.
+#[derive(Clone, Debug)]
+pub struct TemporalBound {
+    pub expr: Expr,
+    pub edge: TemporalEdge,
+    pub offset: i64,
+}
+
+impl fmt::Display for TemporalBound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (e, o) = (&self.expr, self.offset);
+        match self.edge {
+            TemporalEdge::From => write!(f, "now() >= {e} + {o}us"),
+            TemporalEdge::Until => write!(f, "now() < {e} + {o}us"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub enum NodeKind {
     /// The changelog of a relation (engine table or materialized view), restricted to the
@@ -90,6 +118,10 @@ pub enum NodeKind {
     },
     /// Keeps the rows whose predicate is true; weights pass through.
     Filter { predicate: Expr },
+    /// Keeps the rows visible at the epoch's processing time `now` under every bound: a row
+    /// appears when `now` reaches its `From` bounds and is retracted when `now` reaches its
+    /// `Until` bounds, as time passes and without new input.
+    TemporalFilter { bounds: Vec<TemporalBound> },
     /// Group-by aggregation with retraction. Output columns: the group expressions, then one
     /// column per aggregate. With no group expressions the output is always exactly one row
     /// (SQL's scalar aggregate), even over an empty input.
@@ -295,6 +327,10 @@ impl StreamGraph {
                 )
             }
             NodeKind::Filter { predicate } => format!("StreamFilter: {predicate}"),
+            NodeKind::TemporalFilter { bounds } => {
+                let b: Vec<String> = bounds.iter().map(|b| b.to_string()).collect();
+                format!("StreamTemporalFilter: {}", b.join(" AND "))
+            }
             NodeKind::Aggregate {
                 group_exprs,
                 aggregates,

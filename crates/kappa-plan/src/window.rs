@@ -329,10 +329,7 @@ impl TableWindow {
         match self {
             Self::Fixed(spec) => batches
                 .iter()
-                .map(|b| {
-                    spec.expand(b, time_col, out_schema.clone())
-                        .map(|(b, _)| b)
-                })
+                .map(|b| spec.expand(b, time_col, out_schema.clone()).map(|(b, _)| b))
                 .collect(),
             Self::Session(spec) => Ok(vec![spec.assign_all(batches, time_col, out_schema)?]),
         }

@@ -9,8 +9,8 @@ use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
-    AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project, SourceScan,
-    SessionWindow, Union, ViewContents, WindowExpand,
+    AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project,
+    SessionWindow, SourceScan, TemporalFilter, Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -68,6 +68,14 @@ pub(crate) fn build_dataflow(
             }
             NodeKind::WindowExpand { time_col, spec } => {
                 Box::new(WindowExpand::new(*time_col, *spec, schema))
+            }
+            NodeKind::TemporalFilter { bounds } => {
+                let input = input()?;
+                let bounds = bounds
+                    .iter()
+                    .map(|b| Ok((compile(ctx, &b.expr, input)?, b.edge, b.offset)))
+                    .collect::<Result<Vec<_>>>()?;
+                Box::new(TemporalFilter::new(bounds, schema)?)
             }
             NodeKind::SessionWindow { time_col, spec } => {
                 let input_node = node

@@ -83,10 +83,12 @@ impl Dataflow {
 
     /// Drives one epoch: each node receives all of its inputs' batches, then the barrier
     /// with its inputs' watermark. Nodes are in topological order, so a node's inputs are
-    /// complete when it runs. `times` holds each source relation's event time at the cut.
+    /// complete when it runs. `times` holds each source relation's event time at the cut;
+    /// `now` is the epoch's processing time.
     pub fn run_epoch(
         &mut self,
         epoch: Epoch,
+        now: i64,
         deltas: &HashMap<RelationId, Vec<ChangeBatch>>,
         times: &HashMap<RelationId, EventTime>,
     ) -> Result<()> {
@@ -95,6 +97,7 @@ impl Dataflow {
         let mut node_times: Vec<EventTime> = Vec::with_capacity(n);
         for (i, node) in self.graph.nodes.iter().enumerate() {
             let op = &mut self.ops[i];
+            op.advance_time(now);
             let mut out = Vec::new();
             let time = match &node.kind {
                 NodeKind::Source { relation, .. } => {

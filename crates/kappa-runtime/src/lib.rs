@@ -88,9 +88,23 @@ pub struct ViewStats {
 
 struct Inner {
     epoch: Epoch,
+    /// Processing time of the current epoch (wall-clock µs at its start, never decreasing):
+    /// what `now()` is to a temporal filter.
+    now: i64,
     /// In creation order (a topological order).
     views: Vec<Dataflow>,
     sources: BTreeMap<RelationId, LiveSource>,
+}
+
+impl Inner {
+    /// Advances the processing time to the wall clock (if it moved forward) and returns it.
+    fn tick(&mut self) -> i64 {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        self.now = self.now.max(wall);
+        self.now
+    }
 }
 
 /// A connector-fed source: its reader, how far the views have read it, its event clock.
@@ -153,6 +167,7 @@ impl Runtime {
         Self {
             inner: Mutex::new(Inner {
                 epoch: 0,
+                now: i64::MIN,
                 views: Vec::new(),
                 sources: BTreeMap::new(),
             }),
@@ -300,7 +315,7 @@ impl Runtime {
             );
         }
         let epoch = inner.epoch;
-        view.run_epoch(epoch, &backfill, &HashMap::new())?;
+        view.run_epoch(epoch, inner.tick(), &backfill, &HashMap::new())?;
         inner.views.push(view);
         self.barrier_locked(&mut inner)
     }
@@ -394,6 +409,7 @@ impl Runtime {
         }
         inner.epoch += 1;
         let epoch = inner.epoch;
+        let now = inner.tick();
         let mut view_stats = HashMap::new();
         for view in &mut inner.views {
             let was_failed = view.failure.is_some();
@@ -406,7 +422,7 @@ impl Runtime {
                 });
                 if let Some(f) = failed_input {
                     view.failure = Some(f);
-                } else if let Err(e) = view.run_epoch(epoch, &deltas, &times) {
+                } else if let Err(e) = view.run_epoch(epoch, now, &deltas, &times) {
                     tracing::error!(view = view.name(), error = %e, "materialized view failed");
                     view.failure = Some(format!(
                         "materialized view \"{}\" stopped updating at epoch {epoch}: {e}",

@@ -7,6 +7,7 @@ pub mod catalog;
 mod join;
 mod lower;
 pub mod parse;
+pub mod temporal;
 pub mod tvf;
 
 pub use lower::{ScanSource, lower_to_stream_graph};

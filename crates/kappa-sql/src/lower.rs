@@ -77,6 +77,9 @@ struct Lowering<'a> {
 
 fn check_exprs<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<()> {
     for e in exprs {
+        if crate::temporal::calls_now(e) {
+            return Err(crate::temporal::now_outside_filter(e));
+        }
         if e.is_volatile() {
             return Err(KappaError::not_supported(format!(
                 "the volatile expression {e} in a materialized view (its value would differ between insert and delete)"
@@ -139,6 +142,13 @@ impl Lowering<'_> {
             | NodeKind::Filter { .. }
             | NodeKind::Union
             | NodeKind::WindowExpand { .. } => inputs.iter().all(|&i| self.nodes[i].append_only),
+            // Rows are only delayed, never retracted, without an `until` bound.
+            NodeKind::TemporalFilter { bounds } => {
+                bounds
+                    .iter()
+                    .all(|b| b.edge == kappa_plan::TemporalEdge::From)
+                    && inputs.iter().all(|&i| self.nodes[i].append_only)
+            }
             // Merging and splitting sessions retracts rows.
             // An inner or semi join only retracts when an input does; outer and anti joins
             // retract unmatched rows when a match arrives.
@@ -156,9 +166,12 @@ impl Lowering<'_> {
         };
         let watermark_cols = match &kind {
             // A join's bounds come from its condition; the lowering sets them.
-            NodeKind::Source { .. } | NodeKind::Materialize { .. } | NodeKind::Join { .. } => {
-                vec![]
-            }
+            // A temporal filter emits (and retracts) rows whenever time says so, however
+            // old their event time.
+            NodeKind::Source { .. }
+            | NodeKind::Materialize { .. }
+            | NodeKind::Join { .. }
+            | NodeKind::TemporalFilter { .. } => vec![],
             NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
             NodeKind::Project { exprs } => self.bounded_cols(inputs[0], exprs),
             NodeKind::WindowExpand { time_col, spec } => {
@@ -394,16 +407,17 @@ impl Lowering<'_> {
                 ))
             }
             LogicalPlan::Filter(f) => {
-                check_exprs([&f.predicate])?;
-                let input = self.lower(&f.input)?;
-                let schema = self.nodes[input].schema.clone();
-                Ok(self.push(
-                    NodeKind::Filter {
-                        predicate: f.predicate.clone(),
-                    },
-                    vec![input],
-                    schema,
-                ))
+                let (bounds, rest) = crate::temporal::split_temporal(&f.predicate)?;
+                check_exprs(&rest)?;
+                let mut node = self.lower(&f.input)?;
+                let schema = self.nodes[node].schema.clone();
+                if let Some(predicate) = datafusion::logical_expr::utils::conjunction(rest) {
+                    node = self.push(NodeKind::Filter { predicate }, vec![node], schema.clone());
+                }
+                if !bounds.is_empty() {
+                    node = self.push(NodeKind::TemporalFilter { bounds }, vec![node], schema);
+                }
+                Ok(node)
             }
             LogicalPlan::SubqueryAlias(a)
                 if matches!(a.input.as_ref(), LogicalPlan::TableScan(s)

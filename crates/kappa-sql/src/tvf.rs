@@ -198,9 +198,7 @@ impl Rewriter<'_> {
         let usage = match kind {
             Some(WindowKind::Tumble) => "TUMBLE(relation, time_column, size [, offset])",
             Some(WindowKind::Hop) => "HOP(relation, time_column, slide, size [, offset])",
-            Some(WindowKind::Cumulate) => {
-                "CUMULATE(relation, time_column, step, size [, offset])"
-            }
+            Some(WindowKind::Cumulate) => "CUMULATE(relation, time_column, step, size [, offset])",
             None => "SESSION(relation, time_column, gap [, partition_column ...])",
         };
         let exprs: Vec<&Expr> = args.args.iter().filter_map(arg_expr).collect();

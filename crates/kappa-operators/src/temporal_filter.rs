@@ -1,0 +1,261 @@
+//! Temporal filter: rows visible only for a span of processing time, such as
+//! `WHERE ts > now() - INTERVAL '1' HOUR` (visible until `ts + 1 h`) or `WHERE ts <= now()`
+//! (visible from `ts`).
+//!
+//! # Semantics
+//! `now` is the processing time of the epoch (set by the runtime before the epoch's
+//! batches, the same for every view of the epoch, never decreasing). A row is visible while
+//! `from <= now < until`, where `from` is the largest of its `From` bounds (none: always)
+//! and `until` the smallest of its `Until` bounds (none: forever); a bound that is NULL makes
+//! the row invisible (the comparison is not true). The output at every epoch is exactly the
+//! input rows visible at that epoch's `now`, with their weights: a change visible on arrival
+//! passes at once; one not yet visible waits for `from` and is emitted then; a visible one
+//! is retracted when `now` reaches `until`. A change whose span has already passed emits
+//! nothing, so an insert and a later delete of the same row stay balanced.
+//!
+//! # State
+//! Changes waiting for `from` and changes to retract at `until`, each ordered by that time;
+//! both are freed as time passes.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, Int64Array};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
+use datafusion::arrow::row::RowConverter;
+use datafusion::physical_expr::PhysicalExpr;
+use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
+use kappa_plan::TemporalEdge;
+
+use crate::Operator;
+
+type Bytes = Arc<[u8]>;
+
+/// When a row is visible: `from <= now < until` (`until` `None`: forever).
+type Span = (i64, Option<i64>);
+
+pub struct TemporalFilter {
+    bounds: Vec<(Arc<dyn PhysicalExpr>, TemporalEdge, i64)>,
+    rows: RowConverter,
+    schema: SchemaRef,
+    now: i64,
+    /// `from` → changes not yet visible, with their `until`.
+    waiting: BTreeMap<i64, Vec<(Bytes, i64, Option<i64>)>>,
+    /// `until` → visible changes to retract then.
+    expiring: BTreeMap<i64, Vec<(Bytes, i64)>>,
+    entries: usize,
+}
+
+impl TemporalFilter {
+    /// `bounds`: (timestamp expression over the input, edge, offset in microseconds).
+    pub fn new(
+        bounds: Vec<(Arc<dyn PhysicalExpr>, TemporalEdge, i64)>,
+        schema: SchemaRef,
+    ) -> Result<Self> {
+        Ok(Self {
+            bounds,
+            rows: kappa_state::row_converter(&schema)?,
+            schema,
+            now: i64::MIN,
+            waiting: BTreeMap::new(),
+            expiring: BTreeMap::new(),
+            entries: 0,
+        })
+    }
+
+    /// Per row, its visibility span `[from, until)`, or `None` if it is never visible.
+    fn spans(&self, batch: &ChangeBatch) -> Result<Vec<Option<Span>>> {
+        let n = batch.num_rows();
+        let mut spans = vec![Some((i64::MIN, None)); n];
+        for (expr, edge, offset) in &self.bounds {
+            let v = expr.evaluate(batch.data())?.into_array(n)?;
+            let v = cast(&v, &DataType::Timestamp(TimeUnit::Microsecond, None))?;
+            let v = v.as_primitive::<TimestampMicrosecondType>();
+            for (i, span) in spans.iter_mut().enumerate() {
+                let Some((from, until)) = span else { continue };
+                if v.is_null(i) {
+                    *span = None;
+                    continue;
+                }
+                let t = v.value(i).saturating_add(*offset);
+                match edge {
+                    TemporalEdge::From => *from = (*from).max(t),
+                    TemporalEdge::Until => *until = Some(until.map_or(t, |u: i64| u.min(t))),
+                }
+            }
+        }
+        Ok(spans)
+    }
+
+    fn emit(&self, rows: Vec<(Bytes, i64)>, out: &mut Vec<ChangeBatch>) -> Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let parser = self.rows.parser();
+        let columns = self
+            .rows
+            .convert_rows(rows.iter().map(|(r, _)| parser.parse(r)))?;
+        let data = crate::batch_with_rows(self.schema.clone(), columns, rows.len())?;
+        let weights = Int64Array::from_iter_values(rows.iter().map(|(_, w)| *w));
+        out.push(ChangeBatch::new(data, weights)?);
+        Ok(())
+    }
+
+    fn expire_at(&mut self, until: Option<i64>, row: Bytes, w: i64) {
+        if let Some(u) = until {
+            self.expiring.entry(u).or_default().push((row, w));
+            self.entries += 1;
+        }
+    }
+}
+
+impl Operator for TemporalFilter {
+    fn advance_time(&mut self, now: i64) {
+        self.now = self.now.max(now);
+    }
+
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let spans = self.spans(&batch)?;
+        let needs_row = spans
+            .iter()
+            .any(|s| matches!(s, Some((f, u)) if *f > self.now || u.is_some()));
+        let rows = if needs_row {
+            Some(self.rows.convert_columns(batch.columns())?)
+        } else {
+            None
+        };
+        let row = |i: usize| -> Result<Bytes> {
+            rows.as_ref()
+                .map(|r| Bytes::from(r.row(i).data()))
+                .ok_or_else(|| KappaError::internal("temporal filter row not converted"))
+        };
+        let weights = batch.weights();
+        let mut visible = Vec::with_capacity(spans.len());
+        for (i, span) in spans.iter().enumerate() {
+            let show = match *span {
+                Some((_, Some(until))) if until <= self.now => false,
+                Some((from, until)) if from > self.now => {
+                    if until.is_none_or(|u| u > from) {
+                        self.waiting.entry(from).or_default().push((
+                            row(i)?,
+                            weights.value(i),
+                            until,
+                        ));
+                        self.entries += 1;
+                    }
+                    false
+                }
+                Some((_, until)) => {
+                    if until.is_some() {
+                        self.expire_at(until, row(i)?, weights.value(i));
+                    }
+                    true
+                }
+                None => false,
+            };
+            visible.push(show);
+        }
+        let shown = batch.filter(&BooleanArray::from(visible))?;
+        if !shown.is_empty() {
+            out.push(shown);
+        }
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        _watermark: Option<i64>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let mut changes = vec![];
+        for (_, rows) in crate::take_closed(&mut self.waiting, self.now) {
+            for (row, w, until) in rows {
+                self.entries -= 1;
+                if until.is_none_or(|u| u > self.now) {
+                    self.expire_at(until, row.clone(), w);
+                    changes.push((row, w));
+                }
+            }
+        }
+        for (_, rows) in crate::take_closed(&mut self.expiring, self.now) {
+            self.entries -= rows.len();
+            changes.extend(rows.into_iter().map(|(r, w)| (r, -w)));
+        }
+        self.emit(changes, out)
+    }
+
+    fn name(&self) -> &'static str {
+        "StreamTemporalFilter"
+    }
+
+    fn state_entries(&self) -> usize {
+        self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+    use datafusion::physical_expr::expressions::col;
+
+    const S: i64 = 1_000_000;
+
+    /// Rows `k | t` visible while `t - 10 s <= now < t + 60 s`
+    /// (`t <= now() + 10 s AND t > now() - 60 s`).
+    fn op() -> TemporalFilter {
+        let s = schema("k:utf8, t:ts");
+        let t = col("t", &s).unwrap();
+        TemporalFilter::new(
+            vec![
+                (t.clone(), TemporalEdge::From, -10 * S),
+                (t, TemporalEdge::Until, 60 * S),
+            ],
+            s,
+        )
+        .unwrap()
+    }
+
+    fn epoch(op: &mut TemporalFilter, now: i64, lines: &str) -> Vec<ChangeBatch> {
+        let mut out = vec![];
+        op.advance_time(now * S);
+        if !lines.is_empty() {
+            op.process(0, changes("k:utf8, t:ts", lines), &mut out)
+                .unwrap();
+        }
+        op.on_barrier(0, None, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn rows_appear_and_expire_as_time_passes() {
+        let mut op = op();
+        // now 100: a (t 100) visible until 160; b (t 150) from 140; c (t 30) expired at 90;
+        // d has no time: never visible.
+        let out = epoch(&mut op, 100, "+ a | 100\n+ b | 150\n+ c | 30\n+ d | NULL");
+        assert_changes(&out, "+ a | 1970-01-01T00:01:40");
+        assert_eq!(op.state_entries(), 2);
+        // now 140: b becomes visible; a deleted meanwhile leaves at once.
+        let out = epoch(&mut op, 140, "- a | 100");
+        assert_changes(&out, "- a | 1970-01-01T00:01:40\n+ b | 1970-01-01T00:02:30");
+        // now 160: a's expiry retracts nothing net (its delete already did).
+        assert!(crate::testing::consolidate(&epoch(&mut op, 160, "")).is_empty());
+        // now 210: b expires (150 + 60).
+        let out = epoch(&mut op, 210, "");
+        assert_changes(&out, "- b | 1970-01-01T00:02:30");
+        assert_eq!(op.state_entries(), 0);
+        // The clock never goes back.
+        let out = epoch(&mut op, 0, "+ e | 100");
+        assert!(out.is_empty());
+    }
+}
