@@ -71,13 +71,26 @@ enum Kind {
     Extreme {
         max: bool,
     },
+    /// min/max over an input that never retracts: the running extreme alone.
+    Best {
+        max: bool,
+    },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Acc {
     Count(i64),
-    Int { sum: i128, n: i64 },
-    Float { sum: f64, comp: f64, n: i64 },
+    Int {
+        sum: i128,
+        n: i64,
+    },
+    Float {
+        sum: f64,
+        comp: f64,
+        n: i64,
+    },
+    /// The running min/max (row format), `None` before the first non-null value.
+    Best(Option<Box<[u8]>>),
     None,
 }
 
@@ -165,7 +178,7 @@ impl HashAggregate {
             .iter()
             .zip(&kinds)
             .map(|(a, k)| match k {
-                Kind::Extreme { .. } => {
+                Kind::Extreme { .. } | Kind::Best { .. } => {
                     RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
                 }
                 _ => Ok(None),
@@ -189,6 +202,18 @@ impl HashAggregate {
             watermark: None,
             late_rows: 0,
         })
+    }
+
+    /// The input never retracts (an append-only stream): `min` and `max` keep only the
+    /// running extreme instead of the multiset of values. A retraction that still arrives
+    /// is an internal error.
+    pub fn with_append_only_input(mut self) -> Self {
+        for k in &mut self.kinds {
+            if let Kind::Extreme { max } = *k {
+                *k = Kind::Best { max };
+            }
+        }
+        self
     }
 
     /// Makes this a windowed aggregate: group column `close.col` (a timestamp) closes with
@@ -260,6 +285,7 @@ impl HashAggregate {
                         n: 0,
                     },
                     Kind::Extreme { .. } => Acc::None,
+                    Kind::Best { .. } => Acc::Best(None),
                 })
                 .collect(),
         }
@@ -278,8 +304,16 @@ impl HashAggregate {
         let mut out = Vec::with_capacity(self.aggs.len());
         for (i, (spec, kind)) in self.aggs.iter().zip(&self.kinds).enumerate() {
             let null = ScalarValue::try_from(&spec.output_type)?;
-            let v = match (kind, state.accs[i]) {
+            let v = match (kind, state.accs[i].clone()) {
                 (Kind::Count, Acc::Count(c)) => ScalarValue::Int64(Some(c)),
+                (Kind::Best { .. }, Acc::Best(best)) => match (best, &self.value_converters[i]) {
+                    (Some(v), Some(conv)) => {
+                        let parser = conv.parser();
+                        let arr = conv.convert_rows([parser.parse(&v)])?;
+                        ScalarValue::try_from_array(&arr[0], 0)?
+                    }
+                    _ => null,
+                },
                 (Kind::SumInt { scale }, Acc::Int { sum, n }) => {
                     if n == 0 {
                         null
@@ -339,7 +373,7 @@ impl HashAggregate {
         let mut b = Vec::with_capacity(8 + state.accs.len() * 24);
         b.extend_from_slice(&state.rows.to_le_bytes());
         for a in &state.accs {
-            match *a {
+            match a {
                 Acc::Count(c) => b.extend_from_slice(&c.to_le_bytes()),
                 Acc::Int { sum, n } => {
                     b.extend_from_slice(&sum.to_le_bytes());
@@ -349,6 +383,12 @@ impl HashAggregate {
                     b.extend_from_slice(&sum.to_le_bytes());
                     b.extend_from_slice(&comp.to_le_bytes());
                     b.extend_from_slice(&n.to_le_bytes());
+                }
+                Acc::Best(best) => {
+                    // Length + 1, 0 for none.
+                    let len = best.as_ref().map_or(0, |v| v.len() + 1) as u32;
+                    b.extend_from_slice(&len.to_le_bytes());
+                    b.extend_from_slice(best.as_deref().unwrap_or_default());
                 }
                 Acc::None => {}
             }
@@ -383,6 +423,13 @@ impl HashAggregate {
                     n: i64::from_le_bytes(arr8(take(8)?)),
                 },
                 Kind::Extreme { .. } => Acc::None,
+                Kind::Best { .. } => {
+                    let len = u32::from_le_bytes(take(4)?.try_into().unwrap_or([0; 4]));
+                    Acc::Best(match len {
+                        0 => None,
+                        n => Some(take(n as usize - 1)?.into()),
+                    })
+                }
             });
         }
         Ok(GroupState { rows, accs })
@@ -474,7 +521,7 @@ impl Operator for HashAggregate {
                 (Some(a), Kind::SumFloat | Kind::AvgFloat) => {
                     ArgValues::Float(cast(&a, &DataType::Float64)?)
                 }
-                (Some(a), Kind::Extreme { .. }) => {
+                (Some(a), Kind::Extreme { .. } | Kind::Best { .. }) => {
                     let conv = self.value_converters[i]
                         .as_ref()
                         .ok_or_else(|| KappaError::internal("min/max without converter"))?;
@@ -559,6 +606,28 @@ impl Operator for HashAggregate {
                                 if *n == 0 {
                                     *sum = 0.0;
                                     *comp = 0.0;
+                                }
+                            }
+                        }
+                        (ArgValues::Rows(a, rows), Acc::Best(best)) => {
+                            if a.is_valid(row) {
+                                if w < 0 {
+                                    return Err(KappaError::internal(
+                                        "a retraction reached min/max over an append-only input",
+                                    ));
+                                }
+                                let v = rows.row(row).data();
+                                let better = match best.as_deref() {
+                                    None => true,
+                                    Some(b)
+                                        if matches!(self.kinds[i], Kind::Best { max: true }) =>
+                                    {
+                                        v > b
+                                    }
+                                    Some(b) => v < b,
+                                };
+                                if better {
+                                    *best = Some(v.into());
                                 }
                             }
                         }
@@ -759,6 +828,25 @@ mod tests {
         // Duplicate values: deleting one copy of the max keeps the other.
         let out = epoch(&mut op, "+2 a | 9\n- a | 9");
         assert_changes(&out, "- a | 1 | 7 | 7 | 7\n+ a | 2 | 16 | 9 | 7");
+    }
+
+    #[test]
+    fn append_only_min_max_keep_only_the_running_extreme() {
+        use AggFunc::*;
+        let mut op =
+            agg(&[Max, Min, Count], "k:utf8, mx:i64, mn:i64, c:i64", true).with_append_only_input();
+        let out = epoch(&mut op, "+ a | 10\n+ a | NULL\n+ a | -7\n+ b | 5");
+        // count(v) skips the NULL.
+        assert_changes(&out, "+ a | 10 | -7 | 2\n+ b | 5 | 5 | 1");
+        let out = epoch(&mut op, "+ a | 3\n+ a | 12");
+        assert_changes(&out, "- a | 10 | -7 | 2\n+ a | 12 | -7 | 4");
+        // No value multiset is kept.
+        assert!(op.extremes.is_empty());
+        // A NULL-only group has a NULL extreme.
+        let out = epoch(&mut op, "+ c | NULL");
+        assert_changes(&out, "+ c | NULL | NULL | 0");
+        let mut out = vec![];
+        assert!(op.process(0, changes(IN, "- a | 12"), &mut out).is_err());
     }
 
     #[test]

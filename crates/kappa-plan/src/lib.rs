@@ -74,7 +74,7 @@ pub enum TemporalEdge {
 
 /// One conjunct of a temporal filter over the processing time `now` (microseconds):
 /// `expr` is a timestamp expression over the input row.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TemporalBound {
     pub expr: Expr,
     pub edge: TemporalEdge,
@@ -91,7 +91,7 @@ impl fmt::Display for TemporalBound {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum NodeKind {
     /// The changelog of a relation (engine table or materialized view), restricted to the
     /// columns in `projection` (all when `None`), in that order.
@@ -254,7 +254,7 @@ impl AggFunc {
 }
 
 /// One aggregate call: `func(args…) FILTER (WHERE filter)`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AggCall {
     pub func: AggFunc,
     /// Argument expressions over the aggregate's input. `count(*)` has a non-null literal.
@@ -284,7 +284,16 @@ impl StreamGraph {
         out
     }
 
-    fn fmt_node(&self, f: &mut fmt::Formatter<'_>, id: NodeId, depth: usize) -> fmt::Result {
+    /// Prints node `id` and, the first time only, its inputs; a node read by several
+    /// consumers (a shared subplan) is marked as such.
+    fn fmt_node(
+        &self,
+        f: &mut fmt::Formatter<'_>,
+        id: NodeId,
+        depth: usize,
+        consumers: &[usize],
+        seen: &mut [bool],
+    ) -> fmt::Result {
         let node = &self.nodes[id];
         let pad = "  ".repeat(depth);
         let list = |es: &[Expr]| {
@@ -410,9 +419,16 @@ impl StreamGraph {
             }
             NodeKind::Materialize { name, .. } => format!("StreamMaterialize: {name}"),
         };
-        writeln!(f, "{pad}{line}")?;
+        if consumers[id] < 2 {
+            writeln!(f, "{pad}{line}")?;
+        } else if seen[id] {
+            return writeln!(f, "{pad}{line} (shared, as above)");
+        } else {
+            writeln!(f, "{pad}{line} (shared)")?;
+        }
+        seen[id] = true;
         for &i in &node.inputs {
-            self.fmt_node(f, i, depth + 1)?;
+            self.fmt_node(f, i, depth + 1, consumers, seen)?;
         }
         Ok(())
     }
@@ -433,6 +449,13 @@ impl fmt::Display for StreamGraph {
         if self.nodes.is_empty() {
             return writeln!(f, "(empty plan)");
         }
-        self.fmt_node(f, self.nodes.len() - 1, 0)
+        let mut consumers = vec![0; self.nodes.len()];
+        for n in &self.nodes {
+            for &i in &n.inputs {
+                consumers[i] += 1;
+            }
+        }
+        let mut seen = vec![false; self.nodes.len()];
+        self.fmt_node(f, self.nodes.len() - 1, 0, &consumers, &mut seen)
     }
 }

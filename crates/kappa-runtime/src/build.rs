@@ -137,6 +137,11 @@ pub(crate) fn build_dataflow(
                     store.create_table(&format!("mv{relation}.n{i}.groups")),
                     store.create_table(&format!("mv{relation}.n{i}.extremes")),
                 )?;
+                let agg = if graph.nodes[node.inputs[0]].append_only {
+                    agg.with_append_only_input()
+                } else {
+                    agg
+                };
                 Box::new(match window_close {
                     Some(c) => agg.with_window_close(*c, *emit_on_window_close),
                     None => agg,

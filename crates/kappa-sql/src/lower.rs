@@ -136,6 +136,16 @@ impl Lowering<'_> {
     }
 
     fn push(&mut self, kind: NodeKind, inputs: Vec<NodeId>, schema: Arc<DFSchema>) -> NodeId {
+        // The same computation over the same inputs is computed once (a query that repeats a
+        // subquery, as Nexmark q5 does): operators are deterministic, so every consumer can
+        // read one node's output.
+        if let Some(i) = self
+            .nodes
+            .iter()
+            .position(|n| n.kind == kind && n.inputs == inputs && n.schema == schema)
+        {
+            return i;
+        }
         let first = inputs.first().map(|&i| &self.nodes[i]);
         let append_only = match &kind {
             NodeKind::Project { .. }
@@ -302,6 +312,46 @@ impl Lowering<'_> {
             .collect();
         let out = alias.unwrap_or(&scan.projected_schema).clone();
         Ok(self.push(NodeKind::Project { exprs }, vec![expand], out))
+    }
+
+    /// An aggregate already in the graph over `input` with the same aggregates and the same
+    /// group expressions in another order (`GROUP BY a, b` and `GROUP BY b, a`), and the
+    /// columns that reorder its output into this one's.
+    fn same_aggregate(
+        &self,
+        input: NodeId,
+        groups: &[Expr],
+        aggregates: &[AggCall],
+        window_close: Option<WatermarkCol>,
+    ) -> Option<(NodeId, Vec<Expr>)> {
+        let close = |g: &[Expr], w: Option<WatermarkCol>| w.map(|w| (g[w.col].clone(), w.offset));
+        self.nodes.iter().enumerate().find_map(|(id, n)| {
+            let NodeKind::Aggregate {
+                group_exprs,
+                aggregates: aggs,
+                window_close: wc,
+                emit_on_window_close,
+            } = &n.kind
+            else {
+                return None;
+            };
+            if n.inputs != [input]
+                || aggs.as_slice() != aggregates
+                || *emit_on_window_close != self.emit_on_window_close
+                || group_exprs.len() != groups.len()
+                || close(group_exprs, *wc) != close(groups, window_close)
+            {
+                return None;
+            }
+            let cols = n.schema.columns();
+            let mut exprs = Vec::with_capacity(cols.len());
+            for g in groups {
+                let j = group_exprs.iter().position(|e| e == g)?;
+                exprs.push(Expr::Column(cols[j].clone()));
+            }
+            exprs.extend(cols[groups.len()..].iter().cloned().map(Expr::Column));
+            Some((id, exprs))
+        })
     }
 
     fn lower_join(&mut self, j: &datafusion::logical_expr::Join) -> Result<NodeId> {
@@ -496,6 +546,15 @@ impl Lowering<'_> {
                     ));
                 }
                 self.aggregates += 1;
+                if let Some((node, exprs)) =
+                    self.same_aggregate(input, &a.group_expr, &aggregates, window_close)
+                {
+                    return Ok(self.push(
+                        NodeKind::Project { exprs },
+                        vec![node],
+                        a.schema.clone(),
+                    ));
+                }
                 Ok(self.push(
                     NodeKind::Aggregate {
                         group_exprs: a.group_expr.clone(),
