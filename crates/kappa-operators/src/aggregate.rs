@@ -32,7 +32,7 @@
 //! returns to zero, so retracting every value leaves no residue; they can still differ from
 //! a batch engine in the last bits, as any two float summation orders can.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
@@ -46,6 +46,9 @@ use kappa_plan::{AggFunc, WatermarkCol};
 use kappa_state::{StateTable, add_to_count};
 
 use crate::Operator;
+
+/// Per-epoch maps, hashed with foldhash rather than SipHash.
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
 
 /// A compiled aggregate call.
 pub struct AggSpec {
@@ -193,8 +196,8 @@ impl HashAggregate {
             schema,
             groups,
             extremes,
-            dirty: HashMap::new(),
-            extreme_deltas: HashMap::new(),
+            dirty: HashMap::default(),
+            extreme_deltas: HashMap::default(),
             key_buf: Vec::new(),
             window_close: None,
             emit_on_window_close: false,
