@@ -26,7 +26,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray, Int64Array, TimestampMicrosecondArray};
+use datafusion::arrow::array::{Array, AsArray, Int64Array};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicrosecondType};
 use datafusion::arrow::row::{RowConverter, SortField};
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
@@ -240,11 +240,10 @@ impl SessionWindow {
             DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
             _ => None,
         };
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(emit.starts).with_timezone_opt(tz.clone()),
-        ));
-        columns.push(Arc::new(
-            TimestampMicrosecondArray::from(emit.ends).with_timezone_opt(tz),
+        columns.extend(kappa_plan::window::bound_columns(
+            emit.starts,
+            emit.ends,
+            tz,
         ));
         let n = emit.weights.len();
         let data = crate::batch_with_rows(self.schema.clone(), columns, n)?;

@@ -18,6 +18,7 @@
 //! A row whose time is NULL belongs to no window.
 
 use std::fmt;
+use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, TimestampMicrosecondArray, UInt32Array,
@@ -137,16 +138,7 @@ impl WindowSpec {
         out_schema: datafusion::arrow::datatypes::SchemaRef,
     ) -> Result<(RecordBatch, Option<UInt32Array>)> {
         let col = batch.column(time_col);
-        let tz = match col.data_type() {
-            DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
-            other => {
-                return Err(KappaError::user(
-                    SqlState::DATATYPE_MISMATCH,
-                    format!("window time column must be a TIMESTAMP, not {other}"),
-                ));
-            }
-        };
-        let times = col.as_primitive::<TimestampMicrosecondType>();
+        let (times, tz) = time_column(col)?;
         let n = batch.num_rows();
         let mut starts = Vec::with_capacity(n);
         let mut ends = Vec::with_capacity(n);
@@ -180,17 +172,34 @@ impl WindowSpec {
             (Some(idx), cols)
         };
         let mut columns = columns;
-        columns.push(std::sync::Arc::new(
-            TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone()),
-        ));
-        columns.push(std::sync::Arc::new(
-            TimestampMicrosecondArray::from(ends).with_timezone_opt(tz),
-        ));
+        columns.extend(bound_columns(starts, ends, tz));
         let rows = indices.as_ref().map(|i| i.len()).unwrap_or(n);
         let opts = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
         let out = RecordBatch::try_new_with_options(out_schema, columns, &opts)?;
         Ok((out, indices))
     }
+}
+
+/// A window function's time column: its values, and its time zone (which the window
+/// bounds keep).
+fn time_column(col: &ArrayRef) -> Result<(&TimestampMicrosecondArray, Option<Arc<str>>)> {
+    match col.data_type() {
+        DataType::Timestamp(TimeUnit::Microsecond, tz) => {
+            Ok((col.as_primitive::<TimestampMicrosecondType>(), tz.clone()))
+        }
+        other => Err(KappaError::user(
+            SqlState::DATATYPE_MISMATCH,
+            format!("window time column must be a TIMESTAMP, not {other}"),
+        )),
+    }
+}
+
+/// The `window_start` and `window_end` columns, in the time column's time zone.
+pub fn bound_columns(starts: Vec<i64>, ends: Vec<i64>, tz: Option<Arc<str>>) -> [ArrayRef; 2] {
+    [
+        Arc::new(TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone())),
+        Arc::new(TimestampMicrosecondArray::from(ends).with_timezone_opt(tz)),
+    ]
 }
 
 /// A session window's parameters: the gap (microseconds) and the partition columns.
@@ -238,16 +247,7 @@ impl SessionSpec {
         };
         let all = datafusion::arrow::compute::concat_batches(&in_schema, batches)?;
         let col = all.column(time_col);
-        let tz = match col.data_type() {
-            DataType::Timestamp(TimeUnit::Microsecond, tz) => tz.clone(),
-            other => {
-                return Err(KappaError::user(
-                    SqlState::DATATYPE_MISMATCH,
-                    format!("window time column must be a TIMESTAMP, not {other}"),
-                ));
-            }
-        };
-        let times = col.as_primitive::<TimestampMicrosecondType>();
+        let (times, tz) = time_column(col)?;
         let keys: Vec<ArrayRef> = self
             .partition
             .iter()
@@ -291,12 +291,7 @@ impl SessionSpec {
             .iter()
             .map(|c| take(c.as_ref(), &idx, None))
             .collect::<std::result::Result<Vec<ArrayRef>, _>>()?;
-        columns.push(std::sync::Arc::new(
-            TimestampMicrosecondArray::from(starts).with_timezone_opt(tz.clone()),
-        ));
-        columns.push(std::sync::Arc::new(
-            TimestampMicrosecondArray::from(ends).with_timezone_opt(tz),
-        ));
+        columns.extend(bound_columns(starts, ends, tz));
         let opts =
             datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(idx.len()));
         Ok(RecordBatch::try_new_with_options(
