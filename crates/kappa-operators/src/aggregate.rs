@@ -309,13 +309,9 @@ impl HashAggregate {
             let null = ScalarValue::try_from(&spec.output_type)?;
             let v = match (kind, state.accs[i].clone()) {
                 (Kind::Count, Acc::Count(c)) => ScalarValue::Int64(Some(c)),
-                (Kind::Best { .. }, Acc::Best(best)) => match (best, &self.value_converters[i]) {
-                    (Some(v), Some(conv)) => {
-                        let parser = conv.parser();
-                        let arr = conv.convert_rows([parser.parse(&v)])?;
-                        ScalarValue::try_from_array(&arr[0], 0)?
-                    }
-                    _ => null,
+                (Kind::Best { .. }, Acc::Best(best)) => match best {
+                    Some(v) => self.decode_value(i, &v)?,
+                    None => null,
                 },
                 (Kind::SumInt { scale }, Acc::Int { sum, n }) => {
                     if n == 0 {
@@ -352,13 +348,9 @@ impl HashAggregate {
                     } else {
                         self.extremes.first_with_prefix(&prefix)
                     };
-                    match (entry, &self.value_converters[i]) {
-                        (Some((k, _)), Some(conv)) => {
-                            let parser = conv.parser();
-                            let arr = conv.convert_rows([parser.parse(&k[prefix.len()..])])?;
-                            ScalarValue::try_from_array(&arr[0], 0)?
-                        }
-                        _ => null,
+                    match entry {
+                        Some((k, _)) => self.decode_value(i, &k[prefix.len()..])?,
+                        None => null,
                     }
                 }
                 _ => {
@@ -370,6 +362,15 @@ impl HashAggregate {
             out.push(v);
         }
         Ok(out)
+    }
+
+    /// A min/max argument value of aggregate `agg`, from its row format.
+    fn decode_value(&self, agg: usize, value: &[u8]) -> Result<ScalarValue> {
+        let conv = self.value_converters[agg]
+            .as_ref()
+            .ok_or_else(|| KappaError::internal("min/max without converter"))?;
+        let arr = kappa_state::decode_rows(conv, [value])?;
+        Ok(ScalarValue::try_from_array(&arr[0], 0)?)
     }
 
     fn encode_state(state: &GroupState) -> Vec<u8> {
@@ -729,10 +730,7 @@ impl Operator for HashAggregate {
             return Ok(());
         }
         let mut columns: Vec<ArrayRef> = match &self.group_converter {
-            Some(conv) => {
-                let parser = conv.parser();
-                conv.convert_rows(out_keys.iter().map(|k| parser.parse(k)))?
-            }
+            Some(conv) => kappa_state::decode_rows(conv, out_keys.iter().map(|k| &k[..]))?,
             None => vec![],
         };
         for i in 0..self.aggs.len() {

@@ -304,9 +304,7 @@ impl HashJoin {
 
     /// Stored rows of `side`, decoded.
     fn decode_rows(&self, side: usize, rows: &[Bytes]) -> Result<Vec<ArrayRef>> {
-        let conv = &self.sides[side].rows;
-        let parser = conv.parser();
-        Ok(conv.convert_rows(rows.iter().map(|r| parser.parse(r)))?)
+        kappa_state::decode_rows(&self.sides[side].rows, rows.iter().map(|r| &r[..]))
     }
 
     /// Left columns then right columns from one side's columns (the other side's are

@@ -228,10 +228,7 @@ impl SessionWindow {
         if emit.rows.is_empty() {
             return Ok(None);
         }
-        let parser = self.rows.parser();
-        let mut columns = self
-            .rows
-            .convert_rows(emit.rows.iter().map(|r| parser.parse(r)))?;
+        let mut columns = kappa_state::decode_rows(&self.rows, emit.rows.iter().map(|r| &r[..]))?;
         let tz = match self
             .schema
             .field(self.schema.fields().len() - 1)

@@ -92,21 +92,16 @@ impl TemporalFilter {
         if rows.is_empty() {
             return Ok(());
         }
-        let parser = self.rows.parser();
-        let columns = self
-            .rows
-            .convert_rows(rows.iter().map(|(r, _)| parser.parse(r)))?;
+        let columns = kappa_state::decode_rows(&self.rows, rows.iter().map(|(r, _)| &r[..]))?;
         let data = crate::batch_with_rows(self.schema.clone(), columns, rows.len())?;
         let weights = Int64Array::from_iter_values(rows.iter().map(|(_, w)| *w));
         out.push(ChangeBatch::new(data, weights)?);
         Ok(())
     }
 
-    fn expire_at(&mut self, until: Option<i64>, row: Bytes, w: i64) {
-        if let Some(u) = until {
-            self.expiring.entry(u).or_default().push((row, w));
-            self.entries += 1;
-        }
+    fn expire_at(&mut self, until: i64, row: Bytes, w: i64) {
+        self.expiring.entry(until).or_default().push((row, w));
+        self.entries += 1;
     }
 }
 
@@ -155,8 +150,8 @@ impl Operator for TemporalFilter {
                     false
                 }
                 Some((_, until)) => {
-                    if until.is_some() {
-                        self.expire_at(until, row(i)?, weights.value(i));
+                    if let Some(u) = until {
+                        self.expire_at(u, row(i)?, weights.value(i));
                     }
                     true
                 }
@@ -182,7 +177,9 @@ impl Operator for TemporalFilter {
             for (row, w, until) in rows {
                 self.entries -= 1;
                 if until.is_none_or(|u| u > self.now) {
-                    self.expire_at(until, row.clone(), w);
+                    if let Some(u) = until {
+                        self.expire_at(u, row.clone(), w);
+                    }
                     changes.push((row, w));
                 }
             }

@@ -46,6 +46,13 @@ pub struct StreamNode {
     pub watermark_cols: Vec<WatermarkCol>,
 }
 
+impl StreamNode {
+    /// How the watermark bounds output column `col`, if it does.
+    pub fn watermark_col(&self, col: usize) -> Option<WatermarkCol> {
+        self.watermark_cols.iter().find(|w| w.col == col).copied()
+    }
+}
+
 /// Column `col` is bounded by the watermark `W`: every future row has `col + offset > W`
 /// (values in microseconds). The event-time column itself has offset 1 µs (future rows have
 /// `ts >= W`); a window's `window_end` has offset 0 and its `window_start` the window size.

@@ -83,11 +83,7 @@ pub(crate) fn build_dataflow(
                     .first()
                     .map(|&i| &graph.nodes[i])
                     .ok_or_else(|| KappaError::internal("a session window needs an input"))?;
-                let time_offset = input_node
-                    .watermark_cols
-                    .iter()
-                    .find(|w| w.col == *time_col)
-                    .map(|w| w.offset);
+                let time_offset = input_node.watermark_col(*time_col).map(|w| w.offset);
                 Box::new(SessionWindow::new(
                     *time_col,
                     spec.clone(),

@@ -117,7 +117,7 @@ impl Lowering<'_> {
         };
         let node = &self.nodes[input];
         let idx = node.schema.index_of_column(&c).ok()?;
-        node.watermark_cols.iter().find(|w| w.col == idx).copied()
+        node.watermark_col(idx)
     }
 
     /// The output columns among `exprs` (evaluated over `input`) that the watermark bounds.
@@ -189,7 +189,7 @@ impl Lowering<'_> {
                 let n = first.map(|n| n.schema.fields().len()).unwrap_or(0);
                 // Every window has end >= t + 1 µs and start + size >= end, so from
                 // t + k > W follows end + (k - 1) > W and start + size + (k - 1) > W.
-                if let Some(t) = cols.iter().find(|w| w.col == *time_col).copied() {
+                if let Some(t) = first.and_then(|n| n.watermark_col(*time_col)) {
                     let k = t.offset - 1;
                     cols.push(WatermarkCol {
                         col: n,
@@ -207,7 +207,7 @@ impl Lowering<'_> {
             // offset k - 1. Nothing else is: a retracted row can be old.
             NodeKind::SessionWindow { time_col, .. } => first
                 .and_then(|n| {
-                    let t = n.watermark_cols.iter().find(|w| w.col == *time_col)?;
+                    let t = n.watermark_col(*time_col)?;
                     Some(vec![WatermarkCol {
                         col: n.schema.fields().len() + 1,
                         offset: t.offset - 1,

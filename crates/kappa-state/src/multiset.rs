@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{RecordBatch, UInt32Array};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -22,6 +22,15 @@ pub fn row_converter(schema: &SchemaRef) -> Result<RowConverter> {
         .map(|f| SortField::new(f.data_type().clone()))
         .collect();
     Ok(RowConverter::new(fields)?)
+}
+
+/// Rows in `conv`'s row format (as stored in state), back as columns.
+pub fn decode_rows<'a>(
+    conv: &RowConverter,
+    rows: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<ArrayRef>> {
+    let parser = conv.parser();
+    Ok(conv.convert_rows(rows.into_iter().map(|r| parser.parse(r)))?)
 }
 
 /// A multiset of rows of one schema over a [`StateTable`].
@@ -109,7 +118,6 @@ impl MultisetSnapshot {
     /// repeated as often as it occurs.
     pub fn to_batches(&self, batch_size: usize) -> Result<Vec<RecordBatch>> {
         let converter = row_converter(&self.schema)?;
-        let parser = converter.parser();
         let mut out = Vec::new();
         let mut keys = Vec::with_capacity(batch_size.min(self.state.len()));
         let mut counts = Vec::with_capacity(keys.capacity());
@@ -117,7 +125,7 @@ impl MultisetSnapshot {
             if keys.is_empty() {
                 return Ok(());
             }
-            let columns = converter.convert_rows(keys.iter().map(|k| parser.parse(k)))?;
+            let columns = decode_rows(&converter, keys.iter().map(|k| &k[..]))?;
             let mut batch = RecordBatch::try_new(self.schema.clone(), columns)?;
             if counts.iter().any(|&c| c != 1) {
                 let idx: UInt32Array = counts
