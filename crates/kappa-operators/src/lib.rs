@@ -15,6 +15,7 @@ mod session;
 mod source;
 mod temporal_filter;
 pub mod testing;
+mod top_n;
 mod union;
 mod window;
 
@@ -28,6 +29,7 @@ pub use project::Project;
 pub use session::SessionWindow;
 pub use source::SourceScan;
 pub use temporal_filter::TemporalFilter;
+pub use top_n::{TopN, TopNSpec};
 pub use union::Union;
 pub use window::WindowExpand;
 

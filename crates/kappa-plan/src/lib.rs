@@ -22,7 +22,7 @@ use std::fmt;
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::common::DFSchemaRef;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, SortExpr};
 use kappa_common::RelationId;
 
 pub type NodeId = usize;
@@ -142,6 +142,24 @@ pub enum NodeKind {
         window_close: Option<WatermarkCol>,
         emit_on_window_close: bool,
     },
+    /// Top-N per partition: the input rows whose rank within their partition (the values of
+    /// `partition_by`), ordered by `order_by` and then by the whole row, lies in
+    /// `[lo, hi]`. With `emit_rank` the rank is appended as a `UInt64` column. A deletion
+    /// promotes the next row; shifted ranks are retracted and re-emitted.
+    ///
+    /// With `window_close` (a partition expression bounded by the watermark), a partition
+    /// closes when the watermark passes it: its state is freed, and with
+    /// `emit_on_window_close` its rows are emitted only then, once, final.
+    TopN {
+        partition_by: Vec<Expr>,
+        order_by: Vec<SortExpr>,
+        func: RankFunc,
+        lo: u64,
+        hi: u64,
+        emit_rank: bool,
+        window_close: Option<WatermarkCol>,
+        emit_on_window_close: bool,
+    },
     /// The multiset sum of all inputs (UNION ALL).
     Union,
     /// Join of its two inputs. `on` pairs a key expression over the left input with one
@@ -224,6 +242,36 @@ impl JoinKind {
             Self::RightSemi => "RightSemi",
             Self::LeftAnti => "LeftAnti",
             Self::RightAnti => "RightAnti",
+        }
+    }
+}
+
+/// How a top-N ranks the rows of a partition (sorted by the order keys).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RankFunc {
+    /// Position 1, 2, 3, …; ties are broken by the row itself.
+    RowNumber,
+    /// 1 + the number of rows with a smaller order key (ties share a rank, gaps follow).
+    Rank,
+    /// 1 + the number of distinct smaller order keys (no gaps).
+    DenseRank,
+}
+
+impl RankFunc {
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "row_number" => Self::RowNumber,
+            "rank" => Self::Rank,
+            "dense_rank" => Self::DenseRank,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::RowNumber => "row_number",
+            Self::Rank => "rank",
+            Self::DenseRank => "dense_rank",
         }
     }
 }
@@ -385,6 +433,38 @@ impl StreamGraph {
                         ""
                     }
                 )
+            }
+            NodeKind::TopN {
+                partition_by,
+                order_by,
+                func,
+                lo,
+                hi,
+                emit_rank,
+                window_close,
+                emit_on_window_close,
+            } => {
+                let order: Vec<String> = order_by.iter().map(|s| s.to_string()).collect();
+                let mut s = format!(
+                    "StreamTopN: {}() partition_by=[{}], order_by=[{}], rank in [{lo}, {hi}]",
+                    func.name(),
+                    list(partition_by),
+                    order.join(", ")
+                );
+                if *emit_rank {
+                    s.push_str(", emits rank");
+                }
+                match window_close {
+                    Some(c) if *emit_on_window_close => {
+                        s.push_str(&format!(" emit on close of {}", partition_by[c.col]))
+                    }
+                    Some(c) => s.push_str(&format!(
+                        " state cleaned by watermark on {}",
+                        partition_by[c.col]
+                    )),
+                    None => {}
+                }
+                s
             }
             NodeKind::Union => "StreamUnion".to_string(),
             NodeKind::Join {

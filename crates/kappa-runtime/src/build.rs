@@ -10,7 +10,7 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project,
-    SessionWindow, SourceScan, TemporalFilter, Union, ViewContents, WindowExpand,
+    SessionWindow, SourceScan, TemporalFilter, TopN, TopNSpec, Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -142,6 +142,46 @@ pub(crate) fn build_dataflow(
                     Some(c) => agg.with_window_close(*c, *emit_on_window_close),
                     None => agg,
                 })
+            }
+            NodeKind::TopN {
+                partition_by,
+                order_by,
+                func,
+                lo,
+                hi,
+                emit_rank,
+                window_close,
+                emit_on_window_close,
+            } => {
+                let input = input()?;
+                let typed =
+                    |e: &Expr| -> Result<_> { Ok((compile(ctx, e, input)?, e.get_type(input)?)) };
+                let spec = TopNSpec {
+                    partition: partition_by.iter().map(typed).collect::<Result<_>>()?,
+                    order: order_by
+                        .iter()
+                        .map(|s| {
+                            let (e, t) = typed(&s.expr)?;
+                            let opts = datafusion::arrow::compute::SortOptions {
+                                descending: !s.asc,
+                                nulls_first: s.nulls_first,
+                            };
+                            Ok((e, t, opts))
+                        })
+                        .collect::<Result<_>>()?,
+                    func: *func,
+                    lo: *lo,
+                    hi: *hi,
+                    emit_rank: *emit_rank,
+                };
+                let mut op = TopN::new(spec, &arrow_schema(input), schema)?;
+                if graph.nodes[node.inputs[0]].append_only {
+                    op = op.with_append_only_input();
+                }
+                if let Some(c) = window_close {
+                    op = op.with_window_close(*c, *emit_on_window_close);
+                }
+                Box::new(op)
             }
             NodeKind::Union => Box::new(Union::new(schema)),
             NodeKind::Join {

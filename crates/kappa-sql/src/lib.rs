@@ -8,6 +8,7 @@ mod join;
 mod lower;
 pub mod parse;
 pub mod temporal;
+mod top_n;
 pub mod tvf;
 
 pub use lower::{ScanSource, lower_to_stream_graph};

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::datatypes::Schema;
 use datafusion::common::{DFSchema, TableReference};
-use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Sort};
+use datafusion::logical_expr::{Expr, ExprSchemable, LogicalPlan, Sort, SortExpr};
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_plan::{
-    AggCall, AggFunc, JoinKind, NodeId, NodeKind, StreamGraph, StreamNode, WatermarkCol,
+    AggCall, AggFunc, JoinKind, NodeId, NodeKind, RankFunc, StreamGraph, StreamNode, WatermarkCol,
 };
 
 use crate::tvf::WindowTable;
@@ -171,6 +171,10 @@ impl Lowering<'_> {
             NodeKind::Aggregate {
                 emit_on_window_close,
                 ..
+            }
+            | NodeKind::TopN {
+                emit_on_window_close,
+                ..
             } => *emit_on_window_close,
             _ => false,
         };
@@ -215,6 +219,23 @@ impl Lowering<'_> {
                 })
                 .unwrap_or_default(),
             NodeKind::Aggregate { group_exprs, .. } => self.bounded_cols(inputs[0], group_exprs),
+            // A change touches only open partitions, so the bound of a partition column
+            // holds for every row emitted or retracted; other columns of a promoted row can
+            // be old.
+            NodeKind::TopN { partition_by, .. } => first
+                .map(|n| {
+                    n.watermark_cols
+                        .iter()
+                        .filter(|w| {
+                            partition_by.iter().any(|e| match e {
+                                Expr::Column(c) => n.schema.index_of_column(c).ok() == Some(w.col),
+                                _ => false,
+                            })
+                        })
+                        .copied()
+                        .collect()
+                })
+                .unwrap_or_default(),
             NodeKind::Union => {
                 let mut cols = first.map(|n| n.watermark_cols.clone()).unwrap_or_default();
                 for &i in &inputs[1..] {
@@ -354,6 +375,121 @@ impl Lowering<'_> {
         })
     }
 
+    /// A top-N node over `input` (see [`NodeKind::TopN`]); in an `EMIT ON WINDOW CLOSE` view
+    /// it must be partitioned by a window bound, and emits each partition when it closes.
+    #[allow(clippy::too_many_arguments)]
+    fn push_top_n(
+        &mut self,
+        input: NodeId,
+        partition_by: Vec<Expr>,
+        order_by: Vec<SortExpr>,
+        func: RankFunc,
+        (lo, hi): (u64, u64),
+        emit_rank: bool,
+        schema: Arc<DFSchema>,
+    ) -> Result<NodeId> {
+        check_exprs(partition_by.iter().chain(order_by.iter().map(|s| &s.expr)))?;
+        let window_close = self.bounded_cols(input, &partition_by).first().copied();
+        if self.emit_on_window_close {
+            if window_close.is_none() {
+                return Err(KappaError::not_supported(
+                    "EMIT ON WINDOW CLOSE with a top-N (ROW_NUMBER, DISTINCT ON, LIMIT) that is not partitioned by window_start or window_end of a source with a WATERMARK",
+                ));
+            }
+            self.aggregates += 1;
+        }
+        Ok(self.push(
+            NodeKind::TopN {
+                partition_by,
+                order_by,
+                func,
+                lo,
+                hi,
+                emit_rank,
+                window_close,
+                emit_on_window_close: self.emit_on_window_close,
+            },
+            vec![input],
+            schema,
+        ))
+    }
+
+    /// `Filter(rank bounds) <- [Projection <-] Window(one ranking function)` as a top-N, or
+    /// `None` when the plan is not that shape. `rank_read` says whether the consumer reads
+    /// the rank column.
+    fn lower_ranked_filter(
+        &mut self,
+        f: &datafusion::logical_expr::Filter,
+        rank_read: bool,
+    ) -> Result<Option<NodeId>> {
+        let Some(ri) = crate::top_n::ranked_input(&f.input) else {
+            return Ok(None);
+        };
+        let b = crate::top_n::rank_bounds(&f.predicate, &ri.rank);
+        let Some(hi) = b.hi else {
+            return Ok(None);
+        };
+        check_exprs(&b.rest)?;
+        let emit_rank = rank_read || b.rest.iter().any(|e| crate::top_n::reads(e, &ri.rank));
+        let input = self.lower(&ri.window.input)?;
+        let schema = if emit_rank {
+            ri.window.schema.clone()
+        } else {
+            self.nodes[input].schema.clone()
+        };
+        let r = ri.ranking;
+        let mut node = self.push_top_n(
+            input,
+            r.partition_by,
+            r.order_by,
+            r.func,
+            (b.lo, hi),
+            emit_rank,
+            schema,
+        )?;
+        if let Some((p, pos)) = ri.projection {
+            let (exprs, schema) = match pos {
+                Some(i) if !emit_rank => {
+                    let mut exprs = p.expr.clone();
+                    exprs.remove(i);
+                    let fields = p
+                        .schema
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i)
+                        .map(|(_, (q, f))| (q.cloned(), f.clone()))
+                        .collect();
+                    let schema = DFSchema::new_with_metadata(fields, Default::default())?;
+                    (exprs, Arc::new(schema))
+                }
+                _ => (p.expr.clone(), p.schema.clone()),
+            };
+            node = self.push(NodeKind::Project { exprs }, vec![node], schema);
+        }
+        let schema = self.nodes[node].schema.clone();
+        if let Some(predicate) = datafusion::logical_expr::utils::conjunction(b.rest) {
+            node = self.push(NodeKind::Filter { predicate }, vec![node], schema);
+        }
+        Ok(Some(node))
+    }
+
+    /// `ORDER BY … LIMIT fetch OFFSET skip`: the rows ranked `skip + 1 ..= skip + fetch`.
+    fn lower_limit(&mut self, sort: &Sort, skip: usize, fetch: Option<usize>) -> Result<NodeId> {
+        let input = self.lower(&sort.input)?;
+        let schema = self.nodes[input].schema.clone();
+        let skip = skip as u64;
+        let hi = fetch.map_or(u64::MAX, |f| skip.saturating_add(f as u64));
+        self.push_top_n(
+            input,
+            vec![],
+            sort.expr.clone(),
+            RankFunc::RowNumber,
+            (skip + 1, hi),
+            false,
+            schema,
+        )
+    }
+
     fn lower_join(&mut self, j: &datafusion::logical_expr::Join) -> Result<NodeId> {
         use datafusion::common::NullEquality;
         use datafusion::logical_expr::JoinType;
@@ -436,7 +572,9 @@ impl Lowering<'_> {
         match plan {
             LogicalPlan::TableScan(scan) => {
                 if scan.fetch.is_some() {
-                    return Err(KappaError::not_supported("LIMIT in a materialized view"));
+                    return Err(KappaError::not_supported(
+                        "LIMIT without ORDER BY in a materialized view (which rows it keeps would be arbitrary)",
+                    ));
                 }
                 if !scan.filters.is_empty() {
                     return Err(KappaError::internal(
@@ -447,7 +585,20 @@ impl Lowering<'_> {
             }
             LogicalPlan::Projection(p) => {
                 check_exprs(&p.expr)?;
-                let input = self.lower(&p.input)?;
+                let top_n = match p.input.as_ref() {
+                    LogicalPlan::Filter(f) => match crate::top_n::ranked_input(&f.input) {
+                        Some(ri) => {
+                            let read = p.expr.iter().any(|e| crate::top_n::reads(e, &ri.rank));
+                            self.lower_ranked_filter(f, read)?
+                        }
+                        None => None,
+                    },
+                    _ => None,
+                };
+                let input = match top_n {
+                    Some(n) => n,
+                    None => self.lower(&p.input)?,
+                };
                 Ok(self.push(
                     NodeKind::Project {
                         exprs: p.expr.clone(),
@@ -457,6 +608,9 @@ impl Lowering<'_> {
                 ))
             }
             LogicalPlan::Filter(f) => {
+                if let Some(node) = self.lower_ranked_filter(f, true)? {
+                    return Ok(node);
+                }
                 let (bounds, rest) = crate::temporal::split_temporal(&f.predicate)?;
                 check_exprs(&rest)?;
                 let mut node = self.lower(&f.input)?;
@@ -503,6 +657,23 @@ impl Lowering<'_> {
                     return Err(KappaError::not_supported(
                         "GROUPING SETS, CUBE and ROLLUP in a materialized view",
                     ));
+                }
+                if let Some((order_by, args)) = crate::top_n::first_values(&a.aggr_expr) {
+                    // The first row of each group (DISTINCT ON, first_value/last_value).
+                    check_exprs(&args)?;
+                    let input = self.lower(&a.input)?;
+                    let schema = self.nodes[input].schema.clone();
+                    let top = self.push_top_n(
+                        input,
+                        a.group_expr.clone(),
+                        order_by,
+                        RankFunc::RowNumber,
+                        (1, 1),
+                        false,
+                        schema,
+                    )?;
+                    let exprs = a.group_expr.iter().cloned().chain(args).collect();
+                    return Ok(self.push(NodeKind::Project { exprs }, vec![top], a.schema.clone()));
                 }
                 let input_schema = a.input.schema().clone();
                 let mut aggregates = Vec::with_capacity(a.aggr_expr.len());
@@ -598,22 +769,33 @@ impl Lowering<'_> {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(self.push(NodeKind::Union, inputs, u.schema.clone()))
             }
-            LogicalPlan::Sort(Sort { input, fetch, .. }) => {
-                if fetch.is_some() {
-                    return Err(KappaError::not_supported(
-                        "ORDER BY … LIMIT (top-N) in a materialized view",
-                    ));
-                }
+            LogicalPlan::Sort(sort) => match sort.fetch {
+                Some(fetch) => self.lower_limit(sort, 0, Some(fetch)),
                 // A materialized view is a set; its order is chosen when it is read.
-                self.lower(input)
+                None => self.lower(&sort.input),
+            },
+            LogicalPlan::Limit(limit) => {
+                use datafusion::logical_expr::{FetchType, SkipType};
+                let (SkipType::Literal(skip), FetchType::Literal(fetch)) =
+                    (limit.get_skip_type()?, limit.get_fetch_type()?)
+                else {
+                    return Err(KappaError::not_supported(
+                        "LIMIT or OFFSET that is not a constant in a materialized view",
+                    ));
+                };
+                match limit.input.as_ref() {
+                    LogicalPlan::Sort(sort) => self.lower_limit(sort, skip, fetch),
+                    _ => Err(KappaError::not_supported(
+                        "LIMIT without ORDER BY in a materialized view (which rows it keeps would be arbitrary)",
+                    )),
+                }
             }
-            LogicalPlan::Limit(_) => Err(KappaError::not_supported("LIMIT in a materialized view")),
             LogicalPlan::Join(j) => self.lower_join(j),
             LogicalPlan::Window(_) => Err(KappaError::not_supported(
-                "window functions (OVER) in a materialized view",
+                "window functions (OVER) in a materialized view, other than ROW_NUMBER, RANK or DENSE_RANK bounded by a WHERE condition (top-N)",
             )),
             LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => Err(
-                KappaError::not_supported("DISTINCT ON in a materialized view"),
+                KappaError::not_supported("this form of DISTINCT ON in a materialized view"),
             ),
             LogicalPlan::EmptyRelation(_) | LogicalPlan::Values(_) => Err(
                 KappaError::not_supported("a materialized view without a table or view in FROM"),

@@ -1,0 +1,591 @@
+//! Top-N per partition: the rows ranked within `[lo, hi]` by ROW_NUMBER, RANK or DENSE_RANK.
+//!
+//! # Semantics
+//! Per partition (the values of the partition expressions; NULL is a value of its own), the
+//! input's rows — a multiset — are ordered by the sort key (SQL `ORDER BY`, with direction
+//! and NULLS FIRST/LAST) and then by the row itself, so ties are always broken the same way:
+//! a batch engine breaks ROW_NUMBER ties arbitrarily, and ours is one of its answers.
+//! - ROW_NUMBER: positions 1, 2, …; a row with multiplicity `c` takes `c` positions.
+//! - RANK: 1 + the number of rows with a smaller sort key.
+//! - DENSE_RANK: 1 + the number of distinct smaller sort keys.
+//!
+//! The output is every row whose rank lies in `[lo, hi]`, with the rank appended when asked.
+//!
+//! # Incremental rule
+//! Changes are collected over the epoch. At the barrier, per touched partition, the visible
+//! rows before and after applying them are compared and only the difference is emitted: a
+//! deletion promotes the next row, and a row whose rank shifts is retracted with the old
+//! rank and emitted with the new one (only when the rank is an output column). Cost per
+//! touched partition: O(hi + changes · log n).
+//!
+//! # State
+//! Every row of a partition is kept, since a deletion can promote any of them — unless the
+//! input is append-only: then a row ranked beyond `hi` can never rise again and is dropped,
+//! so a partition holds at most `hi` rows (plus ties for RANK and DENSE_RANK).
+//! With a partition column bounded by the watermark (a window bound), a partition closes
+//! when the watermark passes it: its state is freed, later changes to it are late (dropped
+//! and counted), and with emit-on-close its rows are emitted only then, once, final.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
+use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::physical_expr::PhysicalExpr;
+use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
+use kappa_plan::{RankFunc, WatermarkCol};
+
+use crate::Operator;
+
+type Bytes = Arc<[u8]>;
+type HashMap<K, V> = hashbrown::HashMap<K, V>;
+
+/// What to rank by and which ranks to keep.
+pub struct TopNSpec {
+    /// Partition expressions with their types.
+    pub partition: Vec<(Arc<dyn PhysicalExpr>, DataType)>,
+    /// Sort keys: expression, type, direction and null placement.
+    pub order: Vec<(Arc<dyn PhysicalExpr>, DataType, SortOptions)>,
+    pub func: RankFunc,
+    pub lo: u64,
+    pub hi: u64,
+    /// Append the rank as a `UInt64` column.
+    pub emit_rank: bool,
+}
+
+/// One partition: (sort key, row) → multiplicity (> 0), in rank order.
+#[derive(Default)]
+struct Partition {
+    rows: BTreeMap<(Bytes, Bytes), i64>,
+    /// The sum of the multiplicities.
+    total: i64,
+}
+
+/// An epoch's changes to one partition: its bound value when a partition column closes with
+/// the watermark, and (sort key, row, weight) per change.
+type Pending = (Option<i64>, Vec<(Bytes, Bytes, i64)>);
+
+/// A visible row: the row, its rank (0 when the rank is not emitted) and its multiplicity.
+type Visible = Vec<(Bytes, u64, i64)>;
+
+pub struct TopN {
+    spec: TopNSpec,
+    part_keys: RowConverter,
+    sort_keys: RowConverter,
+    rows: RowConverter,
+    schema: SchemaRef,
+    append_only_input: bool,
+    close: Option<WatermarkCol>,
+    emit_on_close: bool,
+    parts: HashMap<Bytes, Partition>,
+    pending: HashMap<Bytes, Pending>,
+    /// Bound value → partitions that close when the watermark passes it.
+    closing: BTreeMap<i64, Vec<Bytes>>,
+    watermark: Option<i64>,
+    entries: usize,
+    late_rows: u64,
+}
+
+impl TopN {
+    /// `input` is the input's schema; `schema` the output's (the input's columns, then the
+    /// rank when `spec.emit_rank`).
+    pub fn new(spec: TopNSpec, input: &SchemaRef, schema: SchemaRef) -> Result<Self> {
+        let part_keys = RowConverter::new(
+            spec.partition
+                .iter()
+                .map(|(_, t)| SortField::new(t.clone()))
+                .collect(),
+        )?;
+        let sort_keys = RowConverter::new(
+            spec.order
+                .iter()
+                .map(|(_, t, o)| SortField::new_with_options(t.clone(), *o))
+                .collect(),
+        )?;
+        Ok(Self {
+            spec,
+            part_keys,
+            sort_keys,
+            rows: kappa_state::row_converter(input)?,
+            schema,
+            append_only_input: false,
+            close: None,
+            emit_on_close: false,
+            parts: HashMap::default(),
+            pending: HashMap::default(),
+            closing: BTreeMap::new(),
+            watermark: None,
+            entries: 0,
+            late_rows: 0,
+        })
+    }
+
+    /// The input never retracts: rows ranked beyond `hi` are dropped for good.
+    pub fn with_append_only_input(mut self) -> Self {
+        self.append_only_input = true;
+        self
+    }
+
+    /// Partition column `close.col` is bounded by the watermark: closed partitions are
+    /// freed, and with `emit_on_close` emitted only when they close.
+    pub fn with_window_close(mut self, close: WatermarkCol, emit_on_close: bool) -> Self {
+        self.close = Some(close);
+        self.emit_on_close = emit_on_close;
+        self
+    }
+
+    /// The rows of `part` whose rank lies in `[lo, hi]`, in rank order. With `trim`, also
+    /// returns the first entry ranked beyond `hi` and, for ROW_NUMBER, how many copies of
+    /// the last visible entry fit (the rest can never be visible over an append-only input).
+    fn visible(&self, part: &Partition) -> (Visible, Option<(Bytes, Bytes)>, Option<i64>) {
+        let (lo, hi, emit_rank) = (self.spec.lo, self.spec.hi, self.spec.emit_rank);
+        let mut out = Vec::new();
+        let mut pos: u64 = 0; // rows before this entry
+        let mut rank: u64 = 0;
+        let mut prev: Option<&Bytes> = None;
+        let mut fit = None;
+        for ((sk, row), &c) in &part.rows {
+            let c = c as u64;
+            let tie = prev == Some(sk);
+            match self.spec.func {
+                RankFunc::RowNumber => rank = pos + 1,
+                RankFunc::Rank if !tie => rank = pos + 1,
+                RankFunc::DenseRank if !tie => rank += 1,
+                _ => {}
+            }
+            if rank > hi {
+                return (out, Some((sk.clone(), row.clone())), fit);
+            }
+            match self.spec.func {
+                RankFunc::RowNumber => {
+                    let (first, last) = (rank.max(lo), (pos + c).min(hi));
+                    if emit_rank {
+                        out.extend((first..=last).map(|r| (row.clone(), r, 1)));
+                    } else if first <= last {
+                        out.push((row.clone(), 0, (last - first + 1) as i64));
+                    }
+                    if pos + c > hi {
+                        fit = Some((hi - pos) as i64);
+                    }
+                }
+                _ if rank >= lo => {
+                    out.push((row.clone(), if emit_rank { rank } else { 0 }, c as i64))
+                }
+                _ => {}
+            }
+            pos += c;
+            prev = Some(sk);
+        }
+        (out, None, fit)
+    }
+
+    /// Applies one partition's changes; appends the difference in its visible rows.
+    fn apply(
+        &mut self,
+        key: Bytes,
+        bound: Option<i64>,
+        changes: Vec<(Bytes, Bytes, i64)>,
+        diff: &mut Vec<(Bytes, u64, i64)>,
+    ) -> Result<()> {
+        let mut part = match self.parts.remove(&key) {
+            Some(p) => p,
+            None => {
+                if let Some(b) = bound {
+                    self.closing.entry(b).or_default().push(key.clone());
+                }
+                Partition::default()
+            }
+        };
+        if !self.emit_on_close {
+            let (before, _, _) = self.visible(&part);
+            diff.extend(before.into_iter().map(|(r, k, c)| (r, k, -c)));
+        }
+        use std::collections::btree_map::Entry;
+        for (sk, row, w) in changes {
+            part.total += w;
+            match part.rows.entry((sk, row)) {
+                Entry::Occupied(mut e) => {
+                    *e.get_mut() += w;
+                    if *e.get() < 0 {
+                        return Err(KappaError::internal(
+                            "top-N: retraction of a row never stored",
+                        ));
+                    }
+                    if *e.get() == 0 {
+                        e.remove();
+                        self.entries -= 1;
+                    }
+                }
+                Entry::Vacant(e) if w > 0 => {
+                    e.insert(w);
+                    self.entries += 1;
+                }
+                Entry::Vacant(_) => {
+                    return Err(KappaError::internal(
+                        "top-N: retraction of a row never stored",
+                    ));
+                }
+            }
+        }
+        if self.append_only_input {
+            let (_, beyond, fit) = self.visible(&part);
+            if let Some(first) = beyond {
+                let gone = part.rows.split_off(&first);
+                self.entries -= gone.len();
+            }
+            if let (Some(fit), Some(mut last)) = (fit, part.rows.last_entry()) {
+                *last.get_mut() = fit;
+            }
+            part.total = part.rows.values().sum();
+        }
+        if !self.emit_on_close {
+            let (after, _, _) = self.visible(&part);
+            diff.extend(after);
+        }
+        if !part.rows.is_empty() || bound.is_some() {
+            self.parts.insert(key, part);
+        }
+        Ok(())
+    }
+
+    /// Whether a new row with this key cannot enter `part` (append-only input only): the
+    /// partition already has `hi` rows ranked before it.
+    fn beyond_full(&self, part: &Partition, sk: &[u8], row: &[u8]) -> bool {
+        let Some(((last_sk, last_row), _)) = part.rows.last_key_value() else {
+            return false;
+        };
+        let total = part.total;
+        match self.spec.func {
+            RankFunc::RowNumber => {
+                total as u64 >= self.spec.hi && (last_sk.as_ref(), last_row.as_ref()) < (sk, row)
+            }
+            RankFunc::Rank => total as u64 >= self.spec.hi && last_sk.as_ref() < sk,
+            RankFunc::DenseRank => false,
+        }
+    }
+
+    fn output(&self, mut diff: Vec<(Bytes, u64, i64)>) -> Result<Option<ChangeBatch>> {
+        diff.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let mut merged: Vec<(Bytes, u64, i64)> = Vec::with_capacity(diff.len());
+        for (row, rank, w) in diff {
+            match merged.last_mut() {
+                Some(last) if last.0 == row && last.1 == rank => last.2 += w,
+                _ => merged.push((row, rank, w)),
+            }
+        }
+        merged.retain(|e| e.2 != 0);
+        if merged.is_empty() {
+            return Ok(None);
+        }
+        let mut columns = kappa_state::decode_rows(&self.rows, merged.iter().map(|e| &e.0[..]))?;
+        if self.spec.emit_rank {
+            columns.push(
+                Arc::new(UInt64Array::from_iter_values(merged.iter().map(|e| e.1))) as ArrayRef,
+            );
+        }
+        let weights = Int64Array::from_iter_values(merged.iter().map(|e| e.2));
+        let data = crate::batch_with_rows(self.schema.clone(), columns, merged.len())?;
+        Ok(Some(ChangeBatch::new(data, weights)?))
+    }
+}
+
+impl Operator for TopN {
+    fn process(
+        &mut self,
+        _input: usize,
+        batch: ChangeBatch,
+        _out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let n = batch.num_rows();
+        if n == 0 {
+            return Ok(());
+        }
+        let eval = |e: &Arc<dyn PhysicalExpr>| -> Result<ArrayRef> {
+            Ok(e.evaluate(batch.data())?.into_array(n)?)
+        };
+        let part_cols = self
+            .spec
+            .partition
+            .iter()
+            .map(|(e, _)| eval(e))
+            .collect::<Result<Vec<_>>>()?;
+        let sort_cols = self
+            .spec
+            .order
+            .iter()
+            .map(|(e, _, _)| eval(e))
+            .collect::<Result<Vec<_>>>()?;
+        let part_keys = if part_cols.is_empty() {
+            None
+        } else {
+            Some(self.part_keys.convert_columns(&part_cols)?)
+        };
+        let sort_keys = if sort_cols.is_empty() {
+            None
+        } else {
+            Some(self.sort_keys.convert_columns(&sort_cols)?)
+        };
+        let rows = self.rows.convert_columns(batch.columns())?;
+        let bounds = match self.close {
+            Some(c) => Some(
+                part_cols[c.col]
+                    .as_primitive_opt::<TimestampMicrosecondType>()
+                    .ok_or_else(|| {
+                        KappaError::internal("top-N: the closing column is not a timestamp")
+                    })?,
+            ),
+            None => None,
+        };
+        let weights = batch.weights();
+        for i in 0..n {
+            let w = weights.value(i);
+            if w == 0 {
+                continue;
+            }
+            let bound = bounds.and_then(|b| b.is_valid(i).then(|| b.value(i)));
+            if let (Some(c), Some(b), Some(wm)) = (self.close, bound, self.watermark)
+                && c.is_closed(b, wm)
+            {
+                self.late_rows += w.unsigned_abs();
+                continue;
+            }
+            let key: &[u8] = part_keys.as_ref().map_or(&[], |k| k.row(i).data());
+            let sk: &[u8] = sort_keys.as_ref().map_or(&[], |k| k.row(i).data());
+            let row = rows.row(i);
+            if self.append_only_input
+                && let Some(part) = self.parts.get(key)
+                && self.beyond_full(part, sk, row.data())
+            {
+                continue;
+            }
+            let changes = match self.pending.get_mut(key) {
+                Some(c) => c,
+                None => self
+                    .pending
+                    .entry(Arc::from(key))
+                    .or_insert_with(|| (bound, vec![])),
+            };
+            changes.1.push((Arc::from(sk), Arc::from(row.data()), w));
+        }
+        Ok(())
+    }
+
+    fn on_barrier(
+        &mut self,
+        _epoch: Epoch,
+        watermark: Option<i64>,
+        out: &mut Vec<ChangeBatch>,
+    ) -> Result<()> {
+        let mut diff = Vec::new();
+        for (key, (bound, changes)) in std::mem::take(&mut self.pending) {
+            self.apply(key, bound, changes, &mut diff)?;
+        }
+        self.watermark = watermark.max(self.watermark);
+        if let (Some(c), Some(wm)) = (self.close, self.watermark) {
+            let upto = wm.saturating_sub(c.offset);
+            for (_, keys) in crate::take_closed(&mut self.closing, upto) {
+                for key in keys {
+                    let Some(part) = self.parts.remove(&key) else {
+                        continue;
+                    };
+                    self.entries -= part.rows.len();
+                    if self.emit_on_close {
+                        diff.extend(self.visible(&part).0);
+                    }
+                }
+            }
+        }
+        if let Some(b) = self.output(diff)? {
+            out.push(b);
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> &'static str {
+        "StreamTopN"
+    }
+
+    fn state_entries(&self) -> usize {
+        self.entries
+    }
+
+    fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{assert_changes, changes, schema};
+    use datafusion::physical_expr::expressions::col;
+
+    const S: i64 = 1_000_000;
+
+    /// Top-N over `k:i64, v:i64, t:ts`, partitioned by k, ordered by v descending.
+    fn op(func: RankFunc, lo: u64, hi: u64, emit_rank: bool) -> TopN {
+        let input = schema("k:i64, v:i64, t:ts");
+        let out = if emit_rank {
+            let mut f: Vec<_> = input.fields().iter().cloned().collect();
+            f.push(Arc::new(datafusion::arrow::datatypes::Field::new(
+                "rn",
+                DataType::UInt64,
+                false,
+            )));
+            Arc::new(datafusion::arrow::datatypes::Schema::new(f))
+        } else {
+            input.clone()
+        };
+        let spec = TopNSpec {
+            partition: vec![(col("k", &input).unwrap(), DataType::Int64)],
+            order: vec![(
+                col("v", &input).unwrap(),
+                DataType::Int64,
+                SortOptions {
+                    descending: true,
+                    nulls_first: false,
+                },
+            )],
+            func,
+            lo,
+            hi,
+            emit_rank,
+        };
+        TopN::new(spec, &input, out).unwrap()
+    }
+
+    fn epoch(op: &mut TopN, lines: &str, wm: Option<i64>) -> Vec<ChangeBatch> {
+        let mut out = vec![];
+        op.process(0, changes("k:i64, v:i64, t:ts", lines), &mut out)
+            .unwrap();
+        op.on_barrier(0, wm.map(|w| w * S), &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn deletion_promotes_the_next_row_and_ranks_shift() {
+        let mut op = op(RankFunc::RowNumber, 1, 2, true);
+        let out = epoch(
+            &mut op,
+            "+ 1 | 10 | 0\n+ 1 | 30 | 0\n+ 1 | 20 | 0\n+ 2 | 5 | 0",
+            None,
+        );
+        assert_changes(
+            &out,
+            "+ 1 | 30 | 1970-01-01T00:00:00 | 1
+             + 1 | 20 | 1970-01-01T00:00:00 | 2
+             + 2 | 5 | 1970-01-01T00:00:00 | 1",
+        );
+        // A new leader shifts 30 to rank 2 and pushes 20 out.
+        let out = epoch(&mut op, "+ 1 | 40 | 0", None);
+        assert_changes(
+            &out,
+            "- 1 | 30 | 1970-01-01T00:00:00 | 1
+             - 1 | 20 | 1970-01-01T00:00:00 | 2
+             + 1 | 40 | 1970-01-01T00:00:00 | 1
+             + 1 | 30 | 1970-01-01T00:00:00 | 2",
+        );
+        // Deleting the leader promotes 20 again; a change below the top emits nothing.
+        let out = epoch(&mut op, "- 1 | 40 | 0\n+ 1 | 1 | 0", None);
+        assert_changes(
+            &out,
+            "- 1 | 40 | 1970-01-01T00:00:00 | 1
+             - 1 | 30 | 1970-01-01T00:00:00 | 2
+             + 1 | 30 | 1970-01-01T00:00:00 | 1
+             + 1 | 20 | 1970-01-01T00:00:00 | 2",
+        );
+        assert!(epoch(&mut op, "- 1 | 1 | 0", None).is_empty());
+        assert_eq!(op.state_entries(), 4);
+    }
+
+    #[test]
+    fn without_the_rank_only_membership_changes_are_emitted() {
+        let mut op = op(RankFunc::RowNumber, 1, 2, false);
+        epoch(&mut op, "+ 1 | 10 | 0\n+ 1 | 30 | 0", None);
+        let out = epoch(&mut op, "+ 1 | 40 | 0", None);
+        assert_changes(
+            &out,
+            "- 1 | 10 | 1970-01-01T00:00:00\n+ 1 | 40 | 1970-01-01T00:00:00",
+        );
+        // Duplicates take one position each.
+        let out = epoch(&mut op, "+2 1 | 50 | 0", None);
+        assert_changes(
+            &out,
+            "- 1 | 40 | 1970-01-01T00:00:00
+             - 1 | 30 | 1970-01-01T00:00:00
+             +2 1 | 50 | 1970-01-01T00:00:00",
+        );
+    }
+
+    #[test]
+    fn rank_and_dense_rank_keep_ties() {
+        let mut op = op(RankFunc::Rank, 1, 2, true);
+        let out = epoch(&mut op, "+ 1 | 9 | 0\n+ 1 | 9 | 1\n+ 1 | 8 | 0", None);
+        assert_changes(
+            &out,
+            "+ 1 | 9 | 1970-01-01T00:00:00 | 1
+             + 1 | 9 | 1970-01-01T00:00:01 | 1",
+        );
+        let mut op = self::op(RankFunc::DenseRank, 2, 2, true);
+        let out = epoch(&mut op, "+ 1 | 9 | 0\n+ 1 | 9 | 1\n+ 1 | 8 | 0", None);
+        assert_changes(&out, "+ 1 | 8 | 1970-01-01T00:00:00 | 2");
+    }
+
+    #[test]
+    fn append_only_input_keeps_only_what_can_be_visible() {
+        let mut op = op(RankFunc::RowNumber, 1, 2, false).with_append_only_input();
+        epoch(
+            &mut op,
+            "+ 1 | 10 | 0\n+ 1 | 30 | 0\n+ 1 | 20 | 0\n+ 1 | 5 | 0",
+            None,
+        );
+        assert_eq!(op.state_entries(), 2);
+        let out = epoch(&mut op, "+3 1 | 25 | 0\n+ 1 | 1 | 0", None);
+        assert_changes(
+            &out,
+            "- 1 | 20 | 1970-01-01T00:00:00\n+ 1 | 25 | 1970-01-01T00:00:00",
+        );
+        assert_eq!(op.state_entries(), 2);
+    }
+
+    #[test]
+    fn closed_partitions_are_freed_or_emitted_once() {
+        // Partition column t (offset 0): closes when the watermark reaches it.
+        let input = schema("k:i64, v:i64, t:ts");
+        let make = |emit| {
+            let spec = TopNSpec {
+                partition: vec![(
+                    col("t", &input).unwrap(),
+                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                )],
+                order: vec![(
+                    col("v", &input).unwrap(),
+                    DataType::Int64,
+                    SortOptions::default(),
+                )],
+                func: RankFunc::RowNumber,
+                lo: 1,
+                hi: 1,
+                emit_rank: false,
+            };
+            TopN::new(spec, &input, input.clone())
+                .unwrap()
+                .with_window_close(WatermarkCol { col: 0, offset: 0 }, emit)
+        };
+        let mut op = make(true);
+        assert!(epoch(&mut op, "+ 1 | 7 | 10\n+ 2 | 3 | 10\n+ 3 | 1 | 20", Some(5)).is_empty());
+        let out = epoch(&mut op, "- 2 | 3 | 10", Some(10));
+        assert_changes(&out, "+ 1 | 7 | 1970-01-01T00:00:10");
+        assert_eq!(op.state_entries(), 1);
+        assert!(epoch(&mut op, "+ 4 | 0 | 10", Some(10)).is_empty());
+        assert_eq!(op.late_rows(), 1);
+
+        let mut op = make(false);
+        let out = epoch(&mut op, "+ 1 | 7 | 10\n+ 2 | 3 | 10", Some(5));
+        assert_changes(&out, "+ 2 | 3 | 1970-01-01T00:00:10");
+        assert!(epoch(&mut op, "", Some(10)).is_empty());
+        assert_eq!(op.state_entries(), 0);
+    }
+}
