@@ -83,6 +83,101 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         "new users who opened an auction in the same window (window join)",
     ),
     (
+        "q3",
+        &["person", "auction"],
+        "SELECT P.name, P.city, P.state, A.id FROM auction AS A INNER JOIN person AS P on A.seller = P.id \
+         WHERE A.category = 10 and (P.state = 'OR' OR P.state = 'ID' OR P.state = 'CA')",
+        "local item suggestion (unbounded join)",
+    ),
+    (
+        "q4",
+        &["auction", "bid"],
+        "SELECT Q.category, AVG(Q.final) as avg FROM ( \
+           SELECT MAX(B.price) AS final, A.category FROM auction A, bid B \
+           WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires \
+           GROUP BY A.id, A.category) Q \
+         GROUP BY Q.category",
+        "average closing price per category (interval join, two aggregates)",
+    ),
+    (
+        "q9",
+        &["auction", "bid"],
+        "SELECT id, item_name, description, initial_bid, reserve, date_time, expires, seller, category, extra, \
+                auction, bidder, price, bid_date_time, bid_extra \
+         FROM ( \
+           SELECT A.*, B.auction, B.bidder, B.price, B.date_time AS bid_date_time, B.extra AS bid_extra, \
+                  ROW_NUMBER() OVER (PARTITION BY A.id ORDER BY B.price DESC, B.date_time ASC) AS rownum \
+           FROM auction A, bid B \
+           WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires \
+         ) WHERE rownum <= 1",
+        "winning bids (interval join, top-1 per auction)",
+    ),
+    (
+        "q11",
+        &["bid"],
+        "SELECT bidder, count(*) AS bid_count, window_start AS starttime, window_end AS endtime \
+         FROM SESSION(bid, date_time, INTERVAL '10' SECOND, bidder) \
+         GROUP BY bidder, window_start, window_end",
+        "user sessions (session windows per bidder)",
+    ),
+    (
+        "q17",
+        &["bid"],
+        "SELECT auction, to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids, \
+                count(*) filter (where price < 10000) AS rank1_bids, \
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids, \
+                count(*) filter (where price >= 1000000) AS rank3_bids, \
+                min(price) AS min_price, max(price) AS max_price, avg(price) AS avg_price, sum(price) AS sum_price \
+         FROM bid GROUP BY auction, to_char(date_time, '%Y-%m-%d')",
+        "auction statistics per day (aggregates with FILTER)",
+    ),
+    (
+        "q18",
+        &["bid"],
+        "SELECT auction, bidder, price, channel, url, date_time, extra FROM ( \
+           SELECT *, ROW_NUMBER() OVER (PARTITION BY bidder, auction ORDER BY date_time DESC) AS rank_number FROM bid) \
+         WHERE rank_number <= 1",
+        "last bid per bidder and auction (dedup)",
+    ),
+    (
+        "q19",
+        &["bid"],
+        "SELECT * FROM ( \
+           SELECT *, ROW_NUMBER() OVER (PARTITION BY auction ORDER BY price DESC) AS rank_number FROM bid) \
+         WHERE rank_number <= 10",
+        "top 10 bids per auction (top-N)",
+    ),
+    (
+        "q20",
+        &["auction", "bid"],
+        "SELECT auction, bidder, price, channel, url, B.date_time as date_timeB, item_name, description, \
+                initial_bid, reserve, A.date_time as date_timeA, expires, seller, category \
+         FROM bid B INNER JOIN auction A on B.auction = A.id WHERE A.category = 10",
+        "bids with their auction's details (unbounded join)",
+    ),
+    (
+        "q21",
+        &["bid"],
+        "SELECT auction, bidder, price, channel, \
+           CASE \
+             WHEN lower(channel) = 'apple' THEN '0' \
+             WHEN lower(channel) = 'google' THEN '1' \
+             WHEN lower(channel) = 'facebook' THEN '2' \
+             WHEN lower(channel) = 'baidu' THEN '3' \
+             ELSE REGEXP_MATCH(url, '(&|^)channel_id=([^&]*)')[2] \
+           END AS channel_id \
+         FROM bid \
+         WHERE REGEXP_MATCH(url, '(&|^)channel_id=([^&]*)')[2] is not null or lower(channel) in ('apple', 'google', 'facebook', 'baidu')",
+        "channel ids (CASE, regular expressions)",
+    ),
+    (
+        "q22",
+        &["bid"],
+        "SELECT auction, bidder, price, channel, split_part(url, '/', 4) as dir1, split_part(url, '/', 5) as dir2, \
+                split_part(url, '/', 6) as dir3 FROM bid",
+        "URL directories (string functions)",
+    ),
+    (
         "q5-hop",
         &["bid"],
         "SELECT auction, count(*) AS num, window_start AS starttime FROM HOP(bid, date_time, INTERVAL '2' SECOND, INTERVAL '10' SECOND) GROUP BY window_start, window_end, auction",

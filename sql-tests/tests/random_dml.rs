@@ -4,7 +4,9 @@
 //! query run ad hoc by Kappa on the table.
 //!
 //! Two modes: single-row statements with a FLUSH after each (every epoch holds one change),
-//! and multi-row statements with epochs cut by the barrier timer.
+//! and multi-row statements with epochs cut by the barrier timer. A third test drives a
+//! second table as well, through joins (inner, outer, semi, anti) and top-N views, and
+//! checks after every epoch.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +17,62 @@ use tokio_postgres::Client;
 
 const TABLE: &str =
     "CREATE TABLE t (id BIGINT PRIMARY KEY, g TEXT, h BIGINT, v DOUBLE PRECISION, w BIGINT)";
+
+/// The second table of the join and top-N test.
+const TABLE_U: &str = "CREATE TABLE u (id BIGINT PRIMARY KEY, g TEXT, x BIGINT)";
+
+/// Joins and top-N over `t` and `u`. Every ORDER BY of a ROW_NUMBER ends in a unique key,
+/// so both engines number rows the same way.
+const JOIN_TOP_N_VIEWS: &[(&str, &str)] = &[
+    (
+        "j_inner",
+        "SELECT t.id, u.id AS uid, t.w, u.x FROM t JOIN u ON t.g = u.g AND t.h <= u.x",
+    ),
+    (
+        "j_left",
+        "SELECT t.id, u.id AS uid, u.x FROM t LEFT JOIN u ON t.g = u.g AND t.h = u.x",
+    ),
+    (
+        "j_full",
+        "SELECT t.id, u.id AS uid FROM t FULL JOIN u ON t.h = u.x",
+    ),
+    (
+        "j_semi",
+        "SELECT id, g FROM t WHERE EXISTS (SELECT 1 FROM u WHERE u.g = t.g AND u.x > t.w)",
+    ),
+    (
+        "j_anti",
+        "SELECT id FROM t WHERE NOT EXISTS (SELECT 1 FROM u WHERE u.x = t.h)",
+    ),
+    (
+        "j_agg",
+        "SELECT u.g, count(*) AS n, sum(t.w) AS s FROM t JOIN u ON t.g = u.g GROUP BY u.g",
+    ),
+    (
+        "top_rn",
+        "SELECT g, id, w, rn FROM (SELECT g, id, w, ROW_NUMBER() OVER (PARTITION BY g ORDER BY w DESC, id) AS rn FROM t) s WHERE rn <= 3",
+    ),
+    (
+        "top_rank",
+        "SELECT g, h, r FROM (SELECT g, h, RANK() OVER (PARTITION BY g ORDER BY h) AS r FROM t) s WHERE r <= 2",
+    ),
+    (
+        "top_dense",
+        "SELECT h, d FROM (SELECT h, DENSE_RANK() OVER (ORDER BY h DESC) AS d FROM t) s WHERE d BETWEEN 2 AND 3",
+    ),
+    (
+        "top_limit",
+        "SELECT id, w FROM t ORDER BY w, id LIMIT 5 OFFSET 2",
+    ),
+    (
+        "top_distinct_on",
+        "SELECT DISTINCT ON (g) g, id, v FROM t ORDER BY g, v DESC, id",
+    ),
+    (
+        "top_join",
+        "SELECT uid, id, w FROM (SELECT u.id AS uid, t.id, t.w, ROW_NUMBER() OVER (PARTITION BY u.id ORDER BY t.w DESC, t.id) AS rn FROM u JOIN t ON u.g = t.g) s WHERE rn = 1",
+    ),
+];
 
 /// (name, definition). The same SQL runs on both engines.
 const VIEWS: &[(&str, &str)] = &[
@@ -142,12 +200,32 @@ fn random_statement(rng: &mut StdRng, multi_row: bool) -> String {
     }
 }
 
+/// A random statement on `u` (one row, or a few with `multi_row`).
+fn random_u_statement(rng: &mut StdRng, multi_row: bool) -> String {
+    let id = |rng: &mut StdRng| rng.gen_range(0..60);
+    match rng.gen_range(0..10) {
+        0..=4 => {
+            let n = if multi_row { rng.gen_range(1..4) } else { 1 };
+            let rows: Vec<String> = (0..n)
+                .map(|_| format!("({}, {}, {})", id(rng), g(rng), h(rng)))
+                .collect();
+            format!("INSERT INTO u VALUES {}", rows.join(", "))
+        }
+        5..=7 => match rng.gen_range(0..2) {
+            0 => format!("UPDATE u SET x = {} WHERE id = {}", h(rng), id(rng)),
+            _ => format!("UPDATE u SET g = {} WHERE id = {}", g(rng), id(rng)),
+        },
+        _ if multi_row => format!("DELETE FROM u WHERE g = {}", g(rng)),
+        _ => format!("DELETE FROM u WHERE id = {}", id(rng)),
+    }
+}
+
 fn sqlstate(e: &DbError) -> String {
     e.0.split(':').next().unwrap_or_default().to_string()
 }
 
-async fn check(kappa: &Client, pg: &Client, step: usize) {
-    for (name, def) in VIEWS {
+async fn check(kappa: &Client, pg: &Client, views: &[(&str, &str)], step: usize) {
+    for (name, def) in views {
         let in_kappa = rows(kappa, &format!("SELECT * FROM {name}")).await;
         let in_pg = rows(pg, &format!("SELECT * FROM {name}")).await;
         assert_eq!(
@@ -162,7 +240,27 @@ async fn check(kappa: &Client, pg: &Client, step: usize) {
     }
 }
 
-async fn run(seed: u64, statements: usize, multi_row: bool) {
+/// What one randomized run does.
+struct Suite {
+    tables: &'static [&'static str],
+    views: &'static [(&'static str, &'static str)],
+    /// Statements between checks (each a FLUSH first).
+    check_every: usize,
+}
+
+const AGGREGATES: Suite = Suite {
+    tables: &[TABLE],
+    views: VIEWS,
+    check_every: 250,
+};
+
+const JOINS_AND_TOP_N: Suite = Suite {
+    tables: &[TABLE, TABLE_U],
+    views: JOIN_TOP_N_VIEWS,
+    check_every: 1,
+};
+
+async fn run(suite: &Suite, seed: u64, statements: usize, multi_row: bool) {
     let Some(pg_server) = Postgres::start() else {
         panic!("PostgreSQL 15 is required for the oracle test (scripts/setup.sh installs it)");
     };
@@ -170,9 +268,11 @@ async fn run(seed: u64, statements: usize, multi_row: bool) {
     let addr = start_kappa().await;
     let kappa = connect(addr).await;
     for c in [&kappa, &pg] {
-        c.batch_execute(TABLE).await.expect("create table");
+        for t in suite.tables {
+            c.batch_execute(t).await.expect("create table");
+        }
     }
-    for (name, def) in VIEWS {
+    for (name, def) in suite.views {
         kappa
             .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {def}"))
             .await
@@ -184,7 +284,11 @@ async fn run(seed: u64, statements: usize, multi_row: bool) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for step in 1..=statements {
-        let sql = random_statement(&mut rng, multi_row);
+        let sql = if suite.tables.len() > 1 && rng.gen_bool(0.4) {
+            random_u_statement(&mut rng, multi_row)
+        } else {
+            random_statement(&mut rng, multi_row)
+        };
         let k = query_text(&kappa, &sql).await;
         let p = query_text(&pg, &sql).await;
         match (&k, &p) {
@@ -209,25 +313,33 @@ async fn run(seed: u64, statements: usize, multi_row: bool) {
         if !multi_row {
             kappa.batch_execute("FLUSH").await.expect("flush");
         }
-        if step % 250 == 0 {
+        if step % suite.check_every == 0 {
             if multi_row {
                 kappa.batch_execute("FLUSH").await.expect("flush");
             }
-            check(&kappa, &pg, step).await;
+            check(&kappa, &pg, suite.views, step).await;
         }
     }
     kappa.batch_execute("FLUSH").await.expect("flush");
-    check(&kappa, &pg, statements).await;
+    check(&kappa, &pg, suite.views, statements).await;
     eprintln!("seed {seed}, multi_row {multi_row}: {outcomes:?}");
     assert!(outcomes.get("ok").copied().unwrap_or(0) > statements / 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_dml_one_row_per_epoch() {
-    run(7, 1500, false).await;
+    run(&AGGREGATES, 7, 1500, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_dml_batched_epochs() {
-    run(11, 2500, true).await;
+    run(&AGGREGATES, 11, 2500, true).await;
+}
+
+/// Joins and top-N, checked against PostgreSQL after every epoch (every statement is
+/// flushed into an epoch of its own, single-row or multi-row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_dml_through_joins_and_top_n() {
+    run(&JOINS_AND_TOP_N, 23, 400, false).await;
+    run(&JOINS_AND_TOP_N, 29, 300, true).await;
 }
