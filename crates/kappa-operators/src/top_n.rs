@@ -67,8 +67,45 @@ struct Partition {
 /// the watermark, and (sort key, row, weight) per change.
 type Pending = (Option<i64>, Vec<(Bytes, Bytes, i64)>);
 
-/// A visible row: the row, its rank (0 when the rank is not emitted) and its multiplicity.
-type Visible = Vec<(Bytes, u64, i64)>;
+/// The visible rows of a partition in rank order: sort key, row, rank (0 when the rank is
+/// not emitted) and multiplicity. Ordered by (sort key, row, rank).
+type Visible = Vec<(Bytes, Bytes, u64, i64)>;
+
+/// Appends `after - before` (both in their common order) as (row, rank, weight) changes.
+/// One merge pass: rows visible in both with the same rank and multiplicity cost one
+/// comparison, usually of the sort key alone.
+fn diff_into(before: Visible, after: Visible, out: &mut Vec<(Bytes, u64, i64)>) {
+    use std::cmp::Ordering;
+    let mut before = before.into_iter().peekable();
+    let mut after = after.into_iter().peekable();
+    loop {
+        let ord = match (before.peek(), after.peek()) {
+            (Some(b), Some(a)) => (&b.0, &b.1, b.2).cmp(&(&a.0, &a.1, a.2)),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => return,
+        };
+        match ord {
+            Ordering::Less => {
+                if let Some((_, row, rank, c)) = before.next() {
+                    out.push((row, rank, -c));
+                }
+            }
+            Ordering::Greater => {
+                if let Some((_, row, rank, c)) = after.next() {
+                    out.push((row, rank, c));
+                }
+            }
+            Ordering::Equal => {
+                if let (Some((_, _, _, b)), Some((_, row, rank, a))) = (before.next(), after.next())
+                    && a != b
+                {
+                    out.push((row, rank, a - b));
+                }
+            }
+        }
+    }
+}
 
 pub struct TopN {
     spec: TopNSpec,
@@ -162,16 +199,17 @@ impl TopN {
                 RankFunc::RowNumber => {
                     let (first, last) = (rank.max(lo), (pos + c).min(hi));
                     if emit_rank {
-                        out.extend((first..=last).map(|r| (row.clone(), r, 1)));
+                        out.extend((first..=last).map(|r| (sk.clone(), row.clone(), r, 1)));
                     } else if first <= last {
-                        out.push((row.clone(), 0, (last - first + 1) as i64));
+                        out.push((sk.clone(), row.clone(), 0, (last - first + 1) as i64));
                     }
                     if pos + c > hi {
                         fit = Some((hi - pos) as i64);
                     }
                 }
                 _ if rank >= lo => {
-                    out.push((row.clone(), if emit_rank { rank } else { 0 }, c as i64))
+                    let shown = if emit_rank { rank } else { 0 };
+                    out.push((sk.clone(), row.clone(), shown, c as i64))
                 }
                 _ => {}
             }
@@ -198,10 +236,11 @@ impl TopN {
                 Partition::default()
             }
         };
-        if !self.emit_on_close {
-            let (before, _, _) = self.visible(&part);
-            diff.extend(before.into_iter().map(|(r, k, c)| (r, k, -c)));
-        }
+        let before = if self.emit_on_close {
+            Vec::new()
+        } else {
+            self.visible(&part).0
+        };
         use std::collections::btree_map::Entry;
         for (sk, row, w) in changes {
             part.total += w;
@@ -232,8 +271,11 @@ impl TopN {
         if self.append_only_input {
             let (_, beyond, fit) = self.visible(&part);
             if let Some(first) = beyond {
-                let gone = part.rows.split_off(&first);
-                self.entries -= gone.len();
+                // Usually one entry or none: pop rather than split off a new map.
+                while part.rows.last_key_value().is_some_and(|(k, _)| *k >= first) {
+                    part.rows.pop_last();
+                    self.entries -= 1;
+                }
             }
             if let (Some(fit), Some(mut last)) = (fit, part.rows.last_entry()) {
                 *last.get_mut() = fit;
@@ -241,8 +283,7 @@ impl TopN {
             part.total = part.rows.values().sum();
         }
         if !self.emit_on_close {
-            let (after, _, _) = self.visible(&part);
-            diff.extend(after);
+            diff_into(before, self.visible(&part).0, diff);
         }
         if !part.rows.is_empty() || bound.is_some() {
             self.parts.insert(key, part);
@@ -266,16 +307,9 @@ impl TopN {
         }
     }
 
-    fn output(&self, mut diff: Vec<(Bytes, u64, i64)>) -> Result<Option<ChangeBatch>> {
-        diff.sort_unstable_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let mut merged: Vec<(Bytes, u64, i64)> = Vec::with_capacity(diff.len());
-        for (row, rank, w) in diff {
-            match merged.last_mut() {
-                Some(last) if last.0 == row && last.1 == rank => last.2 += w,
-                _ => merged.push((row, rank, w)),
-            }
-        }
-        merged.retain(|e| e.2 != 0);
+    /// The changes of an epoch: each row and rank at most once (a row belongs to one
+    /// partition, and each partition is diffed once).
+    fn output(&self, merged: Vec<(Bytes, u64, i64)>) -> Result<Option<ChangeBatch>> {
         if merged.is_empty() {
             return Ok(None);
         }
@@ -392,7 +426,7 @@ impl Operator for TopN {
                     };
                     self.entries -= part.rows.len();
                     if self.emit_on_close {
-                        diff.extend(self.visible(&part).0);
+                        diff_into(Vec::new(), self.visible(&part).0, &mut diff);
                     }
                 }
             }
