@@ -658,8 +658,11 @@ impl Lowering<'_> {
                         "GROUPING SETS, CUBE and ROLLUP in a materialized view",
                     ));
                 }
-                if let Some((order_by, args)) = crate::top_n::first_values(&a.aggr_expr) {
-                    // The first row of each group (DISTINCT ON, first_value/last_value).
+                // The first row of each group (DISTINCT ON, first_value/last_value). Not
+                // without GROUP BY: a scalar aggregate has a row even over no input.
+                if let Some((order_by, args)) = crate::top_n::first_values(&a.aggr_expr)
+                    && !a.group_expr.is_empty()
+                {
                     check_exprs(&args)?;
                     let input = self.lower(&a.input)?;
                     let schema = self.nodes[input].schema.clone();
