@@ -504,9 +504,9 @@ impl Operator for HashAggregate {
                     let v = cast(&cols[c.col], &DataType::Int64)?;
                     window_values = Some(v.as_primitive::<Int64Type>().clone());
                 }
-                Some(conv.convert_columns(&cols)?)
+                kappa_state::KeyRows::new(conv, &cols)?
             }
-            None => None,
+            None => kappa_state::KeyRows::default(),
         };
         let mut args = Vec::with_capacity(self.aggs.len());
         let mut filters: Vec<Option<BooleanArray>> = Vec::with_capacity(self.aggs.len());
@@ -544,10 +544,7 @@ impl Operator for HashAggregate {
         let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
         for row in 0..n {
             let w = weights.value(row);
-            let group: &[u8] = match &keys {
-                Some(k) => k.row(row).data(),
-                None => &[],
-            };
+            let group = keys.get(row);
             // The window value of the row's group; a NULL window never closes.
             let window = match (&window_values, self.window_close) {
                 (Some(v), Some(c)) if v.is_valid(row) => {

@@ -271,7 +271,7 @@ impl Operator for SessionWindow {
             .iter()
             .map(|&c| batch.data().column(c).clone())
             .collect();
-        let keys = self.keys.convert_columns(&key_cols)?;
+        let keys = kappa_state::KeyRows::new(&self.keys, &key_cols)?;
         let rows = self.rows.convert_columns(batch.columns())?;
         let weights = batch.weights();
         for i in (0..batch.num_rows()).filter(|&i| times.is_valid(i)) {
@@ -283,11 +283,7 @@ impl Operator for SessionWindow {
                 self.late_rows += w.unsigned_abs();
                 continue;
             }
-            let key: &[u8] = if key_cols.is_empty() {
-                &[]
-            } else {
-                keys.row(i).data()
-            };
+            let key = keys.get(i);
             let changes = match self.pending.get_mut(key) {
                 Some(c) => c,
                 None => self.pending.entry(Arc::from(key)).or_default(),

@@ -173,9 +173,9 @@ impl TopN {
         self
     }
 
-    /// The rows of `part` whose rank lies in `[lo, hi]`, in rank order. With `trim`, also
-    /// returns the first entry ranked beyond `hi` and, for ROW_NUMBER, how many copies of
-    /// the last visible entry fit (the rest can never be visible over an append-only input).
+    /// The rows of `part` whose rank lies in `[lo, hi]`, in rank order; also the first entry
+    /// ranked beyond `hi` and, for ROW_NUMBER, how many copies of the entry that straddles
+    /// `hi` fit (the rest can never be visible over an append-only input).
     fn visible(&self, part: &Partition) -> (Visible, Option<(Bytes, Bytes)>, Option<i64>) {
         let (lo, hi, emit_rank) = (self.spec.lo, self.spec.hi, self.spec.emit_rank);
         let mut out = Vec::new();
@@ -268,8 +268,10 @@ impl TopN {
                 }
             }
         }
+        // Trimming removes only entries and copies ranked beyond `hi`, so the visible rows
+        // are the same before and after it.
+        let (after, beyond, fit) = self.visible(&part);
         if self.append_only_input {
-            let (_, beyond, fit) = self.visible(&part);
             if let Some(first) = beyond {
                 // Usually one entry or none: pop rather than split off a new map.
                 while part.rows.last_key_value().is_some_and(|(k, _)| *k >= first) {
@@ -283,7 +285,7 @@ impl TopN {
             part.total = part.rows.values().sum();
         }
         if !self.emit_on_close {
-            diff_into(before, self.visible(&part).0, diff);
+            diff_into(before, after, diff);
         }
         if !part.rows.is_empty() || bound.is_some() {
             self.parts.insert(key, part);
@@ -351,16 +353,8 @@ impl Operator for TopN {
             .iter()
             .map(|(e, _, _)| eval(e))
             .collect::<Result<Vec<_>>>()?;
-        let part_keys = if part_cols.is_empty() {
-            None
-        } else {
-            Some(self.part_keys.convert_columns(&part_cols)?)
-        };
-        let sort_keys = if sort_cols.is_empty() {
-            None
-        } else {
-            Some(self.sort_keys.convert_columns(&sort_cols)?)
-        };
+        let part_keys = kappa_state::KeyRows::new(&self.part_keys, &part_cols)?;
+        let sort_keys = kappa_state::KeyRows::new(&self.sort_keys, &sort_cols)?;
         let rows = self.rows.convert_columns(batch.columns())?;
         let bounds = match self.close {
             Some(c) => Some(
@@ -385,8 +379,7 @@ impl Operator for TopN {
                 self.late_rows += w.unsigned_abs();
                 continue;
             }
-            let key: &[u8] = part_keys.as_ref().map_or(&[], |k| k.row(i).data());
-            let sk: &[u8] = sort_keys.as_ref().map_or(&[], |k| k.row(i).data());
+            let (key, sk) = (part_keys.get(i), sort_keys.get(i));
             let row = rows.row(i);
             if self.append_only_input
                 && let Some(part) = self.parts.get(key)

@@ -16,7 +16,7 @@ mod multiset;
 use std::sync::Arc;
 
 pub use mem::{MemStateStore, MemStateTable};
-pub use multiset::{MultisetSnapshot, RowMultiset, decode_rows, row_converter};
+pub use multiset::{KeyRows, MultisetSnapshot, RowMultiset, decode_rows, row_converter};
 
 /// A key or value as stored. Cheap to clone.
 pub type Bytes = Arc<[u8]>;

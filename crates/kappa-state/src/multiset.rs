@@ -24,6 +24,28 @@ pub fn row_converter(schema: &SchemaRef) -> Result<RowConverter> {
     Ok(RowConverter::new(fields)?)
 }
 
+/// The keys of a batch's rows over some (already evaluated) key columns, in a converter's
+/// row format. With no key columns every key is empty — the one group or partition of a
+/// query without `GROUP BY` / `PARTITION BY`; Arrow's converter cannot represent rows of
+/// zero columns, so this is the one place that special case lives.
+#[derive(Default)]
+pub struct KeyRows(Option<datafusion::arrow::row::Rows>);
+
+impl KeyRows {
+    pub fn new(conv: &RowConverter, cols: &[ArrayRef]) -> Result<Self> {
+        Ok(Self(if cols.is_empty() {
+            None
+        } else {
+            Some(conv.convert_columns(cols)?)
+        }))
+    }
+
+    /// Row `i`'s key.
+    pub fn get(&self, i: usize) -> &[u8] {
+        self.0.as_ref().map_or(&[], |r| r.row(i).data())
+    }
+}
+
 /// Rows in `conv`'s row format (as stored in state), back as columns.
 pub fn decode_rows<'a>(
     conv: &RowConverter,
