@@ -7,7 +7,8 @@
 //! published RisingWave/Nexmark SQL.
 //!
 //! Usage: `nexmark QUERY [EVENTS] [WORKERS]` (defaults: 10000000 events, all cores for the
-//! generator). `nexmark list` prints the queries.
+//! generator). `nexmark list` prints the queries. With `KAPPA_DATA_DIR=DIR` the server
+//! keeps its history there (durable, as `kappa serve --data-dir DIR`), else in memory.
 
 use std::time::{Duration, Instant};
 
@@ -230,7 +231,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let Some((name, sources, sql, _)) = QUERIES.iter().find(|q| q.0 == query) else {
         return Err(format!("unknown query {query}; try `nexmark list`").into());
     };
-    let addr = kappa_sql_tests::start_kappa().await;
+    let config = kappa_engine::EngineConfig {
+        data_dir: std::env::var_os("KAPPA_DATA_DIR").map(Into::into),
+        ..Default::default()
+    };
+    let addr = kappa_sql_tests::start_kappa_with(config).await;
     let client = kappa_sql_tests::connect(addr).await;
     let start = Instant::now();
     for s in *sources {

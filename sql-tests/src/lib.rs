@@ -14,11 +14,16 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 /// Starts a Kappa server (engine + pgwire) inside this process on a free loopback port.
 pub async fn start_kappa() -> SocketAddr {
+    start_kappa_with(EngineConfig::default()).await
+}
+
+/// Starts a Kappa server with `config` (for example on a data directory) in this process.
+pub async fn start_kappa_with(config: EngineConfig) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind a free port");
     let addr = listener.local_addr().expect("local addr");
-    let engine = Engine::start(EngineConfig::default());
+    let engine = Engine::open(config).await.expect("start the engine");
     tokio::spawn(kappa_pgwire::serve(listener, engine));
     addr
 }

@@ -38,6 +38,9 @@ impl SqlState {
     pub const INVALID_TRANSACTION_STATE: Self = Self("25000");
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: Self = Self("55000");
     pub const INTERNAL_ERROR: Self = Self("XX000");
+    pub const DATA_CORRUPTED: Self = Self("XX001");
+    pub const DISK_FULL: Self = Self("53100");
+    pub const IO_ERROR: Self = Self("58030");
     pub const QUERY_CANCELED: Self = Self("57014");
 }
 

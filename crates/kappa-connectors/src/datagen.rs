@@ -184,14 +184,14 @@ impl SourceReader for DatagenReader {
         })
     }
 
-    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>> {
-        let mut out = vec![];
-        let mut start = 0;
-        while start < rows {
-            let end = (start + CHUNK).min(rows);
-            out.push(self.generate(start, end)?);
-            start = end;
-        }
-        Ok(out)
+    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
+        crate::chunks(from, to, CHUNK)
+            .map(|(start, end)| self.generate(start, end))
+            .collect()
+    }
+
+    fn seek(&mut self, rows: u64) -> Result<()> {
+        self.next = rows;
+        Ok(())
     }
 }

@@ -27,9 +27,34 @@ pub trait SourceReader: Send {
     /// Everything available now, without waiting, up to roughly `max_rows` rows.
     fn poll(&mut self, max_rows: usize) -> Result<Poll>;
 
+    /// The rows from offset `from` up to (excluding) offset `to`, in the same batches `poll`
+    /// hands out when `from` is where a poll began.
+    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>>;
+
+    /// Continues the stream at offset `rows`: the next poll starts there. Recovery uses it
+    /// after replaying a source's history.
+    fn seek(&mut self, rows: u64) -> Result<()>;
+
     /// The rows from the start of the stream up to (excluding) row offset `rows`, as a
     /// view created later replays them.
-    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>>;
+    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>> {
+        self.read_range(0, rows)
+    }
+}
+
+/// Splits `[from, to)` at multiples of `chunk`: the batches a chunked generator hands out.
+pub(crate) fn chunks(from: u64, to: u64, chunk: u64) -> impl Iterator<Item = (u64, u64)> {
+    let chunk = chunk.max(1);
+    let mut start = from;
+    std::iter::from_fn(move || {
+        if start >= to {
+            return None;
+        }
+        let end = ((start / chunk + 1) * chunk).min(to);
+        let range = (start, end);
+        start = end;
+        Some(range)
+    })
 }
 
 /// Builds the reader for `CREATE SOURCE … WITH (connector = …, …)` producing `schema`.

@@ -572,36 +572,48 @@ impl NexmarkReader {
         check_schema(config.table, &schema)?;
         let total_rows = config.event_num.map(|e| config.rows_in(e));
         let total_chunks = total_rows.map(|r| r.div_ceil(config.chunk_rows));
-        let mut workers = Vec::with_capacity(config.workers);
-        for w in 0..config.workers {
+        let mut reader = Self {
+            config,
+            schema,
+            workers: vec![],
+            next_chunk: 0,
+            total_chunks,
+        };
+        reader.start_workers(0)?;
+        Ok(reader)
+    }
+
+    /// (Re)starts the generator threads at chunk `first`. Threads of an earlier start stop
+    /// when they find their channel closed.
+    fn start_workers(&mut self, first: u64) -> Result<()> {
+        let total_rows = self.config.event_num.map(|e| self.config.rows_in(e));
+        let mut workers = Vec::with_capacity(self.config.workers);
+        for w in 0..self.config.workers {
             let (tx, rx) = sync_channel(4);
-            let c = config.clone();
-            let s = schema.clone();
+            let c = self.config.clone();
+            let s = self.schema.clone();
             std::thread::Builder::new()
                 .name(format!("nexmark-gen-{w}"))
-                .spawn(move || worker(c, s, w as u64, total_rows, tx))
+                .spawn(move || worker(c, s, first + w as u64, total_rows, tx))
                 .map_err(|e| KappaError::internal(format!("cannot start generator: {e}")))?;
             workers.push(rx);
         }
-        Ok(Self {
-            config,
-            schema,
-            workers,
-            next_chunk: 0,
-            total_chunks,
-        })
+        self.workers = workers;
+        self.next_chunk = first;
+        Ok(())
     }
 }
 
+/// Generates chunks `first`, `first + workers`, `first + 2·workers`, … into `tx`.
 fn worker(
     c: NexmarkConfig,
     schema: SchemaRef,
-    w: u64,
+    first: u64,
     total_rows: Option<u64>,
     tx: SyncSender<Result<RecordBatch>>,
 ) {
     let step = c.workers as u64;
-    let mut chunk = w;
+    let mut chunk = first;
     loop {
         let start = chunk * c.chunk_rows;
         let end = match total_rows {
@@ -652,15 +664,21 @@ impl SourceReader for NexmarkReader {
         })
     }
 
-    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while start < rows {
-            let end = (start + self.config.chunk_rows).min(rows);
-            out.push(generate(&self.config, &self.schema, start..end)?);
-            start = end;
+    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
+        crate::chunks(from, to, self.config.chunk_rows)
+            .map(|(start, end)| generate(&self.config, &self.schema, start..end))
+            .collect()
+    }
+
+    fn seek(&mut self, rows: u64) -> Result<()> {
+        if !rows.is_multiple_of(self.config.chunk_rows)
+            && Some(rows) != self.config.event_num.map(|e| self.config.rows_in(e))
+        {
+            return Err(KappaError::internal(format!(
+                "nexmark can only continue at a chunk boundary, not at row {rows}"
+            )));
         }
-        Ok(out)
+        self.start_workers(rows.div_ceil(self.config.chunk_rows))
     }
 }
 

@@ -119,10 +119,12 @@ impl CopyIn {
             &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(n)),
         )?;
         let _dml = self.table.lock_dml().await;
-        self.table.apply(TableWrite {
+        let commit = self.table.apply(TableWrite {
             deletes: None,
             inserts: Some(batch),
         })?;
+        drop(_dml);
+        crate::acknowledge(commit).await?;
         Ok(n)
     }
 }

@@ -17,22 +17,24 @@ use kappa_sql::tvf::WindowTable;
 use crate::context::{TableReads, plan_statement, session_context};
 use crate::{Engine, Output, types};
 
-pub(crate) async fn execute(engine: &Engine, stmt: Statement) -> Result<Output> {
+/// Executes a DDL statement; `sql` is its text, recorded in the history when it changes
+/// the engine.
+pub(crate) async fn execute(engine: &Engine, stmt: Statement, sql: &str) -> Result<Output> {
     match stmt {
-        Statement::CreateTable(ct) => create_table(engine, ct).await,
-        Statement::CreateView(cv) => create_view(engine, cv).await,
+        Statement::CreateTable(ct) => create_table(engine, ct, sql).await,
+        Statement::CreateView(cv) => create_view(engine, cv, sql).await,
         Statement::Drop {
             object_type,
             if_exists,
             names,
             cascade,
             ..
-        } => drop(engine, object_type, if_exists, names, cascade).await,
+        } => drop(engine, object_type, if_exists, names, cascade, sql).await,
         _ => Err(KappaError::internal("not a DDL statement")),
     }
 }
 
-async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
+async fn create_table(engine: &Engine, ct: CreateTable, sql: &str) -> Result<Output> {
     let name = object_name(&ct.name)?;
     if engine.catalog().get(&name).is_some() {
         if ct.if_not_exists {
@@ -138,7 +140,7 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
             ));
         }
         let connector =
-            crate::source::start_source(engine, id, &schema, &opts, watermark.as_ref())?;
+            crate::source::start_source(engine, sql, id, &schema, &opts, watermark.as_ref())?;
         (RelationKind::Source { connector }, "CREATE SOURCE")
     } else {
         if let Some(k) = opts.with.keys().next() {
@@ -154,7 +156,7 @@ async fn create_table(engine: &Engine, ct: CreateTable) -> Result<Output> {
             .map(|w| (w.0.column, w.1.clone(), opts.idle_timeout));
         engine
             .runtime()
-            .create_table(id, &name, schema.clone(), pk.clone(), wm)?;
+            .create_table(sql, id, &name, schema.clone(), pk.clone(), wm)?;
         (RelationKind::Table { primary_key: pk }, "CREATE TABLE")
     };
     engine.barrier().await?;
@@ -387,7 +389,7 @@ fn view_options(opts: &CreateTableOptions) -> Result<bool> {
     Ok(eowc)
 }
 
-async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
+async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Output> {
     let name = object_name(&cv.name)?;
     let tag = if cv.materialized {
         "CREATE MATERIALIZED VIEW"
@@ -450,9 +452,13 @@ async fn create_view(engine: &Engine, cv: CreateView) -> Result<Output> {
     let plan_text = if cv.materialized {
         let graph = lower(&ctx, &catalog, &plan, id, &name, eowc)?;
         let text = graph.to_string();
-        engine.blocking(move |rt| rt.create_view(id, graph)).await?;
+        let sql = sql.to_string();
+        engine
+            .blocking(move |rt| rt.create_view(&sql, id, graph))
+            .await?;
         Some(text)
     } else {
+        engine.runtime().record_ddl(sql)?;
         None
     };
     new_catalog.insert(Relation {
@@ -480,7 +486,10 @@ async fn drop(
     if_exists: bool,
     names: Vec<datafusion::sql::sqlparser::ast::ObjectName>,
     cascade: bool,
+    sql: &str,
 ) -> Result<Output> {
+    // The statement is recorded once, with the first change it makes to the engine.
+    let mut unrecorded = Some(sql.to_string());
     let (want, tag) = match object_type {
         ObjectType::Table => ("table", "DROP TABLE"),
         ObjectType::View => ("view", "DROP VIEW"),
@@ -520,9 +529,16 @@ async fn drop(
         for r in order {
             if !matches!(r.kind, RelationKind::View) {
                 let id = r.id;
-                engine.blocking(move |rt| rt.drop_relation(id)).await?;
+                let ddl = unrecorded.take();
+                engine
+                    .blocking(move |rt| rt.drop_relation(ddl.as_deref(), id))
+                    .await?;
             }
         }
+    }
+    // Only plain views (or nothing, with IF EXISTS) were dropped.
+    if let Some(sql) = unrecorded {
+        engine.runtime().record_ddl(&sql)?;
     }
     Ok(Output::command(tag))
 }

@@ -79,10 +79,12 @@ impl Engine {
         let batches = ctx.execute_logical_plan(input).await?.collect().await?;
         let rows = conform(&table.schema, &batches)?;
         let n = rows.num_rows();
-        table.apply(TableWrite {
+        let commit = table.apply(TableWrite {
             deletes: None,
             inserts: Some(rows),
         })?;
+        drop(_dml);
+        crate::acknowledge(commit).await?;
         Ok(Output::rows_affected("INSERT 0", n))
     }
 
@@ -164,10 +166,12 @@ impl Engine {
         let old = conform(&schema, &old)?;
         let new = conform(&schema, &new)?;
         let n = old.num_rows();
-        table.apply(TableWrite {
+        let commit = table.apply(TableWrite {
             deletes: Some(old),
             inserts: Some(new),
         })?;
+        drop(_dml);
+        crate::acknowledge(commit).await?;
         Ok(Output::rows_affected("UPDATE", n))
     }
 
@@ -201,10 +205,12 @@ impl Engine {
         let batches = self.select_latest(&sql).await?;
         let rows = conform(&table.schema, &batches)?;
         let n = rows.num_rows();
-        table.apply(TableWrite {
+        let commit = table.apply(TableWrite {
             deletes: Some(rows),
             inserts: None,
         })?;
+        drop(_dml);
+        crate::acknowledge(commit).await?;
         Ok(Output::rows_affected("DELETE", n))
     }
 }

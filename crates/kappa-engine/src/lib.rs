@@ -67,12 +67,19 @@ impl Output {
 pub struct EngineConfig {
     /// How often the runtime commits an epoch on its own.
     pub barrier_interval: Duration,
+    /// Where the history is kept; `None`: in memory only, nothing survives a restart.
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `fsync` the history before a write is acknowledged (else a write survives the
+    /// process being killed but not the machine losing power).
+    pub fsync: bool,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             barrier_interval: Duration::from_millis(100),
+            data_dir: None,
+            fsync: true,
         }
     }
 }
@@ -87,15 +94,87 @@ pub struct Engine {
 impl Engine {
     /// Starts an engine with in-memory state and its background barrier loop.
     pub fn start(config: EngineConfig) -> Arc<Self> {
+        let engine = Self::new(None);
+        engine.spawn_barriers(config.barrier_interval);
+        engine
+    }
+
+    /// Starts an engine on `config.data_dir` (in memory without one): recovers everything
+    /// its history holds, then starts the barrier loop. Fails, saying why, on a data
+    /// directory it cannot use.
+    pub async fn open(config: EngineConfig) -> Result<Arc<Self>> {
+        let Some(dir) = config.data_dir.clone() else {
+            return Ok(Self::start(config));
+        };
+        let fsync = config.fsync;
+        let history = tokio::task::spawn_blocking(move || {
+            kappa_state::History::open(&dir, kappa_state::HistoryOptions { fsync })
+        })
+        .await
+        .map_err(|e| KappaError::internal(format!("opening the data directory failed: {e}")))??;
+        let engine = Self::new(Some(Arc::new(history)));
+        engine.recover().await?;
+        engine.spawn_barriers(config.barrier_interval);
+        Ok(engine)
+    }
+
+    fn new(history: Option<Arc<kappa_state::History>>) -> Arc<Self> {
         let store: Arc<dyn StateStore> = Arc::new(MemStateStore);
-        let engine = Arc::new(Self {
+        Arc::new(Self {
             catalog: RwLock::new(Arc::new(Catalog::default())),
-            runtime: Arc::new(Runtime::new(store)),
+            runtime: Arc::new(Runtime::new(store, history)),
             ddl: tokio::sync::Mutex::new(()),
-        });
+        })
+    }
+
+    /// Replays the history: DDL statements run again through the same code, writes and
+    /// epochs are fed to the runtime by [`Runtime::recover_step`].
+    async fn recover(&self) -> Result<()> {
+        let started = std::time::Instant::now();
+        self.runtime.begin_recovery()?;
+        loop {
+            let rt = self.runtime.clone();
+            let step = tokio::task::spawn_blocking(move || rt.recover_step())
+                .await
+                .map_err(|e| KappaError::internal(format!("recovery task failed: {e}")))??;
+            let Some(sql) = step else { break };
+            let mut stmts = kappa_sql::parse::parse_recorded(&sql)?;
+            let stmt = match (stmts.pop(), stmts.is_empty()) {
+                (Some(s), true) => s,
+                _ => {
+                    return Err(KappaError::user(
+                        SqlState::DATA_CORRUPTED,
+                        format!("the history holds a DDL record that is not one statement: {sql}"),
+                    ));
+                }
+            };
+            let _ddl = self.ddl.lock().await;
+            ddl::execute(self, stmt, &sql).await.map_err(|e| {
+                KappaError::user(
+                    e.sqlstate(),
+                    format!("recovery failed replaying `{sql}`: {e}"),
+                )
+            })?;
+        }
+        let stats = self.runtime.finish_recovery()?;
+        // Writes after the last recorded epoch become visible now.
+        self.barrier().await?;
+        tracing::info!(
+            ddl = stats.ddl,
+            writes = stats.writes,
+            epochs = stats.epochs,
+            seconds = started.elapsed().as_secs_f64(),
+            "recovered from the history"
+        );
+        Ok(())
+    }
+
+    fn spawn_barriers(self: &Arc<Self>, interval: Duration) {
+        let engine = self.clone();
         let weak = Arc::downgrade(&engine);
+        drop(engine);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(config.barrier_interval);
+            let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 let Some(engine) = weak.upgrade() else { break };
@@ -115,7 +194,6 @@ impl Engine {
                 }
             }
         });
-        engine
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -189,7 +267,8 @@ impl Engine {
             S::Copy { .. } => copy::start(self, stmt),
             S::CreateTable(_) | S::CreateView(_) | S::Drop { .. } => {
                 let _ddl = self.ddl.lock().await;
-                ddl::execute(self, stmt).await
+                let sql = stmt.to_string();
+                ddl::execute(self, stmt, &sql).await
             }
             S::StartTransaction { .. } => {
                 session.begin();
@@ -393,6 +472,16 @@ impl Engine {
         })?;
         Ok(plan_rows(&text))
     }
+}
+
+/// Waits until a write is durable: it is acknowledged to the client only then.
+pub(crate) async fn acknowledge(commit: kappa_runtime::Commit) -> Result<()> {
+    if !commit.waits() {
+        return Ok(());
+    }
+    tokio::task::spawn_blocking(move || commit.durable())
+        .await
+        .map_err(|e| KappaError::internal(format!("waiting for the disk failed: {e}")))?
 }
 
 /// A plan as rows of one text column, as EXPLAIN returns it.

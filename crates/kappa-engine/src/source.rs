@@ -10,6 +10,7 @@ use crate::ddl::TableOptions;
 /// Starts the source's connector; returns the connector's name.
 pub(crate) fn start_source(
     engine: &Engine,
+    ddl: &str,
     id: RelationId,
     schema: &SchemaRef,
     opts: &TableOptions,
@@ -17,6 +18,7 @@ pub(crate) fn start_source(
 ) -> Result<String> {
     let reader = kappa_connectors::create_reader(&opts.with, schema.clone())?;
     engine.runtime().create_source(
+        ddl,
         id,
         schema.clone(),
         reader,

@@ -5,6 +5,12 @@
 //! drains the pending changes and takes a snapshot of the contents at the same instant, so
 //! the snapshot readers see is exactly the sum of all drained changes.
 //!
+//! # Durability
+//! With a history (`--data-dir`), a write is appended to it after every check has passed
+//! and before it is applied, while the statement holds the DML gate: so the history's order
+//! of writes and epoch boundaries is the order the views saw. [`Table::apply`] returns a
+//! [`Commit`]; the statement is acknowledged only after [`Commit::durable`].
+//!
 //! # Event time
 //! A table with a `WATERMARK FOR col AS expr` keeps its watermark: the largest `expr` over
 //! every row inserted so far (it never goes back). Each statement's changes are judged
@@ -23,7 +29,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, KappaError, RelationId, Result, SqlState};
-use kappa_state::{MultisetSnapshot, RowMultiset, StateStore, StateTable};
+use kappa_state::{History, MultisetSnapshot, RowMultiset, StateStore, StateTable};
 
 use crate::clock::EventClock;
 use crate::dataflow::EventTime;
@@ -72,7 +78,37 @@ pub struct Table {
     /// Serializes statements on this table from their read to their write.
     dml: tokio::sync::Mutex<()>,
     inner: Mutex<Inner>,
-    gate: Arc<RwLock<()>>,
+    order: WriteOrder,
+}
+
+/// What orders a table's writes against everything else: the DML gate (held shared while a
+/// write is recorded and applied, exclusively by the barrier's cut) and the history they
+/// are recorded in.
+#[derive(Clone)]
+pub(crate) struct WriteOrder {
+    pub gate: Arc<RwLock<()>>,
+    pub history: Option<Arc<History>>,
+}
+
+/// An applied write, not yet known to be on disk.
+#[must_use = "a write is acknowledged only once durable"]
+pub struct Commit {
+    history: Option<(Arc<History>, u64)>,
+}
+
+impl Commit {
+    /// Whether [`Commit::durable`] has anything to wait for.
+    pub fn waits(&self) -> bool {
+        self.history.is_some()
+    }
+
+    /// Returns once the write survives a crash (blocking: it may wait for an `fsync`).
+    pub fn durable(self) -> Result<()> {
+        match self.history {
+            Some((h, seq)) => h.sync(seq),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Table {
@@ -82,8 +118,8 @@ impl Table {
         schema: SchemaRef,
         primary_key: Option<Vec<usize>>,
         store: &dyn StateStore,
-        gate: Arc<RwLock<()>>,
         event_time: Option<TableEventTime>,
+        order: WriteOrder,
     ) -> Result<Self> {
         let contents =
             RowMultiset::new(schema.clone(), store.create_table(&format!("{name}.rows")))?;
@@ -114,7 +150,7 @@ impl Table {
                 clock: event_time.map(|e| EventClock::new(e.column, e.expr)),
                 last_write: Instant::now(),
             }),
-            gate,
+            order,
         })
     }
 
@@ -135,10 +171,23 @@ impl Table {
     }
 
     /// Applies one statement's write atomically: either every check passes and all of it is
-    /// applied, or nothing is. Returns the number of rows affected (inserted + deleted rows,
-    /// an update counting once).
-    pub fn apply(&self, write: TableWrite) -> Result<()> {
+    /// applied (and appended to the history), or nothing is.
+    pub fn apply(&self, write: TableWrite) -> Result<Commit> {
+        let seq = self.apply_write(write, true)?;
+        Ok(Commit {
+            history: self.order.history.clone().zip(seq),
+        })
+    }
+
+    /// Applies a write read back from the history (recovery): not appended again.
+    pub(crate) fn apply_replayed(&self, write: TableWrite) -> Result<()> {
+        self.apply_write(write, false).map(|_| ())
+    }
+
+    /// Returns the write's sequence number in the history, if it was appended.
+    fn apply_write(&self, write: TableWrite, log: bool) -> Result<Option<u64>> {
         let _gate = self
+            .order
             .gate
             .read()
             .map_err(|_| KappaError::internal("DML gate poisoned"))?;
@@ -198,7 +247,15 @@ impl Table {
                 }
             }
         }
-        // All checks passed: apply.
+        // All checks passed: record, then apply.
+        let seq = match (&self.order.history, log) {
+            (Some(h), true) if del.is_some() || ins.is_some() => Some(h.append_write(
+                self.id,
+                del.as_ref().map(|d| d.data()),
+                ins.as_ref().map(|i| i.data()),
+            )?),
+            _ => None,
+        };
         let Inner {
             contents,
             pk_index,
@@ -229,7 +286,7 @@ impl Table {
         if let (Some(c), Some(i)) = (clock.as_mut(), &inserted) {
             c.advance(i)?;
         }
-        Ok(())
+        Ok(seq)
     }
 
     fn check_not_null(&self, batch: &RecordBatch) -> Result<()> {

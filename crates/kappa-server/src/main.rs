@@ -20,10 +20,18 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:5466")]
         listen: SocketAddr,
-        /// Directory for durable state. This version keeps all state in memory and only
-        /// creates the directory; durable state comes with the RocksDB backend.
+        /// Directory for durable state (RocksDB): the history of every DDL statement,
+        /// write and epoch, replayed on start. Created if missing.
         #[arg(long, default_value = "kappa-data")]
         data_dir: PathBuf,
+        /// Keep everything in memory: nothing is written to disk, nothing survives a
+        /// restart (`--data-dir` is ignored).
+        #[arg(long)]
+        in_memory: bool,
+        /// Whether a write is `fsync`ed before it is acknowledged. `off`: it survives the
+        /// process being killed, but not the machine losing power.
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        fsync: String,
         /// Milliseconds between epoch barriers.
         #[arg(long, default_value_t = 100)]
         barrier_interval_ms: u64,
@@ -63,13 +71,17 @@ async fn run(cli: Cli) -> Result<(), String> {
         Command::Serve {
             listen,
             data_dir,
+            in_memory,
+            fsync,
             barrier_interval_ms,
         } => {
-            std::fs::create_dir_all(&data_dir)
-                .map_err(|e| format!("cannot create data dir {}: {e}", data_dir.display()))?;
-            let engine = Engine::start(EngineConfig {
+            let engine = Engine::open(EngineConfig {
                 barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
-            });
+                data_dir: (!in_memory).then_some(data_dir),
+                fsync: fsync == "on",
+            })
+            .await
+            .map_err(|e| e.to_string())?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

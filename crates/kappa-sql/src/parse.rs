@@ -40,6 +40,17 @@ fn syntax(msg: impl std::fmt::Display) -> KappaError {
 
 /// Parses one or more `;`-separated statements.
 pub fn parse_statements(sql: &str) -> Result<Vec<Statement>> {
+    parse(sql, false)
+}
+
+/// Parses statements Kappa wrote itself (the history's DDL records: a parsed statement's
+/// text, with the extensions already turned into internal options, which users may not
+/// write).
+pub fn parse_recorded(sql: &str) -> Result<Vec<Statement>> {
+    parse(sql, true)
+}
+
+fn parse(sql: &str, trusted: bool) -> Result<Vec<Statement>> {
     let dialect = PostgreSqlDialect {};
     let tokens = Tokenizer::new(&dialect, sql)
         .tokenize_with_location()
@@ -58,7 +69,7 @@ pub fn parse_statements(sql: &str) -> Result<Vec<Statement>> {
         if stmt.iter().all(|t| is_blank(&t.token)) {
             continue;
         }
-        out.push(parse_one(&dialect, stmt)?);
+        out.push(parse_one(&dialect, stmt, trusted)?);
     }
     Ok(out)
 }
@@ -83,7 +94,11 @@ struct Extensions {
     emit_on_window_close: bool,
 }
 
-fn parse_one(dialect: &PostgreSqlDialect, mut tokens: Vec<TokenWithSpan>) -> Result<Statement> {
+fn parse_one(
+    dialect: &PostgreSqlDialect,
+    mut tokens: Vec<TokenWithSpan>,
+    trusted: bool,
+) -> Result<Statement> {
     let ext = extract_extensions(&mut tokens)?;
     let mut parser = Parser::new(dialect).with_tokens_with_locations(tokens);
     let mut stmt = parser.parse_statement().map_err(syntax)?;
@@ -107,7 +122,7 @@ fn parse_one(dialect: &PostgreSqlDialect, mut tokens: Vec<TokenWithSpan>) -> Res
         Statement::CreateView(cv) => Some(&cv.options),
         _ => None,
     };
-    if let Some(CreateTableOptions::With(opts)) = user_options {
+    if let (Some(CreateTableOptions::With(opts)), false) = (user_options, trusted) {
         for o in opts {
             if let SqlOption::KeyValue { key, .. } = o
                 && is_internal_option(&key.value.to_lowercase())
@@ -355,6 +370,25 @@ mod tests {
         match opts {
             CreateTableOptions::With(v) => v.iter().map(|o| o.to_string()).collect(),
             _ => vec![],
+        }
+    }
+
+    #[test]
+    fn recorded_statements_parse_back_to_themselves() {
+        for sql in [
+            "CREATE SOURCE bid (a BIGINT, ts TIMESTAMP, WATERMARK FOR ts AS ts - INTERVAL '5' SECOND) WITH (connector = 'nexmark', nexmark.table.type = 'bid')",
+            "CREATE TABLE t (id BIGINT PRIMARY KEY, s TEXT) WITH (idle_timeout = '1 second')",
+            "CREATE MATERIALIZED VIEW v AS SELECT window_start, count(*) FROM TUMBLE(bid, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE",
+            "DROP SOURCE bid",
+        ] {
+            let parsed = parse_statements(sql).unwrap().remove(0);
+            let recorded = parsed.to_string();
+            let again = parse_recorded(&recorded).unwrap().remove(0);
+            assert_eq!(again, parsed, "{recorded}");
+            // Users may not write the internal options the record holds.
+            if options(&parsed).iter().any(|o| o.starts_with("__kappa")) {
+                assert!(parse_statements(&recorded).is_err());
+            }
         }
     }
 

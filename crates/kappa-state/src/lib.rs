@@ -10,11 +10,13 @@
 //! is O(1) and shares structure, so a snapshot per epoch costs nothing until the next write.
 //! A RocksDB store will implement the same traits.
 
+mod history;
 mod mem;
 mod multiset;
 
 use std::sync::Arc;
 
+pub use history::{EpochRecord, History, HistoryOptions, Record, SourcePosition};
 pub use mem::{MemStateStore, MemStateTable};
 pub use multiset::{KeyRows, MultisetSnapshot, RowMultiset, decode_rows, row_converter};
 

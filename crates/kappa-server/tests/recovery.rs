@@ -1,0 +1,524 @@
+//! Durability end to end: the real `kappa` binary on a data directory, killed with SIGKILL
+//! at random moments while a client writes and views (aggregate, joins, window, top-N, a
+//! generator source) update. After each restart every table must hold exactly the
+//! acknowledged writes (plus, or minus, the one statement in flight when the process died)
+//! and every view must equal PostgreSQL's answer to the same query over those tables. The
+//! source's views must end equal to the generator's own rows, counted here.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{Array, Int64Array};
+use kappa_connectors::nexmark::{NexmarkConfig, generate};
+use kappa_sql_tests::{Postgres, connect, query_text};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio_postgres::Client;
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Server {
+    fn start(dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--data-dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start kappa");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                panic!("kappa exited ({status}) before listening:\n{err}");
+            }
+            assert!(Instant::now() < deadline, "kappa did not start listening");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { child, port }
+    }
+
+    async fn client(&self) -> Client {
+        connect(([127, 0, 0, 1], self.port).into()).await
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const EVENTS: u64 = 6_000_000;
+const SEED: u64 = 7;
+
+fn schema() -> Vec<String> {
+    vec![
+        "CREATE TABLE t (id BIGINT PRIMARY KEY, k BIGINT, v BIGINT)".into(),
+        "CREATE TABLE d (k BIGINT PRIMARY KEY, name TEXT)".into(),
+        "CREATE TABLE ev (id BIGINT, x BIGINT, ts TIMESTAMP,
+           WATERMARK FOR ts AS ts - INTERVAL '5' SECOND)"
+            .into(),
+        format!(
+            "CREATE SOURCE bid (auction BIGINT, bidder BIGINT, price BIGINT, date_time TIMESTAMP,
+               WATERMARK FOR date_time AS date_time - INTERVAL '1' SECOND)
+             WITH (connector = 'nexmark', nexmark.table.type = 'bid',
+                   nexmark.event.num = '{EVENTS}', nexmark.seed = '{SEED}')"
+        ),
+    ]
+}
+
+/// (name, Kappa's query, PostgreSQL's query): the views over the tables, checked against
+/// PostgreSQL.
+const VIEWS: &[(&str, &str, &str)] = &[
+    (
+        "agg",
+        "SELECT k, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi FROM t GROUP BY k",
+        "SELECT k, count(*) AS n, sum(v) AS s, min(v) AS lo, max(v) AS hi FROM t GROUP BY k",
+    ),
+    (
+        "joined",
+        "SELECT t.id, t.v, d.name FROM t JOIN d ON t.k = d.k",
+        "SELECT t.id, t.v, d.name FROM t JOIN d ON t.k = d.k",
+    ),
+    (
+        "per_name",
+        "SELECT d.k, d.name, count(t.id) AS n, sum(t.v) AS s FROM d LEFT JOIN t ON t.k = d.k GROUP BY d.k, d.name",
+        "SELECT d.k, d.name, count(t.id) AS n, sum(t.v) AS s FROM d LEFT JOIN t ON t.k = d.k GROUP BY d.k, d.name",
+    ),
+    (
+        "top2",
+        "SELECT k, id, v FROM (SELECT k, id, v, row_number() OVER (PARTITION BY k ORDER BY v DESC, id) AS rn FROM t) s WHERE rn <= 2",
+        "SELECT k, id, v FROM (SELECT k, id, v, row_number() OVER (PARTITION BY k ORDER BY v DESC, id) AS rn FROM t) s WHERE rn <= 2",
+    ),
+    (
+        "windows",
+        "SELECT window_start AS w, count(*) AS n, sum(x) AS s FROM TUMBLE(ev, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end",
+        "SELECT date_bin('10 seconds', ts, TIMESTAMP '2001-01-01') AS w, count(*) AS n, sum(x) AS s FROM ev GROUP BY 1",
+    ),
+];
+
+/// Views over the generator source, checked against the generator's rows.
+const SOURCE_VIEWS: &[(&str, &str)] = &[
+    (
+        "bid_totals",
+        "SELECT count(*) AS n, sum(price) AS total, max(price) AS top FROM bid",
+    ),
+    (
+        "bid_by_bidder",
+        "SELECT bidder % 7 AS b, count(*) AS n FROM bid GROUP BY bidder % 7",
+    ),
+];
+
+/// The tables as the client knows them: every acknowledged write applied.
+#[derive(Default, Clone, PartialEq, Debug)]
+struct Model {
+    t: std::collections::BTreeMap<i64, (i64, i64)>,
+    d: std::collections::BTreeMap<i64, String>,
+    ev: std::collections::BTreeMap<i64, (i64, i64)>,
+    next_id: i64,
+    next_value: i64,
+}
+
+/// One statement, identifiable afterwards by its effect.
+#[derive(Clone, Debug)]
+enum Op {
+    InsertT { id: i64, k: i64, v: i64 },
+    UpdateT { id: i64, v: i64 },
+    DeleteT { id: i64 },
+    UpsertD { k: i64, name: String, exists: bool },
+    InsertEv { id: i64, x: i64, sec: i64 },
+}
+
+impl Op {
+    fn sql(&self) -> String {
+        match self {
+            Op::InsertT { id, k, v } => format!("INSERT INTO t VALUES ({id}, {k}, {v})"),
+            Op::UpdateT { id, v } => format!("UPDATE t SET v = {v} WHERE id = {id}"),
+            Op::DeleteT { id } => format!("DELETE FROM t WHERE id = {id}"),
+            Op::UpsertD { k, name, exists } => {
+                if *exists {
+                    format!("UPDATE d SET name = '{name}' WHERE k = {k}")
+                } else {
+                    format!("INSERT INTO d VALUES ({k}, '{name}')")
+                }
+            }
+            Op::InsertEv { id, x, sec } => format!(
+                "INSERT INTO ev VALUES ({id}, {x}, TIMESTAMP '2024-01-01 00:00:00' + INTERVAL '{sec} seconds')"
+            ),
+        }
+    }
+
+    fn apply(&self, m: &mut Model) {
+        match self {
+            Op::InsertT { id, k, v } => {
+                m.t.insert(*id, (*k, *v));
+            }
+            Op::UpdateT { id, v } => {
+                if let Some(r) = m.t.get_mut(id) {
+                    r.1 = *v;
+                }
+            }
+            Op::DeleteT { id } => {
+                m.t.remove(id);
+            }
+            Op::UpsertD { k, name, .. } => {
+                m.d.insert(*k, name.clone());
+            }
+            Op::InsertEv { id, x, sec } => {
+                m.ev.insert(*id, (*x, *sec));
+            }
+        }
+    }
+
+    /// Whether the statement's effect is in the server's tables (it ran before the kill).
+    async fn happened(&self, c: &Client) -> bool {
+        let one = |sql: String| async move {
+            let (rows, _, _) = query_text(c, &sql).await.expect("probe");
+            rows.first().map(|r| r[0].clone())
+        };
+        match self {
+            Op::InsertT { id, .. } => one(format!("SELECT id FROM t WHERE id = {id}"))
+                .await
+                .is_some(),
+            Op::UpdateT { id, v } => {
+                one(format!("SELECT v FROM t WHERE id = {id}")).await == Some(v.to_string())
+            }
+            Op::DeleteT { id } => one(format!("SELECT id FROM t WHERE id = {id}"))
+                .await
+                .is_none(),
+            Op::UpsertD { k, name, .. } => {
+                one(format!("SELECT name FROM d WHERE k = {k}")).await == Some(name.clone())
+            }
+            Op::InsertEv { id, .. } => one(format!("SELECT id FROM ev WHERE id = {id}"))
+                .await
+                .is_some(),
+        }
+    }
+}
+
+fn next_op(rng: &mut StdRng, m: &mut Model) -> Op {
+    m.next_value += 1;
+    let fresh = m.next_value * 1000 + rng.gen_range(0..1000);
+    let existing = |rng: &mut StdRng, m: &Model| -> Option<i64> {
+        (!m.t.is_empty()).then(|| *m.t.keys().nth(rng.gen_range(0..m.t.len())).unwrap_or(&0))
+    };
+    match rng.gen_range(0..10) {
+        0..=3 => {
+            m.next_id += 1;
+            Op::InsertT {
+                id: m.next_id,
+                k: rng.gen_range(0..8),
+                v: fresh,
+            }
+        }
+        4 | 5 => match existing(rng, m) {
+            Some(id) => Op::UpdateT { id, v: fresh },
+            None => Op::DeleteT { id: -1 },
+        },
+        6 => match existing(rng, m) {
+            Some(id) => Op::DeleteT { id },
+            None => Op::DeleteT { id: -1 },
+        },
+        7 => {
+            let k = rng.gen_range(0..10);
+            Op::UpsertD {
+                k,
+                name: format!("n{fresh}"),
+                exists: m.d.contains_key(&k),
+            }
+        }
+        _ => {
+            m.next_id += 1;
+            // Event time only moves forward: nothing is late.
+            Op::InsertEv {
+                id: m.next_id,
+                x: fresh % 97,
+                sec: m.next_id,
+            }
+        }
+    }
+}
+
+/// Writes until the connection fails. Returns the statement in flight when it failed.
+async fn write_until_killed(c: Client, mut m: Model, seed: u64) -> (Model, Option<Op>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    loop {
+        let op = next_op(&mut rng, &mut m);
+        match c.simple_query(&op.sql()).await {
+            Ok(_) => op.apply(&mut m),
+            Err(e) if e.as_db_error().is_some() => panic!("{} failed: {e}", op.sql()),
+            Err(_) => return (m, Some(op)),
+        }
+    }
+}
+
+async fn rows(c: &Client, sql: &str) -> Vec<Vec<String>> {
+    let (mut rows, _, _) = query_text(c, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    rows.sort();
+    rows
+}
+
+async fn check_tables(c: &Client, m: &Model) {
+    let t: Vec<Vec<String>> =
+        m.t.iter()
+            .map(|(id, (k, v))| vec![id.to_string(), k.to_string(), v.to_string()])
+            .collect();
+    let mut t = t;
+    t.sort();
+    assert_eq!(rows(c, "SELECT id, k, v FROM t").await, t, "table t");
+    let mut d: Vec<Vec<String>> =
+        m.d.iter()
+            .map(|(k, n)| vec![k.to_string(), n.clone()])
+            .collect();
+    d.sort();
+    assert_eq!(rows(c, "SELECT k, name FROM d").await, d, "table d");
+    let mut ev: Vec<Vec<String>> = m.ev.keys().map(|id| vec![id.to_string()]).collect();
+    ev.sort();
+    assert_eq!(rows(c, "SELECT id FROM ev").await, ev, "table ev");
+}
+
+/// Loads the model into PostgreSQL and compares every view with PostgreSQL's answer.
+async fn check_views(kappa: &Client, pg: &Client, m: &Model) {
+    pg.batch_execute(
+        "DROP TABLE IF EXISTS t, d, ev;
+         CREATE TABLE t (id BIGINT PRIMARY KEY, k BIGINT, v BIGINT);
+         CREATE TABLE d (k BIGINT PRIMARY KEY, name TEXT);
+         CREATE TABLE ev (id BIGINT, x BIGINT, ts TIMESTAMP);",
+    )
+    .await
+    .expect("oracle tables");
+    let mut sql = String::new();
+    for (id, (k, v)) in &m.t {
+        sql.push_str(&format!("INSERT INTO t VALUES ({id}, {k}, {v});"));
+    }
+    for (k, n) in &m.d {
+        sql.push_str(&format!("INSERT INTO d VALUES ({k}, '{n}');"));
+    }
+    for (id, (x, sec)) in &m.ev {
+        sql.push_str(&format!(
+            "INSERT INTO ev VALUES ({id}, {x}, TIMESTAMP '2024-01-01 00:00:00' + INTERVAL '{sec} seconds');"
+        ));
+    }
+    if !sql.is_empty() {
+        pg.batch_execute(&sql).await.expect("oracle rows");
+    }
+    for (name, _, oracle) in VIEWS {
+        assert_eq!(
+            rows(kappa, &format!("SELECT * FROM {name}")).await,
+            rows(pg, oracle).await,
+            "view {name} differs from PostgreSQL"
+        );
+    }
+}
+
+/// The generator's own rows, counted: what the source views must end with.
+fn source_oracle() -> Vec<Vec<Vec<String>>> {
+    let mut opts = std::collections::BTreeMap::new();
+    opts.insert("nexmark.table.type".to_string(), "bid".to_string());
+    opts.insert("nexmark.event.num".to_string(), EVENTS.to_string());
+    opts.insert("nexmark.seed".to_string(), SEED.to_string());
+    let c = NexmarkConfig::from_options(&opts).expect("config");
+    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+        datafusion::arrow::datatypes::Field::new(
+            "auction",
+            datafusion::arrow::datatypes::DataType::Int64,
+            true,
+        ),
+        datafusion::arrow::datatypes::Field::new(
+            "bidder",
+            datafusion::arrow::datatypes::DataType::Int64,
+            true,
+        ),
+        datafusion::arrow::datatypes::Field::new(
+            "price",
+            datafusion::arrow::datatypes::DataType::Int64,
+            true,
+        ),
+        datafusion::arrow::datatypes::Field::new(
+            "date_time",
+            datafusion::arrow::datatypes::DataType::Timestamp(
+                datafusion::arrow::datatypes::TimeUnit::Microsecond,
+                None,
+            ),
+            true,
+        ),
+    ]));
+    let batch = generate(&c, &schema, 0..c.rows_in(EVENTS)).expect("generate");
+    let col = |i: usize| {
+        batch
+            .column(i)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("BIGINT")
+            .clone()
+    };
+    let (bidder, price) = (col(1), col(2));
+    let (mut total, mut top) = (0i64, i64::MIN);
+    let mut by_bidder = std::collections::BTreeMap::<i64, i64>::new();
+    for i in 0..batch.num_rows() {
+        total += price.value(i);
+        top = top.max(price.value(i));
+        *by_bidder.entry(bidder.value(i) % 7).or_default() += 1;
+    }
+    assert_eq!(price.null_count(), 0);
+    let mut b: Vec<Vec<String>> = by_bidder
+        .iter()
+        .map(|(k, n)| vec![k.to_string(), n.to_string()])
+        .collect();
+    b.sort();
+    vec![
+        vec![vec![
+            batch.num_rows().to_string(),
+            total.to_string(),
+            top.to_string(),
+        ]],
+        b,
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
+    let Some(pg) = Postgres::start() else {
+        panic!("PostgreSQL 15 is not installed (scripts/setup.sh installs it)");
+    };
+    let pg = pg.connect().await;
+    let dir = std::env::temp_dir().join(format!("kappa-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let server = Server::start(&dir);
+    let c = server.client().await;
+    for ddl in schema() {
+        c.batch_execute(&ddl).await.expect("schema");
+    }
+    for (name, sql, _) in VIEWS {
+        c.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+    for (name, sql) in SOURCE_VIEWS {
+        c.batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+    }
+    // A plain view and a dropped view are part of the catalog's history too.
+    c.batch_execute(
+        "CREATE VIEW big AS SELECT * FROM t WHERE v > 5000;
+         CREATE MATERIALIZED VIEW gone AS SELECT count(*) FROM t;
+         DROP MATERIALIZED VIEW gone;",
+    )
+    .await
+    .expect("catalog history");
+
+    let mut model = Model::default();
+    let mut server = Some(server);
+    let mut rng = StdRng::seed_from_u64(42);
+    let rounds = 5;
+    for round in 0..rounds {
+        let s = server.take().expect("server");
+        let writer = tokio::spawn(write_until_killed(
+            s.client().await,
+            model.clone(),
+            round as u64,
+        ));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
+        s.kill();
+        let (m, in_flight) = writer.await.expect("writer");
+        model = m;
+
+        let s = Server::start(&dir);
+        let c = s.client().await;
+        if let Some(op) = in_flight
+            && op.happened(&c).await
+        {
+            op.apply(&mut model);
+        }
+        check_tables(&c, &model).await;
+        check_views(&c, &pg, &model).await;
+        let (src, _, _) = query_text(&c, "SELECT rows FROM kappa_sources")
+            .await
+            .expect("source progress");
+        eprintln!(
+            "round {round}: {} rows in t, {} in ev, source at row {}; tables and views exact after SIGKILL",
+            model.t.len(),
+            model.ev.len(),
+            src[0][0]
+        );
+        server = Some(s);
+    }
+
+    // The source runs to its end (through every restart) and its views equal the
+    // generator's rows, each exactly once.
+    let s = server.take().expect("server");
+    let c = s.client().await;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let (r, _, _) = query_text(&c, "SELECT count(*) FROM kappa_sources WHERE NOT finished")
+            .await
+            .expect("source progress");
+        if r[0][0] == "0" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the source did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    c.batch_execute("FLUSH").await.expect("flush");
+    let oracle = source_oracle();
+    for ((name, _), want) in SOURCE_VIEWS.iter().zip(oracle) {
+        assert_eq!(
+            rows(&c, &format!("SELECT * FROM {name}")).await,
+            want,
+            "view {name}"
+        );
+    }
+    // The catalog came back whole: the plain view works, the dropped one stays dropped.
+    let (r, _, _) = query_text(&c, "SELECT count(*) FROM big")
+        .await
+        .expect("plain view");
+    let want = model.t.values().filter(|(_, v)| *v > 5000).count();
+    assert_eq!(r[0][0], want.to_string());
+    assert!(query_text(&c, "SELECT * FROM gone").await.is_err());
+    s.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A corrupt data directory is refused at start with a message that says what is wrong.
+#[test]
+fn a_corrupt_data_directory_is_refused_at_start() {
+    let dir = std::env::temp_dir().join(format!("kappa-corrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("CURRENT"), "not a manifest name").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_kappa"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .expect("run kappa");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot be used") && err.contains(dir.to_str().unwrap_or("")),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

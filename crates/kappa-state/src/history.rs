@@ -1,0 +1,536 @@
+//! The history: Kappa's durable log, kept in RocksDB under `--data-dir`.
+//!
+//! Everything that changes what the engine holds is one record in it, in the order it
+//! happened, numbered by a sequence number (`seq`, from 1):
+//! - [`Record::Ddl`]: a statement that changed the catalog (CREATE/DROP), as SQL text;
+//! - [`Record::Write`]: one statement's write to an engine table (rows deleted, rows
+//!   inserted, as Arrow IPC);
+//! - [`Record::Epoch`]: an epoch boundary. Every write before it (and after the previous one)
+//!   is in that epoch; it carries what else the epoch depended on: its processing time
+//!   (`now`), how far each source had been read, and which inputs were idle.
+//!
+//! Replaying the history through the same engine rebuilds the catalog, every table and every
+//! view exactly: the dataflow is deterministic given its inputs, and the history records
+//! every input including the epoch boundaries (see `docs/architecture.md`, "Durability").
+//!
+//! # Durability
+//! A record is written to RocksDB's write-ahead log when [`History::append`] returns: it
+//! survives the process being killed. [`History::sync`] makes every record up to a sequence
+//! number survive a power failure too (an `fsync` of the log, shared by every writer waiting
+//! at the same time: group commit); with `fsync` off it returns at once.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use kappa_common::{KappaError, RelationId, Result, SqlState};
+
+/// The key under which the format version is kept.
+const FORMAT_KEY: &[u8] = b"m/format";
+const FORMAT: &[u8] = b"kappa-history-1";
+/// History records are keyed `h` ‖ seq (big-endian), so key order is sequence order.
+const RECORD_PREFIX: u8 = b'h';
+
+const TAG_DDL: u8 = 1;
+const TAG_WRITE: u8 = 2;
+const TAG_EPOCH: u8 = 3;
+
+/// One entry of the history.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Ddl(String),
+    Write {
+        table: RelationId,
+        deletes: Option<RecordBatch>,
+        inserts: Option<RecordBatch>,
+    },
+    Epoch(EpochRecord),
+}
+
+/// What an epoch depended on besides the writes before it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EpochRecord {
+    /// The epoch's processing time (µs since the Unix epoch).
+    pub now: i64,
+    /// Every connector source's position after the epoch.
+    pub sources: Vec<SourcePosition>,
+    /// Inputs (tables and sources) that reported themselves idle.
+    pub idle: Vec<RelationId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SourcePosition {
+    pub source: RelationId,
+    /// Rows read from the start of the stream.
+    pub rows: u64,
+    pub finished: bool,
+}
+
+pub struct HistoryOptions {
+    /// `fsync` the log before a write is acknowledged.
+    pub fsync: bool,
+}
+
+pub struct History {
+    db: rocksdb::DB,
+    path: PathBuf,
+    fsync: bool,
+    /// The last sequence number written. Appends hold it while writing, so records reach
+    /// the log in sequence order and everything up to it is in the log.
+    tail: Mutex<u64>,
+    /// Every record up to this one is on disk.
+    synced: Mutex<u64>,
+}
+
+impl History {
+    /// Opens (or creates) the history in `dir`. Refuses a directory that holds something
+    /// else, or a database that is not a Kappa history or is damaged, saying what is wrong.
+    pub fn open(dir: &Path, options: HistoryOptions) -> Result<Self> {
+        let unusable = |why: String| {
+            KappaError::user(
+                SqlState::DATA_CORRUPTED,
+                format!("the data directory {} cannot be used: {why}", dir.display()),
+            )
+        };
+        std::fs::create_dir_all(dir).map_err(|e| unusable(format!("cannot create it: {e}")))?;
+        let has_db = dir.join("CURRENT").exists();
+        if !has_db {
+            let mut entries =
+                std::fs::read_dir(dir).map_err(|e| unusable(format!("cannot read it: {e}")))?;
+            if entries.next().is_some() {
+                return Err(unusable(
+                    "it is not empty and holds no Kappa database (start with an empty or new directory)"
+                        .into(),
+                ));
+            }
+        }
+        let mut opts = rocksdb::Options::default();
+        opts.create_if_missing(!has_db);
+        opts.set_paranoid_checks(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let db = rocksdb::DB::open(&opts, dir).map_err(|e| unusable(e.to_string()))?;
+        match db.get(FORMAT_KEY).map_err(|e| unusable(e.to_string()))? {
+            Some(f) if f.as_slice() == FORMAT => {}
+            Some(f) => {
+                return Err(unusable(format!(
+                    "it was written in format {:?}, this version reads {:?}",
+                    String::from_utf8_lossy(&f),
+                    String::from_utf8_lossy(FORMAT)
+                )));
+            }
+            None if has_db => {
+                return Err(unusable("it is a RocksDB database but not Kappa's".into()));
+            }
+            None => {
+                let mut wo = rocksdb::WriteOptions::default();
+                wo.set_sync(true);
+                db.put_opt(FORMAT_KEY, FORMAT, &wo)
+                    .map_err(|e| unusable(e.to_string()))?;
+            }
+        }
+        let last = {
+            let mut it = db.iterator(rocksdb::IteratorMode::From(
+                &record_key(u64::MAX),
+                rocksdb::Direction::Reverse,
+            ));
+            match it.next() {
+                Some(Ok((k, _))) if k.first() == Some(&RECORD_PREFIX) => seq_of(&k)?,
+                Some(Err(e)) => return Err(unusable(e.to_string())),
+                _ => 0,
+            }
+        };
+        Ok(Self {
+            db,
+            path: dir.to_path_buf(),
+            fsync: options.fsync,
+            tail: Mutex::new(last),
+            synced: Mutex::new(last),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The sequence number of the last record (0 when empty).
+    pub fn last_seq(&self) -> u64 {
+        self.tail.lock().map(|t| *t).unwrap_or(0)
+    }
+
+    pub fn append_ddl(&self, sql: &str) -> Result<u64> {
+        let mut v = Vec::with_capacity(1 + sql.len());
+        v.push(TAG_DDL);
+        v.extend_from_slice(sql.as_bytes());
+        self.append(&v)
+    }
+
+    pub fn append_write(
+        &self,
+        table: RelationId,
+        deletes: Option<&RecordBatch>,
+        inserts: Option<&RecordBatch>,
+    ) -> Result<u64> {
+        let mut v = vec![TAG_WRITE];
+        v.extend_from_slice(&table.to_le_bytes());
+        for b in [deletes, inserts] {
+            match b {
+                None => v.extend_from_slice(&0u64.to_le_bytes()),
+                Some(b) => {
+                    let ipc = ipc_bytes(b)?;
+                    v.extend_from_slice(&(ipc.len() as u64).to_le_bytes());
+                    v.extend_from_slice(&ipc);
+                }
+            }
+        }
+        self.append(&v)
+    }
+
+    pub fn append_epoch(&self, e: &EpochRecord) -> Result<u64> {
+        let mut v = vec![TAG_EPOCH];
+        v.extend_from_slice(&e.now.to_le_bytes());
+        v.extend_from_slice(&(e.sources.len() as u64).to_le_bytes());
+        for s in &e.sources {
+            v.extend_from_slice(&s.source.to_le_bytes());
+            v.extend_from_slice(&s.rows.to_le_bytes());
+            v.push(u8::from(s.finished));
+        }
+        v.extend_from_slice(&(e.idle.len() as u64).to_le_bytes());
+        for i in &e.idle {
+            v.extend_from_slice(&i.to_le_bytes());
+        }
+        self.append(&v)
+    }
+
+    fn append(&self, value: &[u8]) -> Result<u64> {
+        let mut tail = self
+            .tail
+            .lock()
+            .map_err(|_| KappaError::internal("history lock poisoned"))?;
+        let seq = *tail + 1;
+        self.db
+            .put(record_key(seq), value)
+            .map_err(|e| storage_error("cannot write to the history", &e))?;
+        *tail = seq;
+        Ok(seq)
+    }
+
+    /// Returns once every record up to `seq` is on disk (with `fsync` on).
+    pub fn sync(&self, seq: u64) -> Result<()> {
+        if !self.fsync {
+            return Ok(());
+        }
+        let mut synced = self
+            .synced
+            .lock()
+            .map_err(|_| KappaError::internal("history sync lock poisoned"))?;
+        if *synced >= seq {
+            return Ok(());
+        }
+        // Everything written so far is covered by this fsync, also other writers' records:
+        // they find `synced` past their own and return without an fsync of their own.
+        let upto = self.last_seq();
+        self.db
+            .flush_wal(true)
+            .map_err(|e| storage_error("cannot sync the history to disk", &e))?;
+        *synced = upto;
+        Ok(())
+    }
+
+    /// Every record with a sequence number of at least `from`, in order.
+    pub fn read_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Record)>> + '_ {
+        self.db
+            .iterator(rocksdb::IteratorMode::From(
+                &record_key(from),
+                rocksdb::Direction::Forward,
+            ))
+            .take_while(|item| {
+                item.as_ref()
+                    .map_or(true, |(k, _)| k.first() == Some(&RECORD_PREFIX))
+            })
+            .map(|item| {
+                let (k, v) = item.map_err(|e| storage_error("cannot read the history", &e))?;
+                let seq = seq_of(&k)?;
+                let record = decode(&v).map_err(|why| {
+                    KappaError::user(
+                        SqlState::DATA_CORRUPTED,
+                        format!("history record {seq} is damaged: {why}"),
+                    )
+                })?;
+                Ok((seq, record))
+            })
+    }
+
+    /// Test support: overwrites a record's stored bytes.
+    #[doc(hidden)]
+    pub fn overwrite_raw(&self, seq: u64, bytes: &[u8]) -> Result<()> {
+        self.db
+            .put(record_key(seq), bytes)
+            .map_err(|e| storage_error("cannot write to the history", &e))
+    }
+}
+
+fn record_key(seq: u64) -> [u8; 9] {
+    let mut k = [RECORD_PREFIX; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn seq_of(key: &[u8]) -> Result<u64> {
+    let b: [u8; 8] = key
+        .get(1..9)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| {
+            KappaError::user(
+                SqlState::DATA_CORRUPTED,
+                format!("the history holds a malformed key {key:?}"),
+            )
+        })?;
+    Ok(u64::from_be_bytes(b))
+}
+
+/// Maps a RocksDB failure to an error that says what happened: a full disk is 53100, damage
+/// XX001, anything else an I/O error (58030).
+fn storage_error(what: &str, e: &rocksdb::Error) -> KappaError {
+    let msg = e.to_string();
+    let state = if msg.contains("No space left") {
+        SqlState::DISK_FULL
+    } else if e.kind() == rocksdb::ErrorKind::Corruption {
+        SqlState::DATA_CORRUPTED
+    } else {
+        SqlState::IO_ERROR
+    };
+    KappaError::user(state, format!("{what}: {msg}"))
+}
+
+fn ipc_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut w = StreamWriter::try_new(&mut out, batch.schema_ref())?;
+    w.write(batch)?;
+    w.finish()?;
+    drop(w);
+    Ok(out)
+}
+
+/// Reads fixed-size fields off the front of a record.
+struct Fields<'a>(&'a [u8]);
+
+impl<'a> Fields<'a> {
+    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err(format!("{} bytes missing", n - self.0.len()));
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> std::result::Result<u64, String> {
+        let b: [u8; 8] = self.take(8)?.try_into().map_err(|_| "short field")?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn len(&mut self) -> std::result::Result<usize, String> {
+        let n = self.u64()?;
+        usize::try_from(n)
+            .ok()
+            .filter(|n| *n <= self.0.len())
+            .ok_or_else(|| format!("a length of {n} bytes runs past the record's end"))
+    }
+
+    fn batch(&mut self) -> std::result::Result<Option<RecordBatch>, String> {
+        let n = self.len()?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let bytes = self.take(n)?;
+        let reader = StreamReader::try_new(Cursor::new(bytes), None).map_err(|e| e.to_string())?;
+        let mut batches = vec![];
+        for b in reader {
+            batches.push(b.map_err(|e| e.to_string())?);
+        }
+        match batches.len() {
+            1 => Ok(batches.pop()),
+            n => Err(format!("a write holds {n} batches, not one")),
+        }
+    }
+}
+
+fn decode(v: &[u8]) -> std::result::Result<Record, String> {
+    let (&tag, rest) = v.split_first().ok_or("it is empty")?;
+    let mut f = Fields(rest);
+    let record = match tag {
+        TAG_DDL => {
+            Record::Ddl(String::from_utf8(rest.to_vec()).map_err(|_| "its SQL text is not UTF-8")?)
+        }
+        TAG_WRITE => {
+            let table = f.u64()?;
+            let deletes = f.batch()?;
+            let inserts = f.batch()?;
+            Record::Write {
+                table,
+                deletes,
+                inserts,
+            }
+        }
+        TAG_EPOCH => {
+            let now = f.u64()? as i64;
+            let n = f.u64()?;
+            let mut sources = vec![];
+            for _ in 0..n {
+                let source = f.u64()?;
+                let rows = f.u64()?;
+                let finished = f.take(1)?[0] != 0;
+                sources.push(SourcePosition {
+                    source,
+                    rows,
+                    finished,
+                });
+            }
+            let n = f.u64()?;
+            let mut idle = vec![];
+            for _ in 0..n {
+                idle.push(f.u64()?);
+            }
+            Record::Epoch(EpochRecord { now, sources, idle })
+        }
+        other => return Err(format!("unknown record type {other}")),
+    };
+    if tag != TAG_DDL && !f.0.is_empty() {
+        return Err(format!("{} bytes too many", f.0.len()));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+
+    fn batch(ids: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let names: StringArray = ids.iter().map(|i| Some(format!("n{i}"))).collect();
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from(ids.to_vec())), Arc::new(names)],
+        )
+        .unwrap()
+    }
+
+    fn open(dir: &Path) -> Result<History> {
+        History::open(dir, HistoryOptions { fsync: true })
+    }
+
+    fn all(h: &History) -> Vec<(u64, Record)> {
+        h.read_from(0).collect::<Result<Vec<_>>>().unwrap()
+    }
+
+    fn tempdir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kappa-history-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn records_come_back_in_order_after_reopening() {
+        let dir = tempdir("order");
+        let epoch = EpochRecord {
+            now: 1_700_000_000_000_000,
+            sources: vec![SourcePosition {
+                source: 7,
+                rows: 30_000,
+                finished: true,
+            }],
+            idle: vec![3, 7],
+        };
+        {
+            let h = open(&dir).unwrap();
+            assert_eq!(h.append_ddl("CREATE TABLE t (id BIGINT)").unwrap(), 1);
+            let s = h.append_write(2, None, Some(&batch(&[1, 2]))).unwrap();
+            h.sync(s).unwrap();
+            h.append_write(2, Some(&batch(&[1])), Some(&batch(&[3])))
+                .unwrap();
+            let s = h.append_epoch(&epoch).unwrap();
+            h.sync(s).unwrap();
+        }
+        let h = open(&dir).unwrap();
+        assert_eq!(h.last_seq(), 4);
+        assert_eq!(
+            all(&h),
+            vec![
+                (1, Record::Ddl("CREATE TABLE t (id BIGINT)".into())),
+                (
+                    2,
+                    Record::Write {
+                        table: 2,
+                        deletes: None,
+                        inserts: Some(batch(&[1, 2]))
+                    }
+                ),
+                (
+                    3,
+                    Record::Write {
+                        table: 2,
+                        deletes: Some(batch(&[1])),
+                        inserts: Some(batch(&[3]))
+                    }
+                ),
+                (4, Record::Epoch(epoch)),
+            ]
+        );
+        // Appends continue after the last record.
+        assert_eq!(h.append_ddl("DROP TABLE t").unwrap(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_damaged_record_is_reported_with_its_number() {
+        let dir = tempdir("damaged");
+        let h = open(&dir).unwrap();
+        h.append_ddl("CREATE TABLE t (id BIGINT)").unwrap();
+        h.append_write(1, None, Some(&batch(&[1]))).unwrap();
+        h.overwrite_raw(2, &[TAG_WRITE, 1, 2, 3]).unwrap();
+        let r: Result<Vec<_>> = h.read_from(0).collect();
+        let e = r.unwrap_err();
+        assert_eq!(e.sqlstate(), SqlState::DATA_CORRUPTED);
+        assert!(e.to_string().contains("history record 2 is damaged"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_that_is_not_a_kappa_database_is_refused() {
+        let dir = tempdir("foreign");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let e = open(&dir).err().unwrap();
+        assert!(e.to_string().contains("holds no Kappa database"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // A database whose CURRENT file was damaged.
+        let dir = tempdir("current");
+        drop(open(&dir).unwrap());
+        std::fs::write(dir.join("CURRENT"), "garbage").unwrap();
+        let e = open(&dir).err().unwrap();
+        assert_eq!(e.sqlstate(), SqlState::DATA_CORRUPTED);
+        assert!(e.to_string().contains("cannot be used"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_second_server_on_the_same_directory_is_refused() {
+        let dir = tempdir("locked");
+        let _first = open(&dir).unwrap();
+        let e = open(&dir).err().unwrap();
+        assert!(e.to_string().contains("lock"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
