@@ -7,16 +7,17 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::CatalogProvider;
 use datafusion::catalog::view::ViewTable;
 use datafusion::catalog::{MemoryCatalogProvider, SchemaProvider, Session, TableProvider};
+use datafusion::common::ScalarValue;
 use datafusion::datasource::TableType;
 use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::execution::context::SessionConfig;
-use datafusion::logical_expr::Expr;
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, SqlState};
@@ -419,6 +420,96 @@ impl TableProvider for WindowProvider {
     }
 }
 
+/// Whether equal values of this type always have equal row-format encodings, so that a
+/// lookup by encoded prefix finds exactly the SQL-equal rows. Not floats: -0.0 = 0.0 and
+/// NaN compare differently bytewise.
+fn bytewise_equality(t: &DataType) -> bool {
+    use DataType as D;
+    matches!(
+        t,
+        D::Int8
+            | D::Int16
+            | D::Int32
+            | D::Int64
+            | D::UInt8
+            | D::UInt16
+            | D::UInt32
+            | D::UInt64
+            | D::Utf8
+            | D::LargeUtf8
+            | D::Boolean
+            | D::Date32
+            | D::Date64
+            | D::Timestamp(..)
+            | D::Decimal128(..)
+    )
+}
+
+impl RelationTable {
+    /// `column = literal` (either way round) on a column that can be looked up: the
+    /// column's index and the literal as a value of the column's type. A literal that does
+    /// not survive the conversion unchanged is not used.
+    fn equality(&self, e: &Expr) -> Option<(usize, ScalarValue)> {
+        let Expr::BinaryExpr(b) = e else {
+            return None;
+        };
+        if b.op != Operator::Eq {
+            return None;
+        }
+        let (col, value) = match (b.left.as_ref(), b.right.as_ref()) {
+            (Expr::Column(c), Expr::Literal(v, _)) | (Expr::Literal(v, _), Expr::Column(c)) => {
+                (c, v)
+            }
+            _ => return None,
+        };
+        let i = self.schema.index_of(&col.name).ok()?;
+        let t = self.schema.field(i).data_type();
+        if !bytewise_equality(t) || value.is_null() {
+            return None;
+        }
+        let cast = value.cast_to(t).ok()?;
+        (cast.cast_to(&value.data_type()).ok()? == *value).then_some((i, cast))
+    }
+
+    /// The values the filters fix for the relation's leading columns (first, second, … up
+    /// to the first column they leave free), as one-row arrays.
+    fn leading_values(&self, filters: &[Expr]) -> Vec<ArrayRef> {
+        let mut fixed: std::collections::HashMap<usize, ScalarValue> = Default::default();
+        for f in filters {
+            for e in datafusion::logical_expr::utils::split_conjunction(f) {
+                if let Some((i, v)) = self.equality(e) {
+                    fixed.entry(i).or_insert(v);
+                }
+            }
+        }
+        let mut out = vec![];
+        for i in 0..self.schema.fields().len() {
+            match fixed.get(&i).map(|v| v.to_array_of_size(1)) {
+                Some(Ok(a)) => out.push(a),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// The rows whose leading columns hold `leading`, by a range scan of the contents'
+    /// ordered rows; `None` when the contents can only be scanned whole.
+    fn lookup(&self, leading: &[ArrayRef]) -> DfResult<Option<Vec<RecordBatch>>> {
+        let size = kappa_runtime::READ_BATCH_SIZE;
+        match &self.data {
+            Data::Committed(snap) if snap.failure.is_none() => {
+                snap.data.lookup(leading, size).transpose().map_err(df_err)
+            }
+            Data::Latest(t) => t
+                .latest()
+                .and_then(|s| s.lookup(leading, size))
+                .map(Some)
+                .map_err(df_err),
+            _ => Ok(None),
+        }
+    }
+}
+
 #[async_trait]
 impl TableProvider for RelationTable {
     fn schema(&self) -> SchemaRef {
@@ -429,14 +520,43 @@ impl TableProvider for RelationTable {
         self.table_type
     }
 
+    /// Equality on a column is used to look rows up (see [`RelationTable::scan`]);
+    /// DataFusion still applies every filter to what the scan returns. Not when planning a
+    /// materialized view: its plan's scans are streams, which filters belong above.
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        let planning = matches!(self.data, Data::None);
+        Ok(filters
+            .iter()
+            .map(|f| match self.equality(f) {
+                Some(_) if !planning => TableProviderFilterPushDown::Inexact,
+                _ => TableProviderFilterPushDown::Unsupported,
+            })
+            .collect())
+    }
+
+    /// Reads the relation at its version. When the filters fix its leading columns (a
+    /// view's group keys, a table's first columns), only the rows with those values are
+    /// read, found by a range scan of the ordered contents: a point lookup does not scan.
     async fn scan(
         &self,
         _state: &dyn Session,
         projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
+        filters: &[Expr],
         _limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let batches = self.batches()?;
+        let leading = self.leading_values(filters);
+        let found = if leading.is_empty() {
+            None
+        } else {
+            self.lookup(&leading)?
+        };
+        let batches = match found {
+            Some(b) => b,
+            None => self.batches()?,
+        };
         let schema = Arc::new(Schema::new(self.schema.fields().clone()));
         Ok(MemorySourceConfig::try_new_exec(
             &[batches],

@@ -32,6 +32,20 @@ impl ContentsSnapshot {
             Self::Batches(b) => Ok(b.as_ref().clone()),
         }
     }
+
+    /// The rows whose leading columns equal `leading`, without a scan, when the contents
+    /// are kept in row order (see [`kappa_state::MultisetSnapshot::lookup`]); `None` when
+    /// they are kept as arrived (append-only views), which only a scan can search.
+    pub fn lookup(
+        &self,
+        leading: &[datafusion::arrow::array::ArrayRef],
+        batch_size: usize,
+    ) -> Option<Result<Vec<RecordBatch>>> {
+        match self {
+            Self::Multiset(m) => Some(m.lookup(leading, batch_size)),
+            Self::Batches(_) => None,
+        }
+    }
 }
 
 /// Applies every change to the view's contents. The contents are shared with the runtime,

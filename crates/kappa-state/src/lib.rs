@@ -49,6 +49,10 @@ pub trait StateSnapshot: Send + Sync {
     }
     /// All entries in key order.
     fn iter(&self) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + '_>;
+    /// The entries whose key starts with `prefix`, in key order, found without visiting
+    /// the others.
+    fn scan_prefix<'a>(&'a self, prefix: &'a [u8])
+    -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a>;
 }
 
 /// Hands out state tables. One store per server; the name is for diagnostics and, with a

@@ -89,6 +89,24 @@ impl StateSnapshot for MemSnapshot {
     fn iter(&self) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + '_> {
         Box::new(self.map.iter().map(|(k, v)| (k.clone(), v.clone())))
     }
+
+    fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
+        let upper = match prefix_end(prefix) {
+            Some(e) => Bound::Excluded(e),
+            None => Bound::Unbounded,
+        };
+        Box::new(
+            self.map
+                .range::<_, [u8]>((
+                    Bound::Included(prefix),
+                    upper.as_ref().map(|e| e.as_slice()),
+                ))
+                .map(|(k, v)| (k.clone(), v.clone())),
+        )
+    }
 }
 
 #[cfg(test)]

@@ -139,9 +139,41 @@ impl MultisetSnapshot {
     /// Decodes the contents into batches of at most `batch_size` distinct rows, each row
     /// repeated as often as it occurs.
     pub fn to_batches(&self, batch_size: usize) -> Result<Vec<RecordBatch>> {
+        self.decode(self.state.iter(), batch_size)
+    }
+
+    /// The rows whose leading columns equal `leading` (one value per column, for the first
+    /// `leading.len()` columns, each a one-row array of the column's type), found by a range
+    /// scan: rows are stored in row-format order and a row's encoding begins with the
+    /// encoding of its leading columns. Equality here is the row format's (byte) equality,
+    /// which is SQL equality for integers, strings, booleans, decimals, dates and timestamps
+    /// but not for floats (-0.0, NaN); callers only look up by the former.
+    pub fn lookup(&self, leading: &[ArrayRef], batch_size: usize) -> Result<Vec<RecordBatch>> {
+        let fields = self
+            .schema
+            .fields()
+            .iter()
+            .take(leading.len())
+            .map(|f| SortField::new(f.data_type().clone()))
+            .collect();
+        let prefix = RowConverter::new(fields)?.convert_columns(leading)?;
+        if prefix.num_rows() != 1 {
+            return Err(kappa_common::KappaError::internal(
+                "a lookup takes one value per leading column",
+            ));
+        }
+        let prefix = prefix.row(0);
+        self.decode(self.state.scan_prefix(prefix.data()), batch_size)
+    }
+
+    fn decode(
+        &self,
+        entries: impl Iterator<Item = (crate::Bytes, crate::Bytes)>,
+        batch_size: usize,
+    ) -> Result<Vec<RecordBatch>> {
         let converter = row_converter(&self.schema)?;
         let mut out = Vec::new();
-        let mut keys = Vec::with_capacity(batch_size.min(self.state.len()));
+        let mut keys = Vec::with_capacity(batch_size.min(self.state.len()).max(1));
         let mut counts = Vec::with_capacity(keys.capacity());
         let mut flush = |keys: &mut Vec<crate::Bytes>, counts: &mut Vec<i64>| -> Result<()> {
             if keys.is_empty() {
@@ -162,7 +194,7 @@ impl MultisetSnapshot {
             counts.clear();
             Ok(())
         };
-        for (k, v) in self.state.iter() {
+        for (k, v) in entries {
             keys.push(k);
             counts.push(decode_count(&v));
             if keys.len() >= batch_size {
@@ -171,5 +203,64 @@ impl MultisetSnapshot {
         }
         flush(&mut keys, &mut counts)?;
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::MemStateTable;
+
+    fn rows(owners: &[&str], ns: &[i64]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("owner", DataType::Utf8, true),
+            Field::new("n", DataType::Int64, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(owners.to_vec())),
+                Arc::new(Int64Array::from(ns.to_vec())),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn pairs(batches: &[RecordBatch]) -> Vec<(String, i64)> {
+        let mut out = vec![];
+        for b in batches {
+            let o = b.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+            let n = b.column(1).as_any().downcast_ref::<Int64Array>().unwrap();
+            for i in 0..b.num_rows() {
+                out.push((o.value(i).to_string(), n.value(i)));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn lookup_finds_exactly_the_rows_with_the_leading_values() {
+        let b = rows(
+            &["an", "ann", "ann", "ann", "anna", "bob"],
+            &[1, 2, 3, 3, 4, 5],
+        );
+        let mut m = RowMultiset::new(b.schema(), Box::new(MemStateTable::default())).unwrap();
+        m.apply(&ChangeBatch::inserts(b)).unwrap();
+        let snap = m.snapshot();
+        let owner = |s: &str| -> ArrayRef { Arc::new(StringArray::from(vec![s])) };
+        let n = |v: i64| -> ArrayRef { Arc::new(Int64Array::from(vec![v])) };
+        // Neither "an" nor "anna" shares the encoded prefix of "ann".
+        assert_eq!(
+            pairs(&snap.lookup(&[owner("ann")], 2).unwrap()),
+            vec![("ann".into(), 2), ("ann".into(), 3), ("ann".into(), 3)]
+        );
+        assert_eq!(
+            pairs(&snap.lookup(&[owner("ann"), n(3)], 8).unwrap()),
+            vec![("ann".into(), 3), ("ann".into(), 3)]
+        );
+        assert!(snap.lookup(&[owner("zed")], 8).unwrap().is_empty());
     }
 }
