@@ -1,11 +1,14 @@
 //! Durability end to end: the real `kappa` binary on a data directory, killed with SIGKILL
-//! at random moments while a client writes and views (aggregate, joins, window, top-N, a
-//! generator source) update. After each restart every table must hold exactly the
-//! acknowledged writes (plus, or minus, the one statement in flight when the process died)
+//! at random moments while three clients write concurrently and views (aggregate, joins,
+//! window, top-N, a generator source) update. After each restart every table must hold
+//! exactly the acknowledged writes (each writer's statement in flight when the process died
+//! counts wholly or not at all)
 //! and every view must equal PostgreSQL's answer to the same query over those tables. The
 //! source's views must end equal to the generator's own rows, counted here.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, Int64Array};
@@ -128,14 +131,44 @@ const SOURCE_VIEWS: &[(&str, &str)] = &[
     ),
 ];
 
-/// The tables as the client knows them: every acknowledged write applied.
+/// Concurrent writers. Each owns its rows (ids ≡ writer mod WRITERS, and the same for the
+/// keys of `d`), so each knows exactly what its acknowledged statements did.
+const WRITERS: i64 = 3;
+
+/// The tables as one writer knows its rows: every acknowledged write applied.
 #[derive(Default, Clone, PartialEq, Debug)]
 struct Model {
     t: std::collections::BTreeMap<i64, (i64, i64)>,
     d: std::collections::BTreeMap<i64, String>,
     ev: std::collections::BTreeMap<i64, (i64, i64)>,
+    writer: i64,
     next_id: i64,
     next_value: i64,
+}
+
+impl Model {
+    fn new(writer: i64) -> Self {
+        Self {
+            writer,
+            ..Self::default()
+        }
+    }
+
+    fn fresh_id(&mut self) -> i64 {
+        self.next_id += 1;
+        self.next_id * WRITERS + self.writer
+    }
+
+    /// All writers' rows together: what the tables must hold.
+    fn union(models: &[Model]) -> Model {
+        let mut all = Model::default();
+        for m in models {
+            all.t.extend(m.t.iter().map(|(k, v)| (*k, *v)));
+            all.d.extend(m.d.iter().map(|(k, v)| (*k, v.clone())));
+            all.ev.extend(m.ev.iter().map(|(k, v)| (*k, *v)));
+        }
+        all
+    }
 }
 
 /// One statement, identifiable afterwards by its effect.
@@ -215,21 +248,21 @@ impl Op {
     }
 }
 
-fn next_op(rng: &mut StdRng, m: &mut Model) -> Op {
+/// The next statement of writer `m`. Event time comes from one clock shared by the
+/// writers, so it moves forward by less than the watermark's 5 s delay between any two
+/// concurrent inserts: nothing is late.
+fn next_op(rng: &mut StdRng, m: &mut Model, clock: &AtomicI64) -> Op {
     m.next_value += 1;
     let fresh = m.next_value * 1000 + rng.gen_range(0..1000);
     let existing = |rng: &mut StdRng, m: &Model| -> Option<i64> {
         (!m.t.is_empty()).then(|| *m.t.keys().nth(rng.gen_range(0..m.t.len())).unwrap_or(&0))
     };
     match rng.gen_range(0..10) {
-        0..=3 => {
-            m.next_id += 1;
-            Op::InsertT {
-                id: m.next_id,
-                k: rng.gen_range(0..8),
-                v: fresh,
-            }
-        }
+        0..=3 => Op::InsertT {
+            id: m.fresh_id(),
+            k: rng.gen_range(0..10),
+            v: fresh,
+        },
         4 | 5 => match existing(rng, m) {
             Some(id) => Op::UpdateT { id, v: fresh },
             None => Op::DeleteT { id: -1 },
@@ -239,30 +272,31 @@ fn next_op(rng: &mut StdRng, m: &mut Model) -> Op {
             None => Op::DeleteT { id: -1 },
         },
         7 => {
-            let k = rng.gen_range(0..10);
+            let k = rng.gen_range(0..10 / WRITERS) * WRITERS + m.writer;
             Op::UpsertD {
                 k,
                 name: format!("n{fresh}"),
                 exists: m.d.contains_key(&k),
             }
         }
-        _ => {
-            m.next_id += 1;
-            // Event time only moves forward: nothing is late.
-            Op::InsertEv {
-                id: m.next_id,
-                x: fresh % 97,
-                sec: m.next_id,
-            }
-        }
+        _ => Op::InsertEv {
+            id: m.fresh_id(),
+            x: fresh % 97,
+            sec: clock.fetch_add(1, Ordering::SeqCst),
+        },
     }
 }
 
 /// Writes until the connection fails. Returns the statement in flight when it failed.
-async fn write_until_killed(c: Client, mut m: Model, seed: u64) -> (Model, Option<Op>) {
+async fn write_until_killed(
+    c: Client,
+    mut m: Model,
+    seed: u64,
+    clock: Arc<AtomicI64>,
+) -> (Model, Option<Op>) {
     let mut rng = StdRng::seed_from_u64(seed);
     loop {
-        let op = next_op(&mut rng, &mut m);
+        let op = next_op(&mut rng, &mut m, &clock);
         match c.simple_query(&op.sql()).await {
             Ok(_) => op.apply(&mut m),
             Err(e) if e.as_db_error().is_some() => panic!("{} failed: {e}", op.sql()),
@@ -430,42 +464,56 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     .await
     .expect("catalog history");
 
-    let mut model = Model::default();
+    let mut models: Vec<Model> = (0..WRITERS).map(Model::new).collect();
+    let clock = Arc::new(AtomicI64::new(1));
     let mut server = Some(server);
     let mut rng = StdRng::seed_from_u64(42);
     let rounds = 5;
     for round in 0..rounds {
         let s = server.take().expect("server");
-        let writer = tokio::spawn(write_until_killed(
-            s.client().await,
-            model.clone(),
-            round as u64,
-        ));
+        let mut writers = vec![];
+        for m in &models {
+            writers.push(tokio::spawn(write_until_killed(
+                s.client().await,
+                m.clone(),
+                (round * WRITERS + m.writer) as u64,
+                clock.clone(),
+            )));
+        }
         tokio::time::sleep(Duration::from_millis(rng.gen_range(300..1500))).await;
         s.kill();
-        let (m, in_flight) = writer.await.expect("writer");
-        model = m;
+        let mut in_flight = vec![];
+        for (i, w) in writers.into_iter().enumerate() {
+            let (m, op) = w.await.expect("writer");
+            models[i] = m;
+            in_flight.push(op);
+        }
 
         let s = Server::start(&dir);
         let c = s.client().await;
-        if let Some(op) = in_flight
-            && op.happened(&c).await
-        {
-            op.apply(&mut model);
+        // Each writer's statement in flight at the kill either happened wholly or not.
+        for (m, op) in models.iter_mut().zip(in_flight) {
+            if let Some(op) = op
+                && op.happened(&c).await
+            {
+                op.apply(m);
+            }
         }
-        check_tables(&c, &model).await;
-        check_views(&c, &pg, &model).await;
+        let all = Model::union(&models);
+        check_tables(&c, &all).await;
+        check_views(&c, &pg, &all).await;
         let (src, _, _) = query_text(&c, "SELECT rows FROM kappa_sources")
             .await
             .expect("source progress");
         eprintln!(
             "round {round}: {} rows in t, {} in ev, source at row {}; tables and views exact after SIGKILL",
-            model.t.len(),
-            model.ev.len(),
+            all.t.len(),
+            all.ev.len(),
             src[0][0]
         );
         server = Some(s);
     }
+    let model = Model::union(&models);
 
     // The source runs to its end (through every restart) and its views equal the
     // generator's rows, each exactly once.
