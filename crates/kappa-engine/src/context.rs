@@ -137,6 +137,9 @@ impl SchemaProvider for KappaSchema {
             if name == SOURCE_STATS {
                 return Ok(Some(self.source_stats()?));
             }
+            if name == HISTORY {
+                return Ok(Some(self.history()?));
+            }
             return Ok(None);
         };
         match &rel.kind {
@@ -155,6 +158,7 @@ impl SchemaProvider for KappaSchema {
             || WindowTable::decode(name).is_some()
             || name == VIEW_STATS
             || name == SOURCE_STATS
+            || name == HISTORY
     }
 }
 
@@ -174,8 +178,44 @@ fn one_batch_table(
 pub const VIEW_STATS: &str = "kappa_view_stats";
 /// The system relation with every source's progress at the snapshot's epoch.
 pub const SOURCE_STATS: &str = "kappa_sources";
+/// The system relation describing the durable history (no rows when in memory).
+pub const HISTORY: &str = "kappa_history";
 
 impl KappaSchema {
+    fn history(&self) -> DfResult<Arc<dyn TableProvider>> {
+        use datafusion::arrow::array::{BooleanArray, Float64Array, Int64Array, StringArray};
+        use datafusion::arrow::datatypes::DataType;
+        let info: Vec<_> = self.sources.runtime.history_info().into_iter().collect();
+        let int = |f: &dyn Fn(&kappa_runtime::HistoryInfo) -> u64| -> ArrayRef {
+            Arc::new(Int64Array::from_iter_values(
+                info.iter().map(|i| f(i) as i64),
+            ))
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("data_dir", DataType::Utf8, false),
+            Field::new("fsync", DataType::Boolean, false),
+            Field::new("records", DataType::Int64, false),
+            Field::new("disk_bytes", DataType::Int64, false),
+            Field::new("recovered_records", DataType::Int64, false),
+            Field::new("recovery_seconds", DataType::Float64, false),
+        ]));
+        one_batch_table(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    info.iter().map(|i| i.data_dir.clone()),
+                )),
+                Arc::new(BooleanArray::from_iter(info.iter().map(|i| Some(i.fsync)))),
+                int(&|i| i.records),
+                int(&|i| i.disk_bytes),
+                int(&|i| i.recovered.ddl + i.recovered.writes + i.recovered.epochs),
+                Arc::new(Float64Array::from_iter_values(
+                    info.iter().map(|i| i.recovered.seconds),
+                )),
+            ],
+        )
+    }
+
     fn source_stats(&self) -> DfResult<Arc<dyn TableProvider>> {
         use datafusion::arrow::array::{BooleanArray, Int64Array, StringArray};
         use datafusion::arrow::datatypes::DataType;

@@ -172,6 +172,7 @@ struct Replay {
     buffer: VecDeque<(u64, Record)>,
     next_seq: u64,
     stats: RecoveryStats,
+    started: std::time::Instant,
 }
 
 /// What recovery replayed.
@@ -180,6 +181,19 @@ pub struct RecoveryStats {
     pub ddl: u64,
     pub writes: u64,
     pub epochs: u64,
+    pub seconds: f64,
+}
+
+/// The history's state, as `kappa_history` shows it.
+#[derive(Clone, Debug)]
+pub struct HistoryInfo {
+    pub data_dir: String,
+    pub fsync: bool,
+    /// Records in the history (its last sequence number).
+    pub records: u64,
+    pub disk_bytes: u64,
+    /// What the last start recovered.
+    pub recovered: RecoveryStats,
 }
 
 impl Replay {
@@ -209,6 +223,7 @@ pub struct Runtime {
     /// Where every input is recorded; `None`: nothing survives a restart.
     history: Option<Arc<History>>,
     replay: Mutex<Option<Replay>>,
+    recovered: Mutex<RecoveryStats>,
 }
 
 impl Runtime {
@@ -229,7 +244,20 @@ impl Runtime {
             ctx: SessionContext::new(),
             history,
             replay: Mutex::new(None),
+            recovered: Mutex::new(RecoveryStats::default()),
         }
+    }
+
+    /// The history's state; `None` when state is kept in memory only.
+    pub fn history_info(&self) -> Option<HistoryInfo> {
+        let h = self.history.as_ref()?;
+        Some(HistoryInfo {
+            data_dir: h.path().display().to_string(),
+            fsync: h.fsync(),
+            records: h.last_seq(),
+            disk_bytes: h.disk_bytes(),
+            recovered: self.recovered.lock().map(|r| r.clone()).unwrap_or_default(),
+        })
     }
 
     fn replay_lock(&self) -> Result<MutexGuard<'_, Option<Replay>>> {
@@ -253,6 +281,7 @@ impl Runtime {
             buffer: VecDeque::new(),
             next_seq: 1,
             stats: RecoveryStats::default(),
+            started: std::time::Instant::now(),
         });
         Ok(())
     }
@@ -351,8 +380,14 @@ impl Runtime {
         let stats = self
             .replay_lock()?
             .take()
-            .map(|r| r.stats)
+            .map(|r| RecoveryStats {
+                seconds: r.started.elapsed().as_secs_f64(),
+                ..r.stats
+            })
             .unwrap_or_default();
+        if let Ok(mut r) = self.recovered.lock() {
+            *r = stats.clone();
+        }
         let mut inner = self.lock()?;
         for s in inner.sources.values_mut() {
             s.reader.seek(s.rows)?;

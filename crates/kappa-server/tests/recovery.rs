@@ -373,28 +373,15 @@ fn source_oracle() -> Vec<Vec<Vec<String>>> {
     opts.insert("nexmark.event.num".to_string(), EVENTS.to_string());
     opts.insert("nexmark.seed".to_string(), SEED.to_string());
     let c = NexmarkConfig::from_options(&opts).expect("config");
-    let schema = std::sync::Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
-        datafusion::arrow::datatypes::Field::new(
-            "auction",
-            datafusion::arrow::datatypes::DataType::Int64,
-            true,
-        ),
-        datafusion::arrow::datatypes::Field::new(
-            "bidder",
-            datafusion::arrow::datatypes::DataType::Int64,
-            true,
-        ),
-        datafusion::arrow::datatypes::Field::new(
-            "price",
-            datafusion::arrow::datatypes::DataType::Int64,
-            true,
-        ),
-        datafusion::arrow::datatypes::Field::new(
+    use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    let int = |name: &str| Field::new(name, DataType::Int64, true);
+    let schema = Arc::new(Schema::new(vec![
+        int("auction"),
+        int("bidder"),
+        int("price"),
+        Field::new(
             "date_time",
-            datafusion::arrow::datatypes::DataType::Timestamp(
-                datafusion::arrow::datatypes::TimeUnit::Microsecond,
-                None,
-            ),
+            DataType::Timestamp(TimeUnit::Microsecond, None),
             true,
         ),
     ]));
@@ -546,6 +533,23 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     let want = model.t.values().filter(|(_, v)| *v > 5000).count();
     assert_eq!(r[0][0], want.to_string());
     assert!(query_text(&c, "SELECT * FROM gone").await.is_err());
+    // The history describes itself: this start replayed it.
+    let (h, _, _) = query_text(
+        &c,
+        "SELECT data_dir, fsync, records > 1000, disk_bytes > 0, recovered_records > 1000 FROM kappa_history",
+    )
+    .await
+    .expect("kappa_history");
+    assert_eq!(
+        h,
+        vec![vec![
+            dir.display().to_string(),
+            "t".into(),
+            "t".into(),
+            "t".into(),
+            "t".into()
+        ]]
+    );
     s.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

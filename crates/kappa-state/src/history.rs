@@ -155,6 +155,23 @@ impl History {
         &self.path
     }
 
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
+    /// Bytes the data directory holds (RocksDB's files: tables, write-ahead log, manifest).
+    pub fn disk_bytes(&self) -> u64 {
+        std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
     /// The sequence number of the last record (0 when empty).
     pub fn last_seq(&self) -> u64 {
         self.tail.lock().map(|t| *t).unwrap_or(0)
