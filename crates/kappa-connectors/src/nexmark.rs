@@ -585,16 +585,20 @@ impl NexmarkReader {
 
     /// (Re)starts the generator threads at chunk `first`. Threads of an earlier start stop
     /// when they find their channel closed.
+    /// Chunk `k` is always made by worker `k % workers` (that is where `poll` looks for
+    /// it), so worker `w` starts at the first chunk from `first` on that is its own.
     fn start_workers(&mut self, first: u64) -> Result<()> {
         let total_rows = self.config.event_num.map(|e| self.config.rows_in(e));
+        let n = self.config.workers as u64;
         let mut workers = Vec::with_capacity(self.config.workers);
-        for w in 0..self.config.workers {
+        for w in 0..n {
             let (tx, rx) = sync_channel(4);
             let c = self.config.clone();
             let s = self.schema.clone();
+            let own = first + (w + n - first % n) % n;
             std::thread::Builder::new()
                 .name(format!("nexmark-gen-{w}"))
-                .spawn(move || worker(c, s, first + w as u64, total_rows, tx))
+                .spawn(move || worker(c, s, own, total_rows, tx))
                 .map_err(|e| KappaError::internal(format!("cannot start generator: {e}")))?;
             workers.push(rx);
         }
@@ -794,5 +798,41 @@ mod tests {
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1));
         let replayed: usize = r.replay(5000).unwrap().iter().map(|b| b.num_rows()).sum();
         assert_eq!(replayed, 5000);
+    }
+
+    /// After a seek (recovery) the stream continues with exactly the rows a reader that
+    /// never stopped would have delivered, also from a chunk that is not worker 0's.
+    #[test]
+    fn a_reader_continues_where_it_seeks_to() {
+        let mut c = NexmarkConfig::new(NexmarkTable::Auction);
+        c.event_num = Some(100_000);
+        c.chunk_rows = 1000;
+        c.workers = 3;
+        let s = schema(NexmarkTable::Auction);
+        let ids = |batches: &[RecordBatch]| -> Vec<i64> {
+            batches
+                .iter()
+                .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+                .collect()
+        };
+        let total = c.rows_in(100_000);
+        let all = ids(&[generate(&c, &s, 0..total).unwrap()]);
+        for from in [2000, 3000, 4000] {
+            let mut r = NexmarkReader::start(c.clone(), s.clone()).unwrap();
+            r.seek(from).unwrap();
+            let mut got = vec![];
+            loop {
+                let p = r.poll(10_000).unwrap();
+                got.extend(ids(&p.batches));
+                if p.finished {
+                    break;
+                }
+            }
+            assert_eq!(got, all[from as usize..], "continuing at row {from}");
+            assert_eq!(
+                ids(&r.read_range(from, from + 1500).unwrap()),
+                all[from as usize..from as usize + 1500]
+            );
+        }
     }
 }
