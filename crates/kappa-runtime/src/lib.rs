@@ -197,7 +197,7 @@ pub struct HistoryInfo {
 }
 
 impl Replay {
-    fn next(&mut self) -> Result<Option<(u64, Record)>> {
+    fn fill(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
             for r in self.history.read_from(self.next_seq).take(1024) {
                 let (seq, rec) = r?;
@@ -205,7 +205,37 @@ impl Replay {
                 self.buffer.push_back((seq, rec));
             }
         }
-        Ok(self.buffer.pop_front())
+        Ok(())
+    }
+
+    /// Whether the next record is a DDL statement (it is left in place).
+    fn next_is_ddl(&mut self) -> Result<bool> {
+        self.fill()?;
+        Ok(matches!(self.buffer.front(), Some((_, Record::Ddl(_)))))
+    }
+
+    /// Takes the next record, counting it.
+    fn next(&mut self) -> Result<Option<(u64, Record)>> {
+        self.fill()?;
+        let next = self.buffer.pop_front();
+        match &next {
+            Some((_, Record::Ddl(_))) => self.stats.ddl += 1,
+            Some((_, Record::Write { .. })) => self.stats.writes += 1,
+            Some((_, Record::Epoch(_))) => self.stats.epochs += 1,
+            None => {}
+        }
+        Ok(next)
+    }
+}
+
+/// Names the history record an error of recovery arose at.
+fn at_record(seq: u64, e: KappaError) -> KappaError {
+    match e {
+        KappaError::User { state, message } => KappaError::user(
+            state,
+            format!("recovery failed at history record {seq}: {message}"),
+        ),
+        other => KappaError::internal(format!("recovery failed at history record {seq}: {other}")),
     }
 }
 
@@ -298,38 +328,20 @@ impl Runtime {
             let Some((seq, record)) = next else {
                 return Ok(None);
             };
-            let at = |e: KappaError| match e {
-                KappaError::User { state, message } => KappaError::user(
-                    state,
-                    format!("recovery failed at history record {seq}: {message}"),
-                ),
-                other => KappaError::internal(format!(
-                    "recovery failed at history record {seq}: {other}"
-                )),
-            };
             match record {
-                Record::Ddl(sql) => {
-                    self.count(|s| s.ddl += 1)?;
-                    return Ok(Some(sql));
-                }
-                Record::Write { .. } => self.replay_write(record).map_err(at)?,
+                Record::Ddl(sql) => return Ok(Some(sql)),
+                Record::Write { .. } => self.replay_write(seq, record)?,
                 Record::Epoch(e) => {
-                    self.count(|s| s.epochs += 1)?;
                     let mut inner = self.lock()?;
-                    self.run_barrier(&mut inner, Some(e)).map_err(at)?;
+                    self.run_barrier(&mut inner, Some(e))
+                        .map_err(|e| at_record(seq, e))?;
                 }
             }
         }
     }
 
-    fn count(&self, f: impl FnOnce(&mut RecoveryStats)) -> Result<()> {
-        if let Some(r) = self.replay_lock()?.as_mut() {
-            f(&mut r.stats);
-        }
-        Ok(())
-    }
-
-    fn replay_write(&self, record: Record) -> Result<()> {
+    /// Applies write record number `seq` to its table.
+    fn replay_write(&self, seq: u64, record: Record) -> Result<()> {
         let Record::Write {
             table,
             deletes,
@@ -343,9 +355,9 @@ impl Runtime {
                 kappa_common::SqlState::DATA_CORRUPTED,
                 format!("a write to table {table}, which does not exist"),
             )
-        })?;
-        self.count(|s| s.writes += 1)?;
-        t.apply_replayed(TableWrite { deletes, inserts })
+        });
+        t.and_then(|t| t.apply_replayed(TableWrite { deletes, inserts }))
+            .map_err(|e| at_record(seq, e))
     }
 
     /// Inside recovery, the epoch record that ends the current epoch, after applying the
@@ -357,19 +369,15 @@ impl Runtime {
             let Some(replay) = guard.as_mut() else {
                 return Ok(None);
             };
+            if replay.next_is_ddl()? {
+                return Ok(None);
+            }
             match replay.next()? {
                 None => return Ok(None),
-                Some((seq, Record::Ddl(sql))) => {
-                    replay.buffer.push_front((seq, Record::Ddl(sql)));
-                    return Ok(None);
-                }
-                Some((_, Record::Epoch(e))) => {
-                    replay.stats.epochs += 1;
-                    return Ok(Some(e));
-                }
-                Some((_, w)) => {
+                Some((_, Record::Epoch(e))) => return Ok(Some(e)),
+                Some((seq, w)) => {
                     drop(guard);
-                    self.replay_write(w)?;
+                    self.replay_write(seq, w)?;
                 }
             }
         }
