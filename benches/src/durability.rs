@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kappa_engine::EngineConfig;
-use kappa_sql_tests::{connect, peak_rss_mib, start_kappa_with};
+use kappa_sql_tests::{connect, peak_rss_mib, percentile, start_kappa_with};
 
 struct Outcome {
     statements: u64,
@@ -111,14 +111,6 @@ async fn run(config: EngineConfig, seconds: u64, clients: u64, rows_per: u64) ->
         seconds,
         freshness_ms,
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[tokio::main(flavor = "multi_thread")]

@@ -13,12 +13,7 @@
 
 use std::time::Instant;
 
-use kappa_sql_tests::{connect, peak_rss_mib, start_kappa};
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
-    sorted.get(i).copied().unwrap_or(f64::NAN)
-}
+use kappa_sql_tests::{connect, peak_rss_mib, percentile, start_kappa};
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {

@@ -275,6 +275,12 @@ impl Drop for Postgres {
     }
 }
 
+/// The `p`-quantile (0..=1) of ascending `sorted` samples, nearest rank; NaN when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
+    sorted.get(i).copied().unwrap_or(f64::NAN)
+}
+
 /// The peak resident set size of this process so far, in MiB (Linux; NaN elsewhere).
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
