@@ -2,47 +2,22 @@
 //! a Python psycopg script (extended protocol with parameters) — through the README session.
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-struct Server {
-    child: Child,
-    port: u16,
-}
+mod common;
+use common::Server;
 
-impl Server {
-    fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let dir = std::env::temp_dir().join(format!("kappa-e2e-{port}"));
-        let child = Command::new(env!("CARGO_BIN_EXE_kappa"))
-            .args([
-                "serve",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start kappa");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "kappa did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A server on a fresh data directory of its own.
+fn start_server() -> Server {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "kappa-e2e-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    Server::start(&dir, &[])
 }
 
 /// Runs `cmd` with `input` on its stdin; panics with both outputs unless it succeeds.
@@ -91,7 +66,7 @@ fn psql(port: u16, script: &str) -> String {
 
 #[test]
 fn psql_walkthrough() {
-    let server = Server::start();
+    let server = start_server();
     let out = psql(
         server.port,
         "CREATE TABLE orders (id BIGINT PRIMARY KEY, customer TEXT, amount DOUBLE, ts TIMESTAMP);
@@ -129,7 +104,7 @@ SELECT * FROM spend ORDER BY customer;
 
 #[test]
 fn psycopg_extended_protocol() {
-    let server = Server::start();
+    let server = start_server();
     let script = format!(
         r#"
 import psycopg
@@ -175,7 +150,7 @@ with psycopg.connect("host=127.0.0.1 port={port} user=kappa dbname=kappa") as co
 
 #[test]
 fn garbage_on_the_socket_does_not_hurt_other_sessions() {
-    let server = Server::start();
+    let server = start_server();
     for junk in [
         &b"\x00\x00\x00\x08\x04\xd2\x16\x2f"[..],
         b"GET / HTTP/1.1\r\n\r\n",
@@ -200,7 +175,7 @@ fn jdbc_driver() {
         std::path::Path::new(jar).exists(),
         "the PostgreSQL JDBC driver is required (scripts/setup.sh installs libpostgresql-jdbc-java)"
     );
-    let server = Server::start();
+    let server = start_server();
     let src = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/KappaJdbc.java");
     let out = Command::new("java")
         .args(["-cp", jar, src, &server.port.to_string()])

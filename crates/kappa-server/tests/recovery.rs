@@ -6,69 +6,20 @@
 //! and every view must equal PostgreSQL's answer to the same query over those tables. The
 //! source's views must end equal to the generator's own rows, counted here.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, Int64Array};
 use kappa_connectors::nexmark::{NexmarkConfig, generate};
-use kappa_sql_tests::{Postgres, connect, query_text};
+use kappa_sql_tests::{Postgres, query_text};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start(dir: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_kappa"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .arg("--data-dir")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start kappa");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                }
-                panic!("kappa exited ({status}) before listening:\n{err}");
-            }
-            assert!(Instant::now() < deadline, "kappa did not start listening");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self { child, port }
-    }
-
-    async fn client(&self) -> Client {
-        connect(([127, 0, 0, 1], self.port).into()).await
-    }
-
-    /// SIGKILL: no shutdown code runs.
-    fn kill(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::Server;
 
 const EVENTS: u64 = 6_000_000;
 const SEED: u64 = 7;
@@ -427,7 +378,7 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     let dir = std::env::temp_dir().join(format!("kappa-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
 
-    let server = Server::start(&dir);
+    let server = Server::start(&dir, &[]);
     let c = server.client().await;
     for ddl in schema() {
         c.batch_execute(&ddl).await.expect("schema");
@@ -476,7 +427,7 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
             in_flight.push(op);
         }
 
-        let s = Server::start(&dir);
+        let s = Server::start(&dir, &[]);
         let c = s.client().await;
         // Each writer's statement in flight at the kill either happened wholly or not.
         for (m, op) in models.iter_mut().zip(in_flight) {
@@ -612,7 +563,7 @@ async fn a_full_disk_fails_writes_with_53100_and_loses_nothing() {
     }
     let _unmount = Unmount(fs_s.clone());
     let dir = fs.join("data");
-    let server = Server::start(&dir);
+    let server = Server::start(&dir, &[]);
     let c = server.client().await;
     c.batch_execute(
         "CREATE TABLE big (id BIGINT PRIMARY KEY, pad TEXT);
@@ -648,7 +599,7 @@ async fn a_full_disk_fails_writes_with_53100_and_loses_nothing() {
     server.kill();
 
     assert!(mount(&["mount", "-o", "remount,size=64m", &fs_s]));
-    let server = Server::start(&dir);
+    let server = Server::start(&dir, &[]);
     let c = server.client().await;
     let (r, _, _) = query_text(&c, "SELECT c FROM n").await.expect("view");
     assert_eq!(
