@@ -770,30 +770,40 @@ mod tests {
         assert!((60..76).contains(&avg), "{avg}");
     }
 
-    #[test]
-    fn reader_delivers_every_row_once_in_order() {
+    /// 100k events of auctions (6,000 rows) in chunks of 1,000 over three workers.
+    fn small_auctions() -> NexmarkConfig {
         let mut c = NexmarkConfig::new(NexmarkTable::Auction);
         c.event_num = Some(100_000);
         c.chunk_rows = 1000;
         c.workers = 3;
-        let s = schema(NexmarkTable::Auction);
-        let mut r = NexmarkReader::start(c.clone(), s.clone()).unwrap();
-        let mut ids = vec![];
+        c
+    }
+
+    /// The auction ids (column 0) of `batches`, in order.
+    fn ids(batches: &[RecordBatch]) -> Vec<i64> {
+        batches
+            .iter()
+            .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
+            .collect()
+    }
+
+    /// The ids a reader delivers from where it stands to the end of its stream.
+    fn read_to_end(r: &mut NexmarkReader) -> Vec<i64> {
+        let mut out = vec![];
         loop {
             let p = r.poll(10_000).unwrap();
-            for b in &p.batches {
-                ids.extend(
-                    b.column(0)
-                        .as_primitive::<Int64Type>()
-                        .values()
-                        .iter()
-                        .copied(),
-                );
-            }
+            out.extend(ids(&p.batches));
             if p.finished {
-                break;
+                return out;
             }
         }
+    }
+
+    #[test]
+    fn reader_delivers_every_row_once_in_order() {
+        let c = small_auctions();
+        let mut r = NexmarkReader::start(c.clone(), schema(NexmarkTable::Auction)).unwrap();
+        let ids = read_to_end(&mut r);
         assert_eq!(ids.len() as u64, c.rows_in(100_000));
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1));
         let replayed: usize = r.replay(5000).unwrap().iter().map(|b| b.num_rows()).sum();
@@ -804,31 +814,18 @@ mod tests {
     /// never stopped would have delivered, also from a chunk that is not worker 0's.
     #[test]
     fn a_reader_continues_where_it_seeks_to() {
-        let mut c = NexmarkConfig::new(NexmarkTable::Auction);
-        c.event_num = Some(100_000);
-        c.chunk_rows = 1000;
-        c.workers = 3;
+        let c = small_auctions();
         let s = schema(NexmarkTable::Auction);
-        let ids = |batches: &[RecordBatch]| -> Vec<i64> {
-            batches
-                .iter()
-                .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
-                .collect()
-        };
         let total = c.rows_in(100_000);
         let all = ids(&[generate(&c, &s, 0..total).unwrap()]);
         for from in [2000, 3000, 4000] {
             let mut r = NexmarkReader::start(c.clone(), s.clone()).unwrap();
             r.seek(from).unwrap();
-            let mut got = vec![];
-            loop {
-                let p = r.poll(10_000).unwrap();
-                got.extend(ids(&p.batches));
-                if p.finished {
-                    break;
-                }
-            }
-            assert_eq!(got, all[from as usize..], "continuing at row {from}");
+            assert_eq!(
+                read_to_end(&mut r),
+                all[from as usize..],
+                "continuing at row {from}"
+            );
             assert_eq!(
                 ids(&r.read_range(from, from + 1500).unwrap()),
                 all[from as usize..from as usize + 1500]
