@@ -130,7 +130,6 @@ impl Engine {
     /// Replays the history: DDL statements run again through the same code, writes and
     /// epochs are fed to the runtime by [`Runtime::recover_step`].
     async fn recover(&self) -> Result<()> {
-        let started = std::time::Instant::now();
         self.runtime.begin_recovery()?;
         loop {
             let rt = self.runtime.clone();
@@ -163,16 +162,15 @@ impl Engine {
             ddl = stats.ddl,
             writes = stats.writes,
             epochs = stats.epochs,
-            seconds = started.elapsed().as_secs_f64(),
+            seconds = stats.seconds,
             "recovered from the history"
         );
         Ok(())
     }
 
+    /// The background barrier loop. It holds the engine weakly: it ends with the engine.
     fn spawn_barriers(self: &Arc<Self>, interval: Duration) {
-        let engine = self.clone();
-        let weak = Arc::downgrade(&engine);
-        drop(engine);
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
