@@ -627,6 +627,68 @@ impl Runtime {
             Some(r) => r.idle.contains(id),
             None => live,
         };
+        // Sources first, outside the DML gate: their positions and the tables' cut are
+        // independent, and the gate holds up writes only for the cut and the epoch record.
+        let mut changed = inner.relations_changed;
+        let mut positions = Vec::with_capacity(inner.sources.len());
+        for (id, s) in inner.sources.iter_mut() {
+            let (batches, finished) = match &recorded {
+                Some(r) => match r.sources.iter().find(|p| p.source == *id) {
+                    Some(p) => (s.reader.read_range(s.rows, p.rows)?, p.finished),
+                    None => (vec![], s.finished),
+                },
+                None if s.finished => (vec![], true),
+                None => {
+                    let poll = s.reader.poll(MAX_SOURCE_ROWS_PER_EPOCH)?;
+                    (poll.batches, poll.finished)
+                }
+            };
+            let mut changes = Vec::with_capacity(batches.len());
+            for b in batches {
+                s.rows += b.num_rows() as u64;
+                let change = ChangeBatch::inserts(b);
+                let change = match s.clock.as_mut() {
+                    Some(c) => {
+                        let admitted = c.admit(change.clone())?;
+                        c.advance(change.data())?;
+                        admitted
+                    }
+                    None => change,
+                };
+                changes.push(change);
+            }
+            changed |= !changes.is_empty() || finished != s.finished;
+            s.finished = finished;
+            s.busy = recorded.is_none() && !changes.is_empty() && !s.finished;
+            if !changes.is_empty() {
+                s.last_rows = std::time::Instant::now();
+            }
+            deltas.insert(*id, changes);
+            let t = s.event_time();
+            times.insert(
+                *id,
+                EventTime {
+                    idle: idle_by_record(id, t.idle),
+                    ..t
+                },
+            );
+            late.insert(
+                *id,
+                s.clock.as_mut().map_or(0, |c| std::mem::take(&mut c.late)),
+            );
+            source_stats.insert(
+                *id,
+                SourceStats {
+                    rows: s.rows,
+                    finished: s.finished,
+                },
+            );
+            positions.push(SourcePosition {
+                source: *id,
+                rows: s.rows,
+                finished: s.finished,
+            });
+        }
         let now = {
             let _cut = self
                 .gate
@@ -637,7 +699,6 @@ impl Runtime {
                 .read()
                 .map_err(|_| KappaError::internal("table registry poisoned"))?
                 .clone();
-            let mut changed = inner.relations_changed;
             for (id, table) in &tables {
                 let d = table.drain()?;
                 let unchanged = d.changes.is_empty() && d.late == 0;
@@ -656,65 +717,6 @@ impl Runtime {
                     _ => RelationSnapshot::new(ContentsSnapshot::Multiset(d.contents), None),
                 };
                 relations.insert(*id, rel);
-            }
-            let mut positions = Vec::with_capacity(inner.sources.len());
-            for (id, s) in inner.sources.iter_mut() {
-                let (batches, finished) = match &recorded {
-                    Some(r) => match r.sources.iter().find(|p| p.source == *id) {
-                        Some(p) => (s.reader.read_range(s.rows, p.rows)?, p.finished),
-                        None => (vec![], s.finished),
-                    },
-                    None if s.finished => (vec![], true),
-                    None => {
-                        let poll = s.reader.poll(MAX_SOURCE_ROWS_PER_EPOCH)?;
-                        (poll.batches, poll.finished)
-                    }
-                };
-                let mut changes = Vec::with_capacity(batches.len());
-                for b in batches {
-                    s.rows += b.num_rows() as u64;
-                    let change = ChangeBatch::inserts(b);
-                    let change = match s.clock.as_mut() {
-                        Some(c) => {
-                            let admitted = c.admit(change.clone())?;
-                            c.advance(change.data())?;
-                            admitted
-                        }
-                        None => change,
-                    };
-                    changes.push(change);
-                }
-                changed |= !changes.is_empty() || finished != s.finished;
-                s.finished = finished;
-                s.busy = recorded.is_none() && !changes.is_empty() && !s.finished;
-                if !changes.is_empty() {
-                    s.last_rows = std::time::Instant::now();
-                }
-                deltas.insert(*id, changes);
-                let t = s.event_time();
-                times.insert(
-                    *id,
-                    EventTime {
-                        idle: idle_by_record(id, t.idle),
-                        ..t
-                    },
-                );
-                late.insert(
-                    *id,
-                    s.clock.as_mut().map_or(0, |c| std::mem::take(&mut c.late)),
-                );
-                source_stats.insert(
-                    *id,
-                    SourceStats {
-                        rows: s.rows,
-                        finished: s.finished,
-                    },
-                );
-                positions.push(SourcePosition {
-                    source: *id,
-                    rows: s.rows,
-                    finished: s.finished,
-                });
             }
             let now = match &recorded {
                 Some(r) => {
