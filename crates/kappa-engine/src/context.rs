@@ -191,13 +191,23 @@ impl KappaSchema {
                 info.iter().map(|i| f(i) as i64),
             ))
         };
+        let float = |f: &dyn Fn(&kappa_runtime::HistoryInfo) -> f64| -> ArrayRef {
+            Arc::new(Float64Array::from_iter_values(info.iter().map(f)))
+        };
         let schema = Arc::new(Schema::new(vec![
             Field::new("data_dir", DataType::Utf8, false),
             Field::new("fsync", DataType::Boolean, false),
             Field::new("records", DataType::Int64, false),
             Field::new("disk_bytes", DataType::Int64, false),
+            Field::new("recovered_from_checkpoint", DataType::Int64, false),
             Field::new("recovered_records", DataType::Int64, false),
             Field::new("recovery_seconds", DataType::Float64, false),
+            Field::new("checkpoints", DataType::Int64, false),
+            Field::new("last_checkpoint_record", DataType::Int64, false),
+            Field::new("last_checkpoint_ms", DataType::Float64, false),
+            Field::new("max_checkpoint_ms", DataType::Float64, false),
+            Field::new("last_checkpoint_bytes", DataType::Int64, false),
+            Field::new("checkpoint_status", DataType::Utf8, false),
         ]));
         one_batch_table(
             schema,
@@ -208,10 +218,23 @@ impl KappaSchema {
                 Arc::new(BooleanArray::from_iter(info.iter().map(|i| Some(i.fsync)))),
                 int(&|i| i.records),
                 int(&|i| i.disk_bytes),
+                int(&|i| i.recovered.checkpoint),
                 int(&|i| i.recovered.ddl + i.recovered.writes + i.recovered.epochs),
-                Arc::new(Float64Array::from_iter_values(
-                    info.iter().map(|i| i.recovered.seconds),
-                )),
+                float(&|i| i.recovered.seconds),
+                int(&|i| i.checkpoints.count),
+                int(&|i| i.checkpoints.last_seq),
+                float(&|i| i.checkpoints.last_ms),
+                float(&|i| i.checkpoints.max_ms),
+                int(&|i| i.checkpoints.last_bytes),
+                Arc::new(StringArray::from_iter_values(info.iter().map(|i| {
+                    let c = &i.checkpoints;
+                    match (&c.failed, &c.paused, i.checkpoint_interval_ms) {
+                        (Some(f), _, _) => format!("failed: {f}"),
+                        (None, Some(p), _) => format!("paused: {p}"),
+                        (None, None, 0) => "off".to_string(),
+                        (None, None, ms) => format!("every {ms} ms"),
+                    }
+                }))),
             ],
         )
     }

@@ -72,6 +72,9 @@ pub struct EngineConfig {
     /// `fsync` the history before a write is acknowledged (else a write survives the
     /// process being killed but not the machine losing power).
     pub fsync: bool,
+    /// With a data directory: how often every view's state is checkpointed (`None`: never;
+    /// recovery then replays the whole history).
+    pub checkpoint_interval: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -80,6 +83,7 @@ impl Default for EngineConfig {
             barrier_interval: Duration::from_millis(100),
             data_dir: None,
             fsync: true,
+            checkpoint_interval: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -94,7 +98,7 @@ pub struct Engine {
 impl Engine {
     /// Starts an engine with in-memory state and its background barrier loop.
     pub fn start(config: EngineConfig) -> Arc<Self> {
-        let engine = Self::new(None);
+        let engine = Self::new(None, None);
         engine.spawn_barriers(config.barrier_interval);
         engine
     }
@@ -112,17 +116,27 @@ impl Engine {
         })
         .await
         .map_err(|e| KappaError::internal(format!("opening the data directory failed: {e}")))??;
-        let engine = Self::new(Some(Arc::new(history)));
+        let engine = Self::new(Some(Arc::new(history)), config.checkpoint_interval);
         engine.recover().await?;
         engine.spawn_barriers(config.barrier_interval);
         Ok(engine)
     }
 
-    fn new(history: Option<Arc<kappa_state::History>>) -> Arc<Self> {
-        let store: Arc<dyn StateStore> = Arc::new(MemStateStore);
+    fn new(
+        history: Option<Arc<kappa_state::History>>,
+        checkpoint_interval: Option<Duration>,
+    ) -> Arc<Self> {
+        let store: Arc<dyn StateStore> = match &history {
+            Some(h) => Arc::new(kappa_state::CheckpointedStore::new(h.clone())),
+            None => Arc::new(MemStateStore),
+        };
+        let mut runtime = Runtime::new(store, history);
+        if let Some(interval) = checkpoint_interval {
+            runtime = runtime.with_checkpoints(interval);
+        }
         Arc::new(Self {
             catalog: RwLock::new(Arc::new(Catalog::default())),
-            runtime: Arc::new(Runtime::new(store, history)),
+            runtime: Arc::new(runtime),
             ddl: tokio::sync::Mutex::new(()),
         })
     }

@@ -756,6 +756,45 @@ impl Operator for HashAggregate {
     fn late_rows(&self) -> u64 {
         self.late_rows
     }
+
+    fn checkpoint(&mut self) -> Result<Vec<u8>> {
+        Ok(kappa_state::codec::Encoder::new()
+            .opt_i64(self.watermark)
+            .u64(self.late_rows)
+            .finish())
+    }
+
+    fn state_tables(&mut self) -> Vec<&mut dyn StateTable> {
+        vec![&mut *self.groups, &mut *self.extremes]
+    }
+
+    /// The index of open windows is rebuilt from the groups' keys.
+    fn restore(&mut self, saved: &[u8]) -> Result<()> {
+        let mut d = kappa_state::codec::Decoder::new(saved, "an aggregate");
+        self.watermark = d.opt_i64()?;
+        self.late_rows = d.u64()?;
+        d.end()?;
+        self.open.clear();
+        let (Some(close), Some(conv)) = (self.window_close, &self.group_converter) else {
+            return Ok(());
+        };
+        let snapshot = self.groups.snapshot();
+        let keys: Vec<_> = snapshot.iter().map(|(k, _)| k).collect();
+        for chunk in keys.chunks(8192) {
+            let cols = kappa_state::decode_rows(conv, chunk.iter().map(|k| &k[..]))?;
+            let v = cast(&cols[close.col], &DataType::Int64)?;
+            let v = v.as_primitive::<Int64Type>();
+            for (i, key) in chunk.iter().enumerate() {
+                if v.is_valid(i) {
+                    self.open
+                        .entry(v.value(i))
+                        .or_default()
+                        .push(key[..].into());
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

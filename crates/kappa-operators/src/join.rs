@@ -25,8 +25,10 @@
 //! row format, in hash maps, so a probe or an update costs one hash lookup (an ordered
 //! byte-keyed map costs a chain of cache-missing key comparisons per row, which made the
 //! join ten times slower). Rows whose key cannot match (NULL) are not stored: their output
-//! never changes, and a later change to them is computed alone. Durable join state (issue
-//! 5) will write these entries through to a `StateTable` and keep this map as its cache.
+//! never changes, and a later change to them is computed alone. With checkpoints, each side
+//! also remembers which (key, row) entries changed since the last one and writes them, at the
+//! checkpoint, to its `StateTable` (key length ‖ key ‖ row → count, match count), from which
+//! a restart rebuilds the maps and the expiry index.
 //!
 //! # Expiry (state freed by the watermark)
 //! The planner derives, from the join condition and the watermark-bounded columns of the
@@ -81,6 +83,8 @@ struct Side {
     /// with it. Entries may outlive their rows (a row retracted before it expires); deleting
     /// an absent row is harmless.
     expiring: BTreeMap<i64, Vec<(Bytes, Bytes)>>,
+    /// With checkpoints: the table the store is written to at each checkpoint.
+    checkpointed: Option<Box<dyn kappa_state::StateTable>>,
 }
 
 pub struct HashJoin {
@@ -109,6 +113,8 @@ struct Entry {
 struct Store {
     buckets: HashMap<Bytes, HashMap<Bytes, Entry>>,
     len: usize,
+    /// With checkpoints: the entries changed since the last one (`None`: not tracked).
+    changed: Option<hashbrown::HashSet<(Bytes, Bytes)>>,
 }
 
 impl Store {
@@ -117,7 +123,84 @@ impl Store {
     }
 
     fn entry_mut(&mut self, key: &[u8], row: &[u8]) -> Option<&mut Entry> {
-        self.buckets.get_mut(key)?.get_mut(row)
+        let (k, bucket) = self.buckets.get_key_value_mut(key)?;
+        let (r, e) = bucket.get_key_value_mut(row)?;
+        if let Some(changed) = &mut self.changed {
+            changed.insert((k.clone(), r.clone()));
+        }
+        Some(e)
+    }
+
+    /// The state table key of an entry: key length (4 bytes, big-endian) ‖ key ‖ row.
+    fn table_key(key: &[u8], row: &[u8]) -> Bytes {
+        let mut k = Vec::with_capacity(4 + key.len() + row.len());
+        k.extend_from_slice(&(key.len() as u32).to_be_bytes());
+        k.extend_from_slice(key);
+        k.extend_from_slice(row);
+        Arc::from(k)
+    }
+
+    /// Writes the entries changed since the last checkpoint to `table`.
+    fn checkpoint(&mut self, table: &mut dyn kappa_state::StateTable) {
+        let Some(changed) = &mut self.changed else {
+            return;
+        };
+        for (key, row) in changed.drain() {
+            let k = Self::table_key(&key, &row);
+            match self.buckets.get(&key).and_then(|b| b.get(&row)) {
+                Some(e) => {
+                    let mut v = [0u8; 16];
+                    v[..8].copy_from_slice(&e.count.to_le_bytes());
+                    v[8..].copy_from_slice(&e.matches.to_le_bytes());
+                    table.put(k, Arc::from(v.as_slice()));
+                }
+                None => table.delete(&k),
+            }
+        }
+    }
+
+    /// Rebuilds the maps from a checkpointed table; returns every (key, row).
+    fn restore(&mut self, table: &dyn kappa_state::StateTable) -> Result<Vec<(Bytes, Bytes)>> {
+        let damaged = || {
+            KappaError::user(
+                kappa_common::SqlState::DATA_CORRUPTED,
+                "the checkpointed state of a join is damaged",
+            )
+        };
+        self.buckets.clear();
+        self.len = 0;
+        let mut all = Vec::new();
+        for (k, v) in table.snapshot().iter() {
+            let n = k
+                .get(..4)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(|b| u32::from_be_bytes(b) as usize)
+                .ok_or_else(damaged)?;
+            let (key, row) = k
+                .get(4..)
+                .ok_or_else(damaged)?
+                .split_at_checked(n)
+                .ok_or_else(damaged)?;
+            let field = |r: std::ops::Range<usize>| {
+                v.get(r)
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(i64::from_le_bytes)
+                    .ok_or_else(damaged)
+            };
+            let entry = Entry {
+                count: field(0..8)?,
+                matches: field(8..16)?,
+            };
+            let key: Bytes = Arc::from(key);
+            let row: Bytes = Arc::from(row);
+            self.buckets
+                .entry(key.clone())
+                .or_default()
+                .insert(row.clone(), entry);
+            self.len += 1;
+            all.push((key, row));
+        }
+        Ok(all)
     }
 
     /// Adds `weight` copies of `row` under `key` (with match count `matches`); returns the
@@ -129,11 +212,16 @@ impl Store {
         weight: i64,
         matches: i64,
     ) -> Result<Option<(Bytes, Bytes)>> {
-        let bucket = match self.buckets.get_mut(key) {
-            Some(b) => b,
-            None => self.buckets.entry(Arc::from(key)).or_default(),
+        if !self.buckets.contains_key(key) {
+            self.buckets.insert(Arc::from(key), HashMap::default());
+        }
+        let Some((bucket_key, bucket)) = self.buckets.get_key_value_mut(key) else {
+            return Err(KappaError::internal("join bucket vanished"));
         };
-        if let Some(e) = bucket.get_mut(row) {
+        if let Some((r, e)) = bucket.get_key_value_mut(row) {
+            if let Some(changed) = &mut self.changed {
+                changed.insert((bucket_key.clone(), r.clone()));
+            }
             e.count += weight;
             e.matches = matches;
             if e.count > 0 {
@@ -158,6 +246,7 @@ impl Store {
             ));
         }
         let row: Bytes = Arc::from(row);
+        let key = bucket_key.clone();
         bucket.insert(
             row.clone(),
             Entry {
@@ -166,18 +255,19 @@ impl Store {
             },
         );
         self.len += 1;
-        let key = self
-            .buckets
-            .get_key_value(key)
-            .map(|(k, _)| k.clone())
-            .ok_or_else(|| KappaError::internal("join bucket vanished"))?;
+        if let Some(changed) = &mut self.changed {
+            changed.insert((key.clone(), row.clone()));
+        }
         Ok(Some((key, row)))
     }
 
     fn remove(&mut self, key: &[u8], row: &[u8]) {
-        if let Some(bucket) = self.buckets.get_mut(key)
-            && bucket.remove(row).is_some()
+        if let Some((k, bucket)) = self.buckets.get_key_value_mut(key)
+            && let Some((r, _)) = bucket.remove_entry(row)
         {
+            if let Some(changed) = &mut self.changed {
+                changed.insert((k.clone(), r));
+            }
             self.len -= 1;
             if bucket.is_empty() {
                 self.buckets.remove(key);
@@ -237,6 +327,7 @@ impl HashJoin {
                     || kind.semi_side() == Some(i)
                     || kind.anti_side() == Some(i),
                 expiring: BTreeMap::new(),
+                checkpointed: None,
             })
         };
         Ok(Self {
@@ -256,6 +347,15 @@ impl HashJoin {
             schema,
             watermark: None,
         })
+    }
+
+    /// Keeps the state in `tables` (left, right) at checkpoints.
+    pub fn with_checkpoints(mut self, tables: [Box<dyn kappa_state::StateTable>; 2]) -> Self {
+        for (side, table) in self.sides.iter_mut().zip(tables) {
+            side.checkpointed = Some(table);
+            side.store.changed = Some(hashbrown::HashSet::new());
+        }
+        self
     }
 
     /// The batch's join keys in row format, and which rows can match at all.
@@ -548,6 +648,67 @@ impl Operator for HashJoin {
 
     fn state_entries(&self) -> usize {
         self.sides.iter().map(|s| s.store.len).sum()
+    }
+
+    fn checkpointable(&self) -> bool {
+        self.sides.iter().all(|s| s.checkpointed.is_some())
+    }
+
+    fn checkpoint(&mut self) -> Result<Vec<u8>> {
+        for side in &mut self.sides {
+            if let Some(t) = &mut side.checkpointed {
+                side.store.checkpoint(t.as_mut());
+            }
+        }
+        Ok(kappa_state::codec::Encoder::new()
+            .opt_i64(self.watermark)
+            .finish())
+    }
+
+    fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
+        self.sides
+            .iter_mut()
+            .filter_map(|s| {
+                s.checkpointed
+                    .as_mut()
+                    .map(|t| -> &mut dyn kappa_state::StateTable { &mut **t })
+            })
+            .collect()
+    }
+
+    /// Rebuilds both sides' maps and expiry indexes from their tables.
+    fn restore(&mut self, saved: &[u8]) -> Result<()> {
+        let mut d = kappa_state::codec::Decoder::new(saved, "a join");
+        self.watermark = d.opt_i64()?;
+        d.end()?;
+        for i in 0..2 {
+            let Some(table) = self.sides[i].checkpointed.take() else {
+                continue;
+            };
+            let restored = self.sides[i].store.restore(table.as_ref());
+            self.sides[i].checkpointed = Some(table);
+            let entries = restored?;
+            self.sides[i].expiring.clear();
+            if self.sides[i].expiry.is_empty() {
+                continue;
+            }
+            for chunk in entries.chunks(8192) {
+                let rows: Vec<Bytes> = chunk.iter().map(|(_, r)| r.clone()).collect();
+                let cols = self.decode_rows(i, &rows)?;
+                let batch = crate::batch_with_rows(self.sides[i].schema.clone(), cols, rows.len())?;
+                let times = self.expiry_times(i, &ChangeBatch::inserts(batch))?;
+                for (t, kr) in times.into_iter().zip(chunk) {
+                    if let Some(t) = t {
+                        self.sides[i]
+                            .expiring
+                            .entry(t)
+                            .or_default()
+                            .push(kr.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 }
 

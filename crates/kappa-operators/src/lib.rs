@@ -99,4 +99,33 @@ pub trait Operator: Send {
     fn late_rows(&self) -> u64 {
         0
     }
+
+    // Checkpoints. At a checkpoint (between epochs, after `on_barrier`) the runtime calls
+    // `checkpoint` and then writes the changes of every table `state_tables` returns; after a
+    // restart it builds the operator again over the restored tables and calls `restore` with
+    // what `checkpoint` returned. Between the two the operator's state must be exactly what
+    // it was. Stateless operators keep the defaults.
+
+    /// Whether the operator's whole state can be checkpointed. While any view has an
+    /// operator that cannot, no checkpoint is taken (recovery replays the whole history).
+    fn checkpointable(&self) -> bool {
+        true
+    }
+
+    /// Brings the state tables up to date with whatever the operator keeps elsewhere, and
+    /// returns its small state (watermark, counters), encoded.
+    fn checkpoint(&mut self) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// The tables that hold the operator's state (after `checkpoint`).
+    fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
+        Vec::new()
+    }
+
+    /// Takes back the small state `checkpoint` returned and rebuilds whatever the operator
+    /// derives from its (restored) state tables.
+    fn restore(&mut self, _saved: &[u8]) -> Result<()> {
+        Ok(())
+    }
 }

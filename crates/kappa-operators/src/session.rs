@@ -322,6 +322,11 @@ impl Operator for SessionWindow {
         "StreamSessionWindow"
     }
 
+    /// Not yet: its state is kept only in memory maps.
+    fn checkpointable(&self) -> bool {
+        false
+    }
+
     fn state_entries(&self) -> usize {
         self.entries
     }

@@ -195,6 +195,11 @@ impl Operator for TemporalFilter {
         "StreamTemporalFilter"
     }
 
+    /// Not yet: its state is kept only in memory maps.
+    fn checkpointable(&self) -> bool {
+        false
+    }
+
     fn state_entries(&self) -> usize {
         self.entries
     }

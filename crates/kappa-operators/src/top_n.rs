@@ -434,6 +434,11 @@ impl Operator for TopN {
         "StreamTopN"
     }
 
+    /// Not yet: its state is kept only in memory maps.
+    fn checkpointable(&self) -> bool {
+        false
+    }
+
     fn state_entries(&self) -> usize {
         self.entries
     }

@@ -39,7 +39,7 @@ pub(crate) fn build_dataflow(
     } else {
         ViewContents::Multiset(RowMultiset::new(
             arrow_schema(&sink.schema),
-            store.create_table(&format!("mv{relation}.contents")),
+            store.create_table(&format!("mv{relation}.contents"))?,
         )?)
     }));
     let mut ops: Vec<Box<dyn Operator>> = Vec::with_capacity(graph.nodes.len());
@@ -130,8 +130,8 @@ pub(crate) fn build_dataflow(
                     group_types,
                     specs,
                     schema,
-                    store.create_table(&format!("mv{relation}.n{i}.groups")),
-                    store.create_table(&format!("mv{relation}.n{i}.extremes")),
+                    store.create_table(&format!("mv{relation}.n{i}.groups"))?,
+                    store.create_table(&format!("mv{relation}.n{i}.extremes"))?,
                 )?;
                 let agg = if graph.nodes[node.inputs[0]].append_only {
                     agg.with_append_only_input()
@@ -218,7 +218,7 @@ pub(crate) fn build_dataflow(
                     Some(f) => Some(compile(ctx, f, &ls.join(rs)?)?),
                     None => None,
                 };
-                Box::new(HashJoin::new(
+                let join = HashJoin::new(
                     *kind,
                     side(ls, false)?,
                     side(rs, true)?,
@@ -226,11 +226,37 @@ pub(crate) fn build_dataflow(
                     residual,
                     *null_equals_null,
                     schema,
-                )?)
+                )?;
+                Box::new(if store.checkpointed() {
+                    join.with_checkpoints([
+                        store.create_table(&format!("mv{relation}.n{i}.left"))?,
+                        store.create_table(&format!("mv{relation}.n{i}.right"))?,
+                    ])
+                } else {
+                    join
+                })
             }
             NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),
         };
         ops.push(op);
     }
-    Ok(Dataflow::new(relation, graph, ops, contents))
+    let mut dataflow = Dataflow::new(relation, graph, ops, contents);
+    if store.checkpointed() {
+        dataflow.checkpointed = Some(crate::dataflow::ViewTables {
+            meta: store.create_table(&format!("mv{relation}.meta"))?,
+            appended: store.create_table(&format!("mv{relation}.appended"))?,
+            appended_len: 0,
+        });
+    }
+    Ok(dataflow)
+}
+
+/// The prefix of the names of every state table of relation `relation` (see
+/// [`kappa_state::StateStore`]): views' are `mv{id}.…`, tables' `t{id}.…`.
+pub(crate) fn state_prefix(relation: RelationId, is_view: bool) -> String {
+    if is_view {
+        format!("mv{relation}.")
+    } else {
+        format!("t{relation}.")
+    }
 }

@@ -6,6 +6,28 @@ use std::sync::{Arc, Mutex};
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
 use kappa_operators::{ContentsSnapshot, Materialize, Operator, ViewContents};
 use kappa_plan::{NodeKind, StreamGraph};
+use kappa_state::codec::{Decoder, Encoder};
+use kappa_state::{Bytes, StateTable};
+
+/// A state table's changes since the last checkpoint, by table name.
+pub(crate) type TableChanges = Vec<(String, Vec<(Bytes, Option<Bytes>)>)>;
+
+/// The tables a view keeps beside its operators' when its state is checkpointed.
+pub(crate) struct ViewTables {
+    /// Per node (key: node index, 4 bytes big-endian) what its operator's `checkpoint`
+    /// returned, and under [`VIEW_KEY`] the view's own progress.
+    pub meta: Box<dyn StateTable>,
+    /// An append-only view's batches, as Arrow IPC, keyed by position (8 bytes big-endian).
+    pub appended: Box<dyn StateTable>,
+    /// How many of the append-only batches are in `appended`.
+    pub appended_len: usize,
+}
+
+const VIEW_KEY: &[u8] = b"view";
+
+fn node_key(i: usize) -> Bytes {
+    std::sync::Arc::from((i as u32).to_be_bytes().as_slice())
+}
 
 pub(crate) struct Dataflow {
     pub relation: RelationId,
@@ -20,6 +42,8 @@ pub(crate) struct Dataflow {
     pub watermark: EventTime,
     /// Late changes dropped from this view's inputs since it was created.
     pub late_rows: u64,
+    /// With checkpoints: where the view's own state goes.
+    pub checkpointed: Option<ViewTables>,
 }
 
 /// Where a stream stands in event time at a barrier.
@@ -71,6 +95,7 @@ impl Dataflow {
             output: Vec::new(),
             watermark: EventTime::default(),
             late_rows: 0,
+            checkpointed: None,
         }
     }
 
@@ -139,6 +164,101 @@ impl Dataflow {
     /// Late changes dropped for this view: at its sources and inside its operators.
     pub fn total_late_rows(&self) -> u64 {
         self.late_rows + self.ops.iter().map(|o| o.late_rows()).sum::<u64>()
+    }
+
+    /// Whether a checkpoint can capture the view's whole state.
+    pub fn checkpointable(&self) -> bool {
+        self.checkpointed.is_some() && self.ops.iter().all(|o| o.checkpointable())
+    }
+
+    /// Brings the view's state tables up to date and appends their changes since the last
+    /// checkpoint to `out`.
+    pub fn checkpoint(&mut self, out: &mut TableChanges) -> Result<()> {
+        let Some(tables) = &mut self.checkpointed else {
+            return Err(KappaError::internal("a view without checkpoint tables"));
+        };
+        for (i, op) in self.ops.iter_mut().enumerate() {
+            let saved = op.checkpoint()?;
+            tables.meta.put(node_key(i), std::sync::Arc::from(saved));
+            out.extend(
+                op.state_tables()
+                    .into_iter()
+                    .filter_map(|t| t.take_changes()),
+            );
+        }
+        let view = Encoder::new()
+            .opt_i64(self.watermark.watermark)
+            .bool(self.watermark.idle)
+            .u64(self.late_rows)
+            .opt_str(self.failure.as_deref())
+            .finish();
+        tables
+            .meta
+            .put(std::sync::Arc::from(VIEW_KEY), std::sync::Arc::from(view));
+        let mut contents = self
+            .contents
+            .lock()
+            .map_err(|_| KappaError::internal("view contents lock poisoned"))?;
+        match &mut *contents {
+            ViewContents::Multiset(m) => out.extend(m.table_mut().take_changes()),
+            ViewContents::AppendOnly(batches) => {
+                for (i, b) in batches.iter().enumerate().skip(tables.appended_len) {
+                    tables.appended.put(
+                        std::sync::Arc::from((i as u64).to_be_bytes().as_slice()),
+                        std::sync::Arc::from(kappa_state::codec::ipc_bytes(b)?),
+                    );
+                }
+                tables.appended_len = batches.len();
+            }
+        }
+        out.extend(tables.meta.take_changes());
+        out.extend(tables.appended.take_changes());
+        Ok(())
+    }
+
+    /// After the view was built over restored state tables: restores each operator and the
+    /// view's own progress and contents.
+    pub fn restore(&mut self) -> Result<()> {
+        let what = format!("view \"{}\"", self.name());
+        let Some(tables) = &mut self.checkpointed else {
+            return Err(KappaError::internal("a view without checkpoint tables"));
+        };
+        let Some(view) = tables.meta.get(VIEW_KEY) else {
+            return Err(KappaError::user(
+                kappa_common::SqlState::DATA_CORRUPTED,
+                format!("the checkpoint holds no state for {what}"),
+            ));
+        };
+        for (i, op) in self.ops.iter_mut().enumerate() {
+            let saved = tables
+                .meta
+                .get(&node_key(i))
+                .unwrap_or_else(|| std::sync::Arc::from(&[][..]));
+            op.restore(&saved)?;
+        }
+        let mut d = Decoder::new(&view, &what);
+        self.watermark = EventTime {
+            watermark: d.opt_i64()?,
+            idle: d.bool()?,
+        };
+        self.late_rows = d.u64()?;
+        self.failure = d.opt_str()?;
+        d.end()?;
+        let mut contents = self
+            .contents
+            .lock()
+            .map_err(|_| KappaError::internal("view contents lock poisoned"))?;
+        if let ViewContents::AppendOnly(batches) = &mut *contents {
+            let restored = tables
+                .appended
+                .snapshot()
+                .iter()
+                .map(|(_, v)| kappa_state::codec::ipc_batch(&v))
+                .collect::<Result<Vec<_>>>()?;
+            tables.appended_len = restored.len();
+            *batches = std::sync::Arc::new(restored);
+        }
+        Ok(())
     }
 
     pub fn take_output(&mut self) -> Vec<ChangeBatch> {

@@ -111,6 +111,13 @@ struct Inner {
     relations_changed: bool,
     /// The idle inputs of the last recorded epoch.
     recorded_idle: Vec<RelationId>,
+    /// When the last checkpoint was taken (or the runtime started).
+    last_checkpoint: std::time::Instant,
+    /// Something was recorded since the last checkpoint.
+    changed_since_checkpoint: bool,
+    /// Name prefixes of the state of relations dropped since the last checkpoint.
+    dropped_state: Vec<String>,
+    checkpoints: CheckpointStats,
 }
 
 impl Inner {
@@ -173,15 +180,113 @@ struct Replay {
     next_seq: u64,
     stats: RecoveryStats,
     started: std::time::Instant,
+    restore: Option<Restore>,
+    /// The DDL statement being run comes before the checkpoint: it rebuilds its relation
+    /// over the checkpointed state (no backfill, no barrier).
+    restoring: bool,
 }
 
 /// What recovery replayed.
 #[derive(Clone, Debug, Default)]
 pub struct RecoveryStats {
+    /// The sequence number of the checkpoint recovery started from (0: none).
+    pub checkpoint: u64,
     pub ddl: u64,
     pub writes: u64,
     pub epochs: u64,
     pub seconds: f64,
+}
+
+/// Checkpoints taken since the server started, as `kappa_history` shows them.
+#[derive(Clone, Debug, Default)]
+pub struct CheckpointStats {
+    pub count: u64,
+    /// The sequence number of the epoch record the last checkpoint reflects.
+    pub last_seq: u64,
+    /// How long the last checkpoint took (collecting its changes and writing them) and its
+    /// write batch's size.
+    pub last_ms: f64,
+    pub last_bytes: u64,
+    pub max_ms: f64,
+    /// Set when a checkpoint failed; no checkpoint is taken after that until a restart
+    /// (the history keeps everything since the last good one, so recovery stays exact).
+    pub failed: Option<String>,
+    /// Why checkpoints are not being taken right now, if they are not.
+    pub paused: Option<String>,
+}
+
+/// The runtime's own state at a checkpoint (the state tables hold the rest).
+#[derive(Default)]
+struct RuntimeCheckpoint {
+    epoch: Epoch,
+    now: i64,
+    recorded_idle: Vec<RelationId>,
+    /// Source → rows read, finished, watermark.
+    sources: HashMap<RelationId, (u64, bool, Option<i64>)>,
+    /// Table → watermark.
+    tables: HashMap<RelationId, Option<i64>>,
+    /// The views that existed.
+    views: Vec<RelationId>,
+}
+
+impl RuntimeCheckpoint {
+    fn encode(&self) -> Vec<u8> {
+        use kappa_state::codec::Encoder;
+        let mut e = Encoder::new();
+        e.u64(self.epoch).i64(self.now);
+        e.u64(self.recorded_idle.len() as u64);
+        for id in &self.recorded_idle {
+            e.u64(*id);
+        }
+        e.u64(self.sources.len() as u64);
+        for (id, (rows, finished, wm)) in &self.sources {
+            e.u64(*id).u64(*rows).bool(*finished).opt_i64(*wm);
+        }
+        e.u64(self.tables.len() as u64);
+        for (id, wm) in &self.tables {
+            e.u64(*id).opt_i64(*wm);
+        }
+        e.u64(self.views.len() as u64);
+        for id in &self.views {
+            e.u64(*id);
+        }
+        e.finish()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self> {
+        let mut d = kappa_state::codec::Decoder::new(bytes, "the runtime");
+        let mut c = RuntimeCheckpoint {
+            epoch: d.u64()?,
+            now: d.i64()?,
+            ..Default::default()
+        };
+        for _ in 0..d.u64()? {
+            c.recorded_idle.push(d.u64()?);
+        }
+        for _ in 0..d.u64()? {
+            let id = d.u64()?;
+            c.sources.insert(id, (d.u64()?, d.bool()?, d.opt_i64()?));
+        }
+        for _ in 0..d.u64()? {
+            let id = d.u64()?;
+            c.tables.insert(id, d.opt_i64()?);
+        }
+        for _ in 0..d.u64()? {
+            c.views.push(d.u64()?);
+        }
+        d.end()?;
+        Ok(c)
+    }
+}
+
+/// The checkpoint recovery starts from.
+struct Restore {
+    /// The epoch record the checkpoint reflects: every DDL record before it rebuilds a
+    /// relation over its checkpointed state instead of running.
+    seq: u64,
+    state: RuntimeCheckpoint,
+    /// The restored relations are published (the first record after the checkpoint came).
+    published: bool,
 }
 
 /// The history's state, as `kappa_history` shows it.
@@ -189,11 +294,15 @@ pub struct RecoveryStats {
 pub struct HistoryInfo {
     pub data_dir: String,
     pub fsync: bool,
-    /// Records in the history (its last sequence number).
+    /// The last record's sequence number (records up to the last checkpoint are deleted,
+    /// except DDL statements).
     pub records: u64,
     pub disk_bytes: u64,
     /// What the last start recovered.
     pub recovered: RecoveryStats,
+    pub checkpoints: CheckpointStats,
+    /// 0: checkpoints are off.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl Replay {
@@ -254,6 +363,9 @@ pub struct Runtime {
     history: Option<Arc<History>>,
     replay: Mutex<Option<Replay>>,
     recovered: Mutex<RecoveryStats>,
+    /// Take a checkpoint at the first recorded epoch this long after the last one; `None`:
+    /// never (recovery replays the whole history).
+    checkpoint_interval: Option<std::time::Duration>,
 }
 
 impl Runtime {
@@ -266,6 +378,10 @@ impl Runtime {
                 sources: BTreeMap::new(),
                 relations_changed: false,
                 recorded_idle: Vec::new(),
+                last_checkpoint: std::time::Instant::now(),
+                changed_since_checkpoint: false,
+                dropped_state: Vec::new(),
+                checkpoints: CheckpointStats::default(),
             }),
             tables: RwLock::new(BTreeMap::new()),
             gate: Arc::new(RwLock::new(())),
@@ -275,7 +391,14 @@ impl Runtime {
             history,
             replay: Mutex::new(None),
             recovered: Mutex::new(RecoveryStats::default()),
+            checkpoint_interval: None,
         }
+    }
+
+    /// Checkpoints every `interval` (needs a history and a checkpointed store).
+    pub fn with_checkpoints(mut self, interval: std::time::Duration) -> Self {
+        self.checkpoint_interval = Some(interval);
+        self
     }
 
     /// The history's state; `None` when state is kept in memory only.
@@ -287,6 +410,14 @@ impl Runtime {
             records: h.last_seq(),
             disk_bytes: h.disk_bytes(),
             recovered: self.recovered.lock().map(|r| r.clone()).unwrap_or_default(),
+            checkpoints: self
+                .inner
+                .lock()
+                .map(|i| i.checkpoints.clone())
+                .unwrap_or_default(),
+            checkpoint_interval_ms: self
+                .checkpoint_interval
+                .map_or(0, |d| d.as_millis().max(1) as u64),
         })
     }
 
@@ -306,14 +437,122 @@ impl Runtime {
         let Some(history) = self.history.clone() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
+        let restore = match history.last_checkpoint()? {
+            Some((seq, bytes)) => {
+                let state = RuntimeCheckpoint::decode(&bytes)?;
+                let mut inner = self.lock()?;
+                inner.epoch = state.epoch;
+                inner.now = state.now;
+                inner.recorded_idle = state.recorded_idle.clone();
+                Some(Restore {
+                    seq,
+                    state,
+                    published: false,
+                })
+            }
+            None => None,
+        };
         *self.replay_lock()? = Some(Replay {
             history,
             buffer: VecDeque::new(),
             next_seq: 1,
-            stats: RecoveryStats::default(),
-            started: std::time::Instant::now(),
+            stats: RecoveryStats {
+                checkpoint: restore.as_ref().map_or(0, |r| r.seq),
+                ..RecoveryStats::default()
+            },
+            started,
+            restore,
+            restoring: false,
         });
         Ok(())
+    }
+
+    /// Whether the DDL statement being replayed comes before the checkpoint (its relation
+    /// is rebuilt over checkpointed state).
+    fn restoring(&self) -> Result<bool> {
+        Ok(self.replay_lock()?.as_ref().is_some_and(|r| r.restoring))
+    }
+
+    /// What the checkpoint recovery started from says about relation `id`.
+    fn restored<T>(&self, f: impl FnOnce(&RuntimeCheckpoint) -> Option<T>) -> Result<Option<T>> {
+        Ok(self
+            .replay_lock()?
+            .as_ref()
+            .and_then(|r| r.restore.as_ref())
+            .and_then(|r| f(&r.state)))
+    }
+
+    /// Once every relation of the checkpoint is rebuilt (the first record after it, or the
+    /// end of the history): publishes their restored contents, which the replay continues
+    /// from.
+    fn publish_restored(&self) -> Result<()> {
+        {
+            let mut replay = self.replay_lock()?;
+            let Some(r) = replay.as_mut() else {
+                return Ok(());
+            };
+            r.restoring = false;
+            match &mut r.restore {
+                Some(restore) if !restore.published => restore.published = true,
+                _ => return Ok(()),
+            }
+        }
+        let inner = self.lock()?;
+        let mut relations = HashMap::new();
+        for (id, table) in self.tables_now()? {
+            relations.insert(
+                id,
+                RelationSnapshot::new(ContentsSnapshot::Multiset(table.latest()?), None),
+            );
+        }
+        let mut view_stats = HashMap::new();
+        for view in &inner.views {
+            relations.insert(
+                view.relation,
+                RelationSnapshot::new(view.snapshot()?, view.failure.clone()),
+            );
+            view_stats.insert(
+                view.relation,
+                ViewStats {
+                    watermark: view.watermark.watermark,
+                    late_rows: view.total_late_rows(),
+                    state_entries: view.state_entries(),
+                },
+            );
+        }
+        let source_stats = inner
+            .sources
+            .iter()
+            .map(|(id, s)| {
+                (
+                    *id,
+                    SourceStats {
+                        rows: s.rows,
+                        finished: s.finished,
+                    },
+                )
+            })
+            .collect();
+        let snapshot = Arc::new(Snapshot {
+            epoch: inner.epoch,
+            relations,
+            view_stats,
+            source_stats,
+        });
+        match self.published.write() {
+            Ok(mut p) => *p = snapshot,
+            Err(p) => *p.into_inner() = snapshot,
+        }
+        Ok(())
+    }
+
+    fn tables_now(&self) -> Result<BTreeMap<RelationId, Arc<Table>>> {
+        Ok(self
+            .tables
+            .read()
+            .map_err(|_| KappaError::internal("table registry poisoned"))?
+            .clone())
     }
 
     /// Replays writes and epochs up to the next DDL statement, which it returns for the
@@ -322,9 +561,19 @@ impl Runtime {
     pub fn recover_step(&self) -> Result<Option<String>> {
         loop {
             let next = match self.replay_lock()?.as_mut() {
-                Some(r) => r.next()?,
+                Some(r) => {
+                    let next = r.next()?;
+                    let before_checkpoint =
+                        |seq: u64| r.restore.as_ref().is_some_and(|c| seq < c.seq);
+                    r.restoring =
+                        matches!(&next, Some((seq, Record::Ddl(_))) if before_checkpoint(*seq));
+                    next
+                }
                 None => None,
             };
+            if !self.restoring()? {
+                self.publish_restored()?;
+            }
             let Some((seq, record)) = next else {
                 return Ok(None);
             };
@@ -385,6 +634,7 @@ impl Runtime {
 
     /// Ends recovery: sources continue where the history left them.
     pub fn finish_recovery(&self) -> Result<RecoveryStats> {
+        self.publish_restored()?;
         let stats = self
             .replay_lock()?
             .take()
@@ -401,6 +651,8 @@ impl Runtime {
             s.reader.seek(s.rows)?;
             s.busy = !s.finished;
         }
+        // What was replayed after the checkpoint is in the next one.
+        inner.changed_since_checkpoint = true;
         Ok(stats)
     }
 
@@ -485,6 +737,9 @@ impl Runtime {
                 history: self.history.clone(),
             },
         )?);
+        if self.restoring()? {
+            table.restore(self.restored(|c| c.tables.get(&id).copied())?.flatten())?;
+        }
         let mut inner = self.lock()?;
         self.record_ddl_locked(&mut inner, ddl)?;
         self.tables
@@ -514,14 +769,24 @@ impl Runtime {
             }
             None => None,
         };
+        let mut clock = clock;
+        let (rows, finished) = match self.restored(|c| c.sources.get(&id).copied())? {
+            Some((rows, finished, watermark)) if self.restoring()? => {
+                if let Some(c) = &mut clock {
+                    c.watermark = watermark;
+                }
+                (rows, finished)
+            }
+            _ => (0, false),
+        };
         let mut inner = self.lock()?;
         self.record_ddl_locked(&mut inner, ddl)?;
         inner.sources.insert(
             id,
             LiveSource {
                 reader,
-                rows: 0,
-                finished: false,
+                rows,
+                finished,
                 busy: true,
                 clock,
                 idle_timeout,
@@ -551,6 +816,18 @@ impl Runtime {
         let mut inner = self.lock()?;
         let current = self.snapshot();
         let mut view = build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref())?;
+        if self.restoring()? {
+            // Its state is the checkpoint's (a view dropped before the checkpoint has none;
+            // its DROP follows).
+            if self
+                .restored(|c| c.views.contains(&relation).then_some(()))?
+                .is_some()
+            {
+                view.restore()?;
+            }
+            inner.views.push(view);
+            return Ok(());
+        }
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
             if let Some(s) = inner.sources.get(&src) {
@@ -589,12 +866,24 @@ impl Runtime {
             Some(sql) => self.record_ddl_locked(&mut inner, sql)?,
             None => inner.relations_changed = true,
         }
-        self.tables
+        let table = self
+            .tables
             .write()
             .map_err(|_| KappaError::internal("table registry poisoned"))?
             .remove(&relation);
+        let views = inner.views.len();
         inner.views.retain(|v| v.relation != relation);
+        let view = inner.views.len() < views;
         inner.sources.remove(&relation);
+        if self.restoring()? {
+            // The checkpoint holds no state of it any more.
+            return Ok(());
+        }
+        if table.is_some() || view {
+            inner
+                .dropped_state
+                .push(build::state_prefix(relation, view));
+        }
         self.run_barrier(&mut inner, None)
     }
 
@@ -629,6 +918,7 @@ impl Runtime {
         };
         // Sources first, outside the DML gate: their positions and the tables' cut are
         // independent, and the gate holds up writes only for the cut and the epoch record.
+        let checkpoint_due = recorded.is_none() && self.checkpoint_due(inner);
         let mut changed = inner.relations_changed;
         let mut positions = Vec::with_capacity(inner.sources.len());
         for (id, s) in inner.sources.iter_mut() {
@@ -689,6 +979,7 @@ impl Runtime {
                 finished: s.finished,
             });
         }
+        let mut checkpoint: Option<PendingCheckpoint> = None;
         let now = {
             let _cut = self
                 .gate
@@ -732,7 +1023,10 @@ impl Runtime {
                 .collect();
             idle.sort_unstable();
             changed |= idle != inner.recorded_idle;
-            if let (Some(h), None, true) = (&self.history, &recorded, changed) {
+            // A checkpoint is taken at an epoch record: this epoch is recorded if anything
+            // was since the last checkpoint.
+            let record = changed || (checkpoint_due && inner.changed_since_checkpoint);
+            if let (Some(h), None, true) = (&self.history, &recorded, record) {
                 let record = EpochRecord {
                     now,
                     sources: positions,
@@ -740,8 +1034,14 @@ impl Runtime {
                 };
                 // Views stay correct without the record (recovery then merges this epoch
                 // into the next); a failing disk fails the next write instead.
-                if let Err(e) = h.append_epoch(&record) {
-                    tracing::error!(error = %e, "cannot record an epoch in the history");
+                match h.append_epoch(&record) {
+                    Ok(seq) => {
+                        inner.changed_since_checkpoint = true;
+                        if checkpoint_due {
+                            checkpoint = self.checkpoint_tables(inner, seq, &tables);
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot record an epoch in the history"),
                 }
             }
             inner.recorded_idle = idle;
@@ -804,8 +1104,140 @@ impl Runtime {
             Ok(mut p) => *p = snapshot,
             Err(p) => *p.into_inner() = snapshot,
         }
+        if let Some(cp) = checkpoint {
+            self.finish_checkpoint(inner, cp);
+        }
         Ok(())
     }
+
+    /// Whether this barrier should take a checkpoint (live, its interval has passed, and
+    /// every view's state can be checkpointed).
+    fn checkpoint_due(&self, inner: &mut Inner) -> bool {
+        let (Some(interval), Some(_)) = (self.checkpoint_interval, &self.history) else {
+            return false;
+        };
+        if self.recovering()
+            || inner.checkpoints.failed.is_some()
+            || inner.last_checkpoint.elapsed() < interval
+        {
+            return false;
+        }
+        inner.checkpoints.paused = inner.views.iter().find(|v| !v.checkpointable()).map(|v| {
+            format!(
+                "materialized view \"{}\" uses an operator whose state cannot be checkpointed yet",
+                v.name()
+            )
+        });
+        inner.checkpoints.paused.is_none()
+    }
+
+    /// Under the DML gate, at epoch record `seq`: takes the tables' changes since the last
+    /// checkpoint (their contents as of the cut).
+    fn checkpoint_tables(
+        &self,
+        inner: &mut Inner,
+        seq: u64,
+        tables: &BTreeMap<RelationId, Arc<Table>>,
+    ) -> Option<PendingCheckpoint> {
+        let started = std::time::Instant::now();
+        let mut changes = Vec::new();
+        let mut watermarks = HashMap::new();
+        for (id, table) in tables {
+            match table.checkpoint(&mut changes) {
+                Ok(wm) => {
+                    watermarks.insert(*id, wm);
+                }
+                Err(e) => {
+                    self.checkpoint_failed(inner, &e);
+                    return None;
+                }
+            }
+        }
+        Some(PendingCheckpoint {
+            seq,
+            started,
+            changes,
+            watermarks,
+        })
+    }
+
+    /// After the epoch's views ran: adds their changes and the runtime's state, and writes
+    /// the checkpoint.
+    fn finish_checkpoint(&self, inner: &mut Inner, cp: PendingCheckpoint) {
+        let PendingCheckpoint {
+            seq,
+            started,
+            mut changes,
+            watermarks,
+        } = cp;
+        for view in &mut inner.views {
+            if let Err(e) = view.checkpoint(&mut changes) {
+                self.checkpoint_failed(inner, &e);
+                return;
+            }
+        }
+        let state = RuntimeCheckpoint {
+            epoch: inner.epoch,
+            now: inner.now,
+            recorded_idle: inner.recorded_idle.clone(),
+            sources: inner
+                .sources
+                .iter()
+                .map(|(id, s)| {
+                    (
+                        *id,
+                        (
+                            s.rows,
+                            s.finished,
+                            s.clock.as_ref().and_then(|c| c.watermark),
+                        ),
+                    )
+                })
+                .collect(),
+            tables: watermarks,
+            views: inner.views.iter().map(|v| v.relation).collect(),
+        };
+        let Some(history) = &self.history else {
+            return;
+        };
+        let written = history.checkpoint(
+            seq,
+            &state.encode(),
+            &kappa_state::CheckpointState {
+                tables: changes,
+                dropped: std::mem::take(&mut inner.dropped_state),
+            },
+        );
+        match written {
+            Ok(bytes) => {
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                let c = &mut inner.checkpoints;
+                c.count += 1;
+                c.last_seq = seq;
+                c.last_ms = ms;
+                c.last_bytes = bytes;
+                c.max_ms = c.max_ms.max(ms);
+                inner.last_checkpoint = std::time::Instant::now();
+                inner.changed_since_checkpoint = false;
+            }
+            Err(e) => self.checkpoint_failed(inner, &e),
+        }
+    }
+
+    /// Changes already taken from the state tables are lost to later checkpoints, so none is
+    /// taken after a failure; the history still holds everything since the last good one.
+    fn checkpoint_failed(&self, inner: &mut Inner, e: &KappaError) {
+        tracing::error!(error = %e, "checkpoint failed; no more checkpoints until a restart");
+        inner.checkpoints.failed = Some(e.to_string());
+    }
+}
+
+/// A checkpoint between the tables' cut and the end of its epoch.
+struct PendingCheckpoint {
+    seq: u64,
+    started: std::time::Instant,
+    changes: dataflow::TableChanges,
+    watermarks: HashMap<RelationId, Option<i64>>,
 }
 
 #[cfg(test)]

@@ -121,8 +121,11 @@ impl Table {
         event_time: Option<TableEventTime>,
         order: WriteOrder,
     ) -> Result<Self> {
-        let contents =
-            RowMultiset::new(schema.clone(), store.create_table(&format!("{name}.rows")))?;
+        let prefix = crate::build::state_prefix(id, false);
+        let contents = RowMultiset::new(
+            schema.clone(),
+            store.create_table(&format!("{prefix}rows"))?,
+        )?;
         let pk_index = match &primary_key {
             Some(cols) => {
                 let fields = cols
@@ -131,7 +134,7 @@ impl Table {
                     .collect();
                 Some((
                     RowConverter::new(fields)?,
-                    store.create_table(&format!("{name}.pk")),
+                    store.create_table(&format!("{prefix}pk"))?,
                 ))
             }
             None => None,
@@ -318,6 +321,28 @@ impl Table {
             })
             .collect::<Vec<_>>()
             .join(", ")
+    }
+
+    /// At a checkpoint, under the DML gate right after [`Table::drain`]: appends the changes
+    /// of the table's state since the last checkpoint to `out` and returns its watermark.
+    pub(crate) fn checkpoint(
+        &self,
+        out: &mut crate::dataflow::TableChanges,
+    ) -> Result<Option<i64>> {
+        let mut inner = self.inner()?;
+        out.extend(inner.contents.table_mut().take_changes());
+        if let Some((_, index)) = &mut inner.pk_index {
+            out.extend(index.take_changes());
+        }
+        Ok(inner.clock.as_ref().and_then(|c| c.watermark))
+    }
+
+    /// After the table was created over restored state: its watermark at the checkpoint.
+    pub(crate) fn restore(&self, watermark: Option<i64>) -> Result<()> {
+        if let Some(c) = &mut self.inner()?.clock {
+            c.watermark = watermark;
+        }
+        Ok(())
     }
 
     /// Takes the changes not yet in an epoch and the contents they lead to.

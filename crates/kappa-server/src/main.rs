@@ -35,6 +35,10 @@ enum Command {
         /// Milliseconds between epoch barriers.
         #[arg(long, default_value_t = 100)]
         barrier_interval_ms: u64,
+        /// Milliseconds between checkpoints of every view's state (0: never; a restart
+        /// then replays the whole history).
+        #[arg(long, default_value_t = 1000)]
+        checkpoint_interval_ms: u64,
     },
 }
 
@@ -74,11 +78,14 @@ async fn run(cli: Cli) -> Result<(), String> {
             in_memory,
             fsync,
             barrier_interval_ms,
+            checkpoint_interval_ms,
         } => {
             let engine = Engine::open(EngineConfig {
                 barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
                 data_dir: (!in_memory).then_some(data_dir),
                 fsync: fsync == "on",
+                checkpoint_interval: (checkpoint_interval_ms > 0)
+                    .then(|| std::time::Duration::from_millis(checkpoint_interval_ms)),
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -13,6 +13,15 @@
 //! view exactly: the dataflow is deterministic given its inputs, and the history records
 //! every input including the epoch boundaries (see `docs/architecture.md`, "Durability").
 //!
+//! # Checkpoints and truncation
+//! [`History::checkpoint`] stores, in one atomic write batch, the changes to every state
+//! table since the previous checkpoint (`s` ‖ table name ‖ 0 ‖ key), the runtime's own small
+//! state (`m/checkpoint`: the sequence number of the epoch record the state reflects, then
+//! the runtime's encoding), and the deletion of every write and epoch record up to that
+//! sequence number. DDL records are kept (`d` ‖ seq, apart from the others so the deletion
+//! is one range): recovery runs the catalog's statements again, binding each relation to
+//! its checkpointed state, and then replays only the records after the checkpoint.
+//!
 //! # Durability
 //! A record is written to RocksDB's write-ahead log when [`History::append`] returns: it
 //! survives the process being killed. [`History::sync`] makes every record up to a sequence
@@ -25,14 +34,22 @@ use std::sync::Mutex;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::ipc::reader::StreamReader;
-use datafusion::arrow::ipc::writer::StreamWriter;
 use kappa_common::{KappaError, RelationId, Result, SqlState};
+
+use crate::Bytes;
+use crate::codec::ipc_bytes;
 
 /// The key under which the format version is kept.
 const FORMAT_KEY: &[u8] = b"m/format";
-const FORMAT: &[u8] = b"kappa-history-1";
-/// History records are keyed `h` ‖ seq (big-endian), so key order is sequence order.
+const FORMAT: &[u8] = b"kappa-history-2";
+/// Write and epoch records are keyed `h` ‖ seq (big-endian), so key order is sequence
+/// order; DDL records `d` ‖ seq, in the same sequence.
 const RECORD_PREFIX: u8 = b'h';
+const DDL_PREFIX: u8 = b'd';
+/// State tables' entries: `s` ‖ table name ‖ 0 ‖ key.
+const STATE_PREFIX: u8 = b's';
+/// The last checkpoint: seq (8 bytes, little-endian) ‖ the runtime's encoding.
+const CHECKPOINT_KEY: &[u8] = b"m/checkpoint";
 
 const TAG_DDL: u8 = 1;
 const TAG_WRITE: u8 = 2;
@@ -131,17 +148,25 @@ impl History {
                     .map_err(|e| unusable(e.to_string()))?;
             }
         }
-        let last = {
+        let mut last = 0;
+        for prefix in [RECORD_PREFIX, DDL_PREFIX] {
             let mut it = db.iterator(rocksdb::IteratorMode::From(
-                &record_key(u64::MAX),
+                &key_of(prefix, u64::MAX),
                 rocksdb::Direction::Reverse,
             ));
             match it.next() {
-                Some(Ok((k, _))) if k.first() == Some(&RECORD_PREFIX) => seq_of(&k)?,
+                Some(Ok((k, _))) if k.first() == Some(&prefix) => last = last.max(seq_of(&k)?),
                 Some(Err(e)) => return Err(unusable(e.to_string())),
-                _ => 0,
+                _ => {}
             }
-        };
+        }
+        // A checkpoint may have deleted every record after the last DDL statement.
+        if let Some(cp) = db
+            .get(CHECKPOINT_KEY)
+            .map_err(|e| unusable(e.to_string()))?
+        {
+            last = last.max(checkpoint_seq(&cp).map_err(unusable)?);
+        }
         Ok(Self {
             db,
             path: dir.to_path_buf(),
@@ -181,7 +206,7 @@ impl History {
         let mut v = Vec::with_capacity(1 + sql.len());
         v.push(TAG_DDL);
         v.extend_from_slice(sql.as_bytes());
-        self.append(&v)
+        self.append(DDL_PREFIX, &v)
     }
 
     pub fn append_write(
@@ -202,7 +227,7 @@ impl History {
                 }
             }
         }
-        self.append(&v)
+        self.append(RECORD_PREFIX, &v)
     }
 
     pub fn append_epoch(&self, e: &EpochRecord) -> Result<u64> {
@@ -218,17 +243,17 @@ impl History {
         for i in &e.idle {
             v.extend_from_slice(&i.to_le_bytes());
         }
-        self.append(&v)
+        self.append(RECORD_PREFIX, &v)
     }
 
-    fn append(&self, value: &[u8]) -> Result<u64> {
+    fn append(&self, prefix: u8, value: &[u8]) -> Result<u64> {
         let mut tail = self
             .tail
             .lock()
             .map_err(|_| KappaError::internal("history lock poisoned"))?;
         let seq = *tail + 1;
         self.db
-            .put(record_key(seq), value)
+            .put(key_of(prefix, seq), value)
             .map_err(|e| storage_error("cannot write to the history", &e))?;
         *tail = seq;
         Ok(seq)
@@ -256,16 +281,33 @@ impl History {
         Ok(())
     }
 
-    /// Every record with a sequence number of at least `from`, in order.
+    /// Every record with a sequence number of at least `from`, in order (DDL records and
+    /// the others merged by sequence number).
     pub fn read_from(&self, from: u64) -> impl Iterator<Item = Result<(u64, Record)>> + '_ {
+        let mut records = self.records(RECORD_PREFIX, from).peekable();
+        let mut ddl = self.records(DDL_PREFIX, from).peekable();
+        std::iter::from_fn(move || {
+            let take_ddl = match (ddl.peek(), records.peek()) {
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(Ok((a, _))), Some(Ok((b, _)))) => a < b,
+                (Some(Err(_)), _) => true,
+                (_, Some(Err(_))) => false,
+            };
+            if take_ddl { ddl.next() } else { records.next() }
+        })
+    }
+
+    /// The records under one prefix from `from` on.
+    fn records(&self, prefix: u8, from: u64) -> impl Iterator<Item = Result<(u64, Record)>> + '_ {
         self.db
             .iterator(rocksdb::IteratorMode::From(
-                &record_key(from),
+                &key_of(prefix, from),
                 rocksdb::Direction::Forward,
             ))
-            .take_while(|item| {
+            .take_while(move |item| {
                 item.as_ref()
-                    .map_or(true, |(k, _)| k.first() == Some(&RECORD_PREFIX))
+                    .map_or(true, |(k, _)| k.first() == Some(&prefix))
             })
             .map(|item| {
                 let (k, v) = item.map_err(|e| storage_error("cannot read the history", &e))?;
@@ -280,17 +322,118 @@ impl History {
             })
     }
 
+    /// The last checkpoint: the sequence number of the epoch record its state reflects, and
+    /// the runtime's encoding of its own state then. `None` before the first.
+    pub fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
+        let Some(v) = self
+            .db
+            .get(CHECKPOINT_KEY)
+            .map_err(|e| storage_error("cannot read the last checkpoint", &e))?
+        else {
+            return Ok(None);
+        };
+        let seq = checkpoint_seq(&v).map_err(|why| {
+            KappaError::user(
+                SqlState::DATA_CORRUPTED,
+                format!("the checkpoint is damaged: {why}"),
+            )
+        })?;
+        Ok(Some((seq, v[8..].to_vec())))
+    }
+
+    /// A state table's entries as of the last checkpoint, in key order.
+    pub fn load_state(&self, table: &str) -> Result<Vec<(Bytes, Bytes)>> {
+        let prefix = state_key(table, &[]);
+        let mut out = Vec::new();
+        for item in self.db.iterator(rocksdb::IteratorMode::From(
+            &prefix,
+            rocksdb::Direction::Forward,
+        )) {
+            let (k, v) = item.map_err(|e| storage_error("cannot read checkpointed state", &e))?;
+            let Some(key) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((Bytes::from(key), Bytes::from(&*v)));
+        }
+        Ok(out)
+    }
+
+    /// Writes a checkpoint atomically (see the module docs): the state tables' changes, the
+    /// tables dropped since the last one (every entry whose table name starts with one of
+    /// `dropped`), the runtime's state `meta` as of epoch record `seq`, and the deletion of
+    /// the write and epoch records up to `seq`. Returns the bytes written.
+    pub fn checkpoint(&self, seq: u64, meta: &[u8], state: &CheckpointState) -> Result<u64> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for prefix in &state.dropped {
+            let from = state_key(prefix, &[]);
+            // Without the name's terminating 0: every table whose name extends the prefix.
+            let from = &from[..from.len() - 1];
+            if let Some(to) = crate::prefix_end(from) {
+                batch.delete_range(from, to.as_slice());
+            }
+        }
+        for (table, changes) in &state.tables {
+            for (k, v) in changes {
+                let key = state_key(table, k);
+                match v {
+                    Some(v) => batch.put(key, v),
+                    None => batch.delete(key),
+                }
+            }
+        }
+        let mut cp = seq.to_le_bytes().to_vec();
+        cp.extend_from_slice(meta);
+        batch.put(CHECKPOINT_KEY, cp);
+        batch.delete_range(
+            key_of(RECORD_PREFIX, 0),
+            key_of(RECORD_PREFIX, seq.saturating_add(1)),
+        );
+        let bytes = batch.size_in_bytes() as u64;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(self.fsync);
+        self.db
+            .write_opt(batch, &wo)
+            .map_err(|e| storage_error("cannot write a checkpoint", &e))?;
+        Ok(bytes)
+    }
+
     /// Test support: overwrites a record's stored bytes.
     #[doc(hidden)]
     pub fn overwrite_raw(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         self.db
-            .put(record_key(seq), bytes)
+            .put(key_of(RECORD_PREFIX, seq), bytes)
             .map_err(|e| storage_error("cannot write to the history", &e))
     }
 }
 
-fn record_key(seq: u64) -> [u8; 9] {
-    let mut k = [RECORD_PREFIX; 9];
+/// What a checkpoint writes besides the runtime's own state.
+#[derive(Default)]
+pub struct CheckpointState {
+    /// Per state table (by name), its changes since the last checkpoint.
+    pub tables: Vec<(String, Vec<(Bytes, Option<Bytes>)>)>,
+    /// Name prefixes of the state tables of relations dropped since the last checkpoint.
+    pub dropped: Vec<String>,
+}
+
+fn state_key(table: &str, key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + table.len() + key.len());
+    k.push(STATE_PREFIX);
+    k.extend_from_slice(table.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    k
+}
+
+fn checkpoint_seq(v: &[u8]) -> std::result::Result<u64, String> {
+    let b: [u8; 8] = v
+        .get(..8)
+        .and_then(|s| s.try_into().ok())
+        .ok_or("its sequence number is cut short")?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn key_of(prefix: u8, seq: u64) -> [u8; 9] {
+    let mut k = [prefix; 9];
     k[1..].copy_from_slice(&seq.to_be_bytes());
     k
 }
@@ -320,15 +463,6 @@ fn storage_error(what: &str, e: &rocksdb::Error) -> KappaError {
         SqlState::IO_ERROR
     };
     KappaError::user(state, format!("{what}: {msg}"))
-}
-
-fn ipc_bytes(batch: &RecordBatch) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    let mut w = StreamWriter::try_new(&mut out, batch.schema_ref())?;
-    w.write(batch)?;
-    w.finish()?;
-    drop(w);
-    Ok(out)
 }
 
 /// Reads fixed-size fields off the front of a record.
@@ -506,6 +640,59 @@ mod tests {
         );
         // Appends continue after the last record.
         assert_eq!(h.append_ddl("DROP TABLE t").unwrap(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_state_and_ddl_and_deletes_the_records_it_covers() {
+        let dir = tempdir("checkpoint");
+        let b = |s: &[u8]| -> Bytes { Arc::from(s) };
+        {
+            let h = open(&dir).unwrap();
+            h.append_ddl("CREATE TABLE t (id BIGINT)").unwrap(); // 1
+            h.append_write(1, None, Some(&batch(&[1]))).unwrap(); // 2
+            h.append_ddl("CREATE TABLE u (id BIGINT)").unwrap(); // 3
+            h.append_epoch(&EpochRecord::default()).unwrap(); // 4
+            let state = CheckpointState {
+                tables: vec![
+                    (
+                        "t1.rows".into(),
+                        vec![(b(b"a"), Some(b(b"1"))), (b(b"b"), Some(b(b"2")))],
+                    ),
+                    ("mv9.meta".into(), vec![(b(b"x"), Some(b(b"y")))]),
+                    ("t10.rows".into(), vec![(b(b"z"), Some(b(b"3")))]),
+                ],
+                dropped: vec![],
+            };
+            h.checkpoint(4, b"first", &state).unwrap();
+            h.append_write(1, None, Some(&batch(&[2]))).unwrap(); // 5
+            h.append_epoch(&EpochRecord::default()).unwrap(); // 6
+            let state = CheckpointState {
+                tables: vec![(
+                    "t1.rows".into(),
+                    vec![(b(b"a"), None), (b(b"c"), Some(b(b"4")))],
+                )],
+                // A dropped view's tables go; "mv9." must not take "mv90." with it.
+                dropped: vec!["mv9.".into()],
+            };
+            h.checkpoint(6, b"second", &state).unwrap();
+            h.append_write(1, None, Some(&batch(&[3]))).unwrap(); // 7
+        }
+        let h = open(&dir).unwrap();
+        assert_eq!(h.last_seq(), 7);
+        assert_eq!(h.last_checkpoint().unwrap(), Some((6, b"second".to_vec())));
+        assert_eq!(
+            h.load_state("t1.rows").unwrap(),
+            vec![(b(b"b"), b(b"2")), (b(b"c"), b(b"4"))]
+        );
+        assert!(h.load_state("mv9.meta").unwrap().is_empty());
+        assert_eq!(h.load_state("t10.rows").unwrap(), vec![(b(b"z"), b(b"3"))]);
+        // The DDL records stay; every other record up to the checkpoint is gone.
+        let seqs: Vec<(u64, bool)> = all(&h)
+            .into_iter()
+            .map(|(s, r)| (s, matches!(r, Record::Ddl(_))))
+            .collect();
+        assert_eq!(seqs, vec![(1, true), (3, true), (7, false)]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

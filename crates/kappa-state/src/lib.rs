@@ -6,17 +6,22 @@
 //! read-only view of its contents at that moment that later writes never change: the runtime
 //! takes one per relation at each epoch commit and readers query those.
 //!
-//! This slice keeps state in memory ([`MemStateStore`]): persistent ordered maps whose clone
-//! is O(1) and shares structure, so a snapshot per epoch costs nothing until the next write.
-//! A RocksDB store will implement the same traits.
+//! State lives in memory: persistent ordered maps whose clone is O(1) and shares structure,
+//! so a snapshot per epoch costs nothing until the next write. [`MemStateStore`] keeps
+//! nothing across restarts; [`CheckpointedStore`] restores each table from the last
+//! checkpoint in the [`History`] and tracks the keys that change, which the runtime writes at
+//! the next checkpoint (only the changes: a checkpoint costs what changed, not what is held).
 
+mod checkpointed;
+pub mod codec;
 mod history;
 mod mem;
 mod multiset;
 
 use std::sync::Arc;
 
-pub use history::{EpochRecord, History, HistoryOptions, Record, SourcePosition};
+pub use checkpointed::CheckpointedStore;
+pub use history::{CheckpointState, EpochRecord, History, HistoryOptions, Record, SourcePosition};
 pub use mem::{MemStateStore, MemStateTable};
 pub use multiset::{KeyRows, MultisetSnapshot, RowMultiset, decode_rows, row_converter};
 
@@ -38,6 +43,12 @@ pub trait StateTable: Send + Sync {
     }
     /// The contents as of now, unaffected by later writes.
     fn snapshot(&self) -> Arc<dyn StateSnapshot>;
+    /// For a table whose changes are checkpointed: its name and every key written since the
+    /// last call, each with its value now (`None`: deleted). `None` for a table that is not
+    /// checkpointed.
+    fn take_changes(&mut self) -> Option<(String, Vec<(Bytes, Option<Bytes>)>)> {
+        None
+    }
 }
 
 /// A read-only, immutable view of a state table.
@@ -55,10 +66,16 @@ pub trait StateSnapshot: Send + Sync {
     -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a>;
 }
 
-/// Hands out state tables. One store per server; the name is for diagnostics and, with a
-/// durable store, the key space the table lives in.
+/// Hands out state tables. One store per server. The name is the table's identity across
+/// restarts: a checkpointed store gives a table back the contents last checkpointed under
+/// its name. Names are unique among live tables; a relation's tables' names start with its
+/// prefix (so dropping the relation drops them all).
 pub trait StateStore: Send + Sync {
-    fn create_table(&self, name: &str) -> Box<dyn StateTable>;
+    fn create_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>>;
+    /// Whether tables survive restarts (and operators should keep their whole state in them).
+    fn checkpointed(&self) -> bool {
+        false
+    }
 }
 
 /// Multiset counts are stored as 8-byte little-endian values.

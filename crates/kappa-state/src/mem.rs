@@ -11,17 +11,34 @@ use crate::{Bytes, StateSnapshot, StateStore, StateTable, prefix_end};
 pub struct MemStateStore;
 
 impl StateStore for MemStateStore {
-    fn create_table(&self, _name: &str) -> Box<dyn StateTable> {
-        Box::new(MemStateTable::default())
+    fn create_table(&self, _name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
+        Ok(Box::new(MemStateTable::default()))
     }
 }
 
 #[derive(Default, Clone)]
 pub struct MemStateTable {
     map: OrdMap<Bytes, Bytes>,
+    /// With checkpoints: the name, and the keys written since the last checkpoint.
+    tracking: Option<(String, hashbrown::HashSet<Bytes>)>,
 }
 
 impl MemStateTable {
+    /// A table named `name` holding `entries` (as restored from a checkpoint) that
+    /// remembers which keys change, for the next checkpoint.
+    pub fn tracked(name: &str, entries: impl IntoIterator<Item = (Bytes, Bytes)>) -> Self {
+        Self {
+            map: entries.into_iter().collect(),
+            tracking: Some((name.to_string(), hashbrown::HashSet::new())),
+        }
+    }
+
+    fn touch(&mut self, key: &Bytes) {
+        if let Some((_, changed)) = &mut self.tracking {
+            changed.insert(key.clone());
+        }
+    }
+
     fn prefix_range<'a>(
         &'a self,
         prefix: &'a [u8],
@@ -41,11 +58,31 @@ impl StateTable for MemStateTable {
     }
 
     fn put(&mut self, key: Bytes, value: Bytes) {
+        if self.tracking.is_some() {
+            if self.map.get(&key).is_some_and(|v| *v == value) {
+                return;
+            }
+            self.touch(&key);
+        }
         self.map.insert(key, value);
     }
 
     fn delete(&mut self, key: &[u8]) {
-        self.map.remove(key);
+        if let Some((k, _)) = self.map.remove_with_key(key) {
+            self.touch(&k);
+        }
+    }
+
+    fn take_changes(&mut self) -> Option<(String, Vec<(Bytes, Option<Bytes>)>)> {
+        let (name, changed) = self.tracking.as_mut()?;
+        let changes = changed
+            .drain()
+            .map(|k| {
+                let v = self.map.get(&k).cloned();
+                (k, v)
+            })
+            .collect();
+        Some((name.clone(), changes))
     }
 
     fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
@@ -141,5 +178,22 @@ mod tests {
         assert_eq!(snap.len(), 5);
         assert_eq!(t.len(), 4);
         assert!(snap.get(b"a\x01").is_some());
+    }
+
+    #[test]
+    fn a_tracked_table_reports_each_changed_key_once_with_its_final_value() {
+        let mut t = MemStateTable::tracked("t", [(b(b"k0"), b(b"0"))]);
+        t.put(b(b"k1"), b(b"1"));
+        t.put(b(b"k1"), b(b"2"));
+        t.put(b(b"k0"), b(b"0")); // unchanged: not reported
+        t.put(b(b"k2"), b(b"x"));
+        t.delete(b"k2");
+        t.delete(b"absent");
+        let (name, mut changes) = t.take_changes().unwrap();
+        changes.sort();
+        assert_eq!(name, "t");
+        assert_eq!(changes, vec![(b(b"k1"), Some(b(b"2"))), (b(b"k2"), None)]);
+        assert!(t.take_changes().unwrap().1.is_empty());
+        assert!(MemStateTable::default().take_changes().is_none());
     }
 }

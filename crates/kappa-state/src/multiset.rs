@@ -112,6 +112,11 @@ impl RowMultiset {
         &self.converter
     }
 
+    /// The table the multiset is stored in (for checkpoints).
+    pub fn table_mut(&mut self) -> &mut dyn StateTable {
+        &mut *self.table
+    }
+
     pub fn snapshot(&self) -> MultisetSnapshot {
         MultisetSnapshot {
             schema: self.schema.clone(),
