@@ -920,4 +920,88 @@ mod tests {
         let out = epoch(&mut op, "- x | 3\n- y | 4\n- z | NULL");
         assert_changes(&out, "- 2 | 7 | 3.5\n+ 0 | NULL | NULL");
     }
+
+    #[test]
+    fn a_restored_aggregate_continues_exactly() {
+        use AggFunc::*;
+        let c = |l: &str| (0, changes(IN, l));
+        let epochs = vec![
+            (vec![c("+ a | 10\n+ a | 7\n+ b | 5")], None),
+            (vec![c("+ a | 12\n- b | 5\n+ c | 1")], None),
+            // After the restore: the min/max multisets and counts are the checkpoint's.
+            (vec![c("- a | 12\n+ b | 3")], None),
+            (vec![c("- a | 10\n- a | 7\n+ c | 9")], None),
+        ];
+        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables.into_iter();
+            let ctx = SessionContext::new();
+            let input = df_schema(IN);
+            let v = ctx.create_physical_expr(col("v"), &input).unwrap();
+            let k = ctx.create_physical_expr(col("k"), &input).unwrap();
+            let specs = [Count, Sum, Max, Min]
+                .iter()
+                .map(|&func| AggSpec {
+                    func,
+                    arg: Some(v.clone()),
+                    filter: None,
+                    input_type: DataType::Int64,
+                    output_type: DataType::Int64,
+                })
+                .collect();
+            Box::new(
+                HashAggregate::new(
+                    vec![k],
+                    vec![DataType::Utf8],
+                    specs,
+                    schema("k:utf8, c:i64, s:i64, mx:i64, mn:i64"),
+                    tables.next().unwrap(),
+                    tables.next().unwrap(),
+                )
+                .unwrap(),
+            )
+        };
+        crate::testing::assert_restores_exactly(make, 2, &epochs, 2);
+    }
+
+    #[test]
+    fn a_restored_window_aggregate_closes_the_windows_it_had_open() {
+        use AggFunc::*;
+        const W: &str = "w:i64, v:i64";
+        let c = |l: &str| (0, changes(W, l));
+        let epochs = vec![
+            (vec![c("+ 10 | 1\n+ 20 | 2\n+ 30 | 3")], Some(5)),
+            (vec![c("+ 10 | 4\n+ 40 | 5")], Some(10)),
+            // Restored: window 10 is closed (late), 20 and 30 close at 30.
+            (vec![c("+ 10 | 6\n+ 20 | 7")], Some(15)),
+            (vec![c("+ 30 | 8")], Some(30)),
+            (vec![c("+ 40 | 9")], Some(100)),
+        ];
+        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables.into_iter();
+            let ctx = SessionContext::new();
+            let input = df_schema(W);
+            let v = ctx.create_physical_expr(col("v"), &input).unwrap();
+            let w = ctx.create_physical_expr(col("w"), &input).unwrap();
+            let spec = AggSpec {
+                func: Sum,
+                arg: Some(v),
+                filter: None,
+                input_type: DataType::Int64,
+                output_type: DataType::Int64,
+            };
+            Box::new(
+                HashAggregate::new(
+                    vec![w],
+                    vec![DataType::Int64],
+                    vec![spec],
+                    schema("w:i64, s:i64"),
+                    tables.next().unwrap(),
+                    tables.next().unwrap(),
+                )
+                .unwrap()
+                .with_window_close(WatermarkCol { col: 0, offset: 0 }, true),
+            )
+        };
+        crate::testing::assert_restores_exactly(make, 2, &epochs, 2);
+    }
 }

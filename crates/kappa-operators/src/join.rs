@@ -914,10 +914,9 @@ mod tests {
         assert_changes(&out, "+ 1 | 10 | 1 | 7");
     }
 
-    #[test]
-    fn interval_join_frees_rows_that_can_no_longer_match() {
-        // b.t BETWEEN a.t AND a.t + 10 s: an `a` row expires when a.t + 10 s < W
-        // (offset 10 s + 1 µs), a `b` row when b.t < W (offset 1 µs).
+    /// `b.t BETWEEN a.t AND a.t + 10 s` on k: an `a` row expires when a.t + 10 s < W
+    /// (offset 10 s + 1 µs), a `b` row when b.t < W (offset 1 µs).
+    fn interval_join() -> HashJoin {
         let sec = 1_000_000;
         let ls = "k:i64, t:ts";
         let rs = "k2:i64, t2:ts";
@@ -936,7 +935,7 @@ mod tests {
                 )),
             )),
         ));
-        let mut j = HashJoin::new(
+        HashJoin::new(
             JoinKind::Inner,
             side(
                 ls,
@@ -952,7 +951,16 @@ mod tests {
             false,
             schema("k:i64, t:ts, k2:i64, t2:ts"),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn interval_join_frees_rows_that_can_no_longer_match() {
+        // b.t BETWEEN a.t AND a.t + 10 s: an `a` row expires when a.t + 10 s < W
+        // (offset 10 s + 1 µs), a `b` row when b.t < W (offset 1 µs).
+        let sec = 1_000_000;
+        let (ls, rs) = ("k:i64, t:ts", "k2:i64, t2:ts");
+        let mut j = interval_join();
         let mut out = vec![];
         j.process(0, changes(ls, "+ 1 | 100\n+ 1 | 105"), &mut out)
             .unwrap();
@@ -984,5 +992,50 @@ mod tests {
         j.process(0, changes(ls, "+ 1 | 150"), &mut out).unwrap();
         assert!(out.is_empty());
         assert_eq!(j.state_entries(), 0);
+    }
+
+    #[test]
+    fn a_restored_join_continues_exactly() {
+        let l = |t: &str| (0, changes(L, t));
+        let r = |t: &str| (1, changes(R, t));
+        let epochs = vec![
+            (vec![l("+ 1 | a\n+ 2 | b\n+2 3 | c"), r("+ 1 | x")], None),
+            (vec![r("+ 1 | y\n+ 3 | z"), l("- 3 | c")], None),
+            // Restored: match counts decide the NULL-extended rows.
+            (vec![r("- 1 | x\n- 1 | y"), l("+ 2 | d")], None),
+            (vec![r("+ 2 | w\n- 3 | z"), l("- 1 | a")], None),
+        ];
+        for kind in [JoinKind::Left, JoinKind::Full, JoinKind::Inner] {
+            let make = move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                let mut tables = tables.into_iter();
+                let (a, b) = (tables.next().unwrap(), tables.next().unwrap());
+                Box::new(kind_join(kind, "k:i64, a:utf8, k2:i64, b:utf8").with_checkpoints([a, b]))
+            };
+            crate::testing::assert_restores_exactly(make, 2, &epochs, 2);
+        }
+    }
+
+    #[test]
+    fn a_restored_interval_join_expires_the_rows_it_had_stored() {
+        let sec = 1_000_000;
+        let l = |t: &str| (0, changes("k:i64, t:ts", t));
+        let r = |t: &str| (1, changes("k2:i64, t2:ts", t));
+        let epochs = vec![
+            (
+                vec![l("+ 1 | 100\n+ 1 | 105"), r("+ 1 | 108\n+ 1 | 120")],
+                Some(110 * sec),
+            ),
+            (vec![l("+ 1 | 111")], Some(112 * sec)),
+            // Restored: a@105 expires at W > 115 s, a@111 at W > 121 s.
+            (vec![r("+ 1 | 113")], Some(116 * sec)),
+            (vec![r("+ 1 | 116")], Some(130 * sec)),
+            (vec![r("+ 1 | 131"), l("+ 1 | 125")], Some(131 * sec)),
+        ];
+        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables.into_iter();
+            let (a, b) = (tables.next().unwrap(), tables.next().unwrap());
+            Box::new(interval_join().with_checkpoints([a, b]))
+        };
+        crate::testing::assert_restores_exactly(make, 2, &epochs, 2);
     }
 }

@@ -25,6 +25,11 @@
 //! With a partition column bounded by the watermark (a window bound), a partition closes
 //! when the watermark passes it: its state is freed, later changes to it are late (dropped
 //! and counted), and with emit-on-close its rows are emitted only then, once, final.
+//!
+//! With checkpoints, the entries and partitions changed since the last one are remembered
+//! and written at the checkpoint to a `StateTable`: per partition a header
+//! (`len ‖ partition` → its bound) and its entries (`len ‖ partition ‖ len ‖ sort key ‖ row`
+//! → multiplicity); a restart rebuilds the partitions and the closing index from it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,7 +66,13 @@ struct Partition {
     rows: BTreeMap<(Bytes, Bytes), i64>,
     /// The sum of the multiplicities.
     total: i64,
+    /// The value of the partition's closing column, if it closes with the watermark.
+    bound: Option<i64>,
 }
+
+/// What changed since the last checkpoint: a partition (its header, or all of it when it is
+/// gone) or one of its entries.
+type Changed = (Bytes, Option<(Bytes, Bytes)>);
 
 /// An epoch's changes to one partition: its bound value when a partition column closes with
 /// the watermark, and (sort key, row, weight) per change.
@@ -123,6 +134,22 @@ pub struct TopN {
     watermark: Option<i64>,
     entries: usize,
     late_rows: u64,
+    /// With checkpoints: the table written at each, and what changed since the last.
+    checkpointed: Option<(
+        Box<dyn kappa_state::StateTable>,
+        hashbrown::HashSet<Changed>,
+    )>,
+}
+
+fn len_prefixed(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Splits a length-prefixed field off the front of `b`.
+fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    b.get(4..)?.split_at_checked(n)
 }
 
 impl TopN {
@@ -156,7 +183,20 @@ impl TopN {
             watermark: None,
             entries: 0,
             late_rows: 0,
+            checkpointed: None,
         })
+    }
+
+    /// Keeps the state in `table` at checkpoints.
+    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+        self.checkpointed = Some((table, hashbrown::HashSet::new()));
+        self
+    }
+
+    fn changed(&mut self, part: &Bytes, entry: Option<(&Bytes, &Bytes)>) {
+        if let Some((_, changed)) = &mut self.checkpointed {
+            changed.insert((part.clone(), entry.map(|(s, r)| (s.clone(), r.clone()))));
+        }
     }
 
     /// The input never retracts: rows ranked beyond `hi` are dropped for good.
@@ -233,9 +273,13 @@ impl TopN {
                 if let Some(b) = bound {
                     self.closing.entry(b).or_default().push(key.clone());
                 }
-                Partition::default()
+                Partition {
+                    bound,
+                    ..Partition::default()
+                }
             }
         };
+        self.changed(&key, None);
         let before = if self.emit_on_close {
             Vec::new()
         } else {
@@ -244,6 +288,7 @@ impl TopN {
         use std::collections::btree_map::Entry;
         for (sk, row, w) in changes {
             part.total += w;
+            self.changed(&key, Some((&sk, &row)));
             match part.rows.entry((sk, row)) {
                 Entry::Occupied(mut e) => {
                     *e.get_mut() += w;
@@ -275,12 +320,16 @@ impl TopN {
             if let Some(first) = beyond {
                 // Usually one entry or none: pop rather than split off a new map.
                 while part.rows.last_key_value().is_some_and(|(k, _)| *k >= first) {
-                    part.rows.pop_last();
+                    if let Some(((sk, row), _)) = part.rows.pop_last() {
+                        self.changed(&key, Some((&sk, &row)));
+                    }
                     self.entries -= 1;
                 }
             }
             if let (Some(fit), Some(mut last)) = (fit, part.rows.last_entry()) {
                 *last.get_mut() = fit;
+                let (sk, row) = last.key().clone();
+                self.changed(&key, Some((&sk, &row)));
             }
             part.total = part.rows.values().sum();
         }
@@ -417,6 +466,7 @@ impl Operator for TopN {
                     let Some(part) = self.parts.remove(&key) else {
                         continue;
                     };
+                    self.changed(&key, None);
                     self.entries -= part.rows.len();
                     if self.emit_on_close {
                         diff_into(Vec::new(), self.visible(&part).0, &mut diff);
@@ -434,9 +484,94 @@ impl Operator for TopN {
         "StreamTopN"
     }
 
-    /// Not yet: its state is kept only in memory maps.
     fn checkpointable(&self) -> bool {
-        false
+        self.checkpointed.is_some()
+    }
+
+    fn checkpoint(&mut self) -> Result<Vec<u8>> {
+        if let Some((table, changed)) = &mut self.checkpointed {
+            let mut k = Vec::new();
+            for (part, entry) in changed.drain() {
+                k.clear();
+                len_prefixed(&mut k, &part);
+                let p = self.parts.get(&part);
+                match entry {
+                    None => match p {
+                        Some(p) => table.put(
+                            Arc::from(k.as_slice()),
+                            Arc::from(kappa_state::codec::Encoder::new().opt_i64(p.bound).finish()),
+                        ),
+                        // Gone: its header and every entry.
+                        None => {
+                            while let Some((key, _)) = table.first_with_prefix(&k) {
+                                table.delete(&key);
+                            }
+                        }
+                    },
+                    Some((sk, row)) => {
+                        len_prefixed(&mut k, &sk);
+                        k.extend_from_slice(&row);
+                        match p.and_then(|p| p.rows.get(&(sk, row))) {
+                            Some(c) => {
+                                table.put(Arc::from(k.as_slice()), kappa_state::encode_count(*c))
+                            }
+                            None => table.delete(&k),
+                        }
+                    }
+                }
+            }
+        }
+        Ok(kappa_state::codec::Encoder::new()
+            .opt_i64(self.watermark)
+            .u64(self.late_rows)
+            .finish())
+    }
+
+    fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
+        match &mut self.checkpointed {
+            Some((t, _)) => vec![&mut **t],
+            None => Vec::new(),
+        }
+    }
+
+    /// Rebuilds the partitions and the closing index from the table.
+    fn restore(&mut self, saved: &[u8]) -> Result<()> {
+        let mut d = kappa_state::codec::Decoder::new(saved, "a top-N");
+        self.watermark = d.opt_i64()?;
+        self.late_rows = d.u64()?;
+        d.end()?;
+        let Some((table, _)) = &self.checkpointed else {
+            return Ok(());
+        };
+        let damaged = || {
+            KappaError::user(
+                kappa_common::SqlState::DATA_CORRUPTED,
+                "the checkpointed state of a top-N is damaged",
+            )
+        };
+        self.parts.clear();
+        self.closing.clear();
+        self.entries = 0;
+        for (k, v) in table.snapshot().iter() {
+            let (part, rest) = split_len_prefixed(&k).ok_or_else(damaged)?;
+            let p = self.parts.entry(Arc::from(part)).or_default();
+            if rest.is_empty() {
+                let mut d = kappa_state::codec::Decoder::new(&v, "a top-N partition");
+                p.bound = d.opt_i64()?;
+                continue;
+            }
+            let (sk, row) = split_len_prefixed(rest).ok_or_else(damaged)?;
+            let c = kappa_state::decode_count(&v);
+            p.rows.insert((Arc::from(sk), Arc::from(row)), c);
+            p.total += c;
+            self.entries += 1;
+        }
+        for (key, p) in &self.parts {
+            if let Some(b) = p.bound {
+                self.closing.entry(b).or_default().push(key.clone());
+            }
+        }
+        Ok(())
     }
 
     fn state_entries(&self) -> usize {
@@ -619,5 +754,62 @@ mod tests {
         assert_changes(&out, "+ 2 | 3 | 1970-01-01T00:00:10");
         assert!(epoch(&mut op, "", Some(10)).is_empty());
         assert_eq!(op.state_entries(), 0);
+    }
+
+    #[test]
+    fn a_restored_top_n_continues_exactly() {
+        let input = schema("k:i64, v:i64, t:ts");
+        let c = |l: &str| (0, changes("k:i64, v:i64, t:ts", l));
+        let epochs = vec![
+            (
+                vec![c("+ 1 | 7 | 10\n+ 1 | 5 | 10\n+2 1 | 3 | 10\n+ 2 | 9 | 20")],
+                Some(S),
+            ),
+            (vec![c("- 1 | 7 | 10\n+ 3 | 1 | 30")], Some(2 * S)),
+            // After the restore: a deletion promotes a row the checkpoint had kept.
+            (vec![c("- 1 | 5 | 10\n+ 2 | 8 | 20")], Some(3 * S)),
+            (vec![c("- 3 | 1 | 30\n+ 1 | 4 | 10")], Some(4 * S)),
+        ];
+        let plain = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables;
+            Box::new(op(RankFunc::Rank, 1, 2, true).with_checkpoints(tables.remove(0)))
+        };
+        crate::testing::assert_restores_exactly(plain, 1, &epochs, 2);
+        // Partitions by the closing column, emitted on close: the closing index comes back.
+        let closing = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables;
+            let spec = TopNSpec {
+                partition: vec![(
+                    col("t", &input).unwrap(),
+                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+                )],
+                order: vec![(
+                    col("v", &input).unwrap(),
+                    DataType::Int64,
+                    SortOptions::default(),
+                )],
+                func: RankFunc::RowNumber,
+                lo: 1,
+                hi: 1,
+                emit_rank: false,
+            };
+            Box::new(
+                TopN::new(spec, &input, input.clone())
+                    .unwrap()
+                    .with_window_close(WatermarkCol { col: 0, offset: 0 }, true)
+                    .with_append_only_input()
+                    .with_checkpoints(tables.remove(0)),
+            )
+        };
+        let epochs = vec![
+            (
+                vec![c("+ 1 | 7 | 10\n+ 2 | 3 | 10\n+ 3 | 1 | 20")],
+                Some(5 * S),
+            ),
+            (vec![c("+ 4 | 2 | 20")], Some(6 * S)),
+            (vec![c("+ 5 | 0 | 30")], Some(10 * S)),
+            (vec![c("+ 6 | 9 | 10")], Some(25 * S)),
+        ];
+        crate::testing::assert_restores_exactly(closing, 1, &epochs, 2);
     }
 }

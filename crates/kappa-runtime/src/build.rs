@@ -181,6 +181,10 @@ pub(crate) fn build_dataflow(
                 if let Some(c) = window_close {
                     op = op.with_window_close(*c, *emit_on_window_close);
                 }
+                if store.checkpointed() {
+                    op =
+                        op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.top"))?);
+                }
                 Box::new(op)
             }
             NodeKind::Union => Box::new(Union::new(schema)),
