@@ -431,7 +431,18 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
         // Every other run acknowledges writes without an fsync: they must survive SIGKILL
         // all the same (the process dies, the OS keeps what was written).
         let fsync_off = round % 2 == 0;
-        let s = Server::start(&dir, if fsync_off { &["--fsync", "off"] } else { &[] });
+        // Checkpoints every 200 ms, except in round 1: the restart after it recovers from an
+        // older checkpoint through a long tail of history.
+        let checkpoints = if round == 1 { "0" } else { "200" };
+        let s = Server::start(
+            &dir,
+            &[
+                "--fsync",
+                if fsync_off { "off" } else { "on" },
+                "--checkpoint-interval-ms",
+                checkpoints,
+            ],
+        );
         let c = s.client().await;
         // Each writer's statement in flight at the kill either happened wholly or not.
         for (m, op) in models.iter_mut().zip(in_flight) {
@@ -447,11 +458,20 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
         let (src, _, _) = query_text(&c, "SELECT rows FROM kappa_sources")
             .await
             .expect("source progress");
+        let (h, _, _) = query_text(
+            &c,
+            "SELECT recovered_from_checkpoint, recovered_records FROM kappa_history",
+        )
+        .await
+        .expect("kappa_history");
         eprintln!(
-            "round {round}: {} rows in t, {} in ev, source at row {}; tables and views exact after SIGKILL",
+            "round {round}: {} rows in t, {} in ev, source at row {}; recovered from the \
+             checkpoint at record {} and {} records after it; tables and views exact after SIGKILL",
             all.t.len(),
             all.ev.len(),
-            src[0][0]
+            src[0][0],
+            h[0][0],
+            h[0][1]
         );
         server = Some(s);
     }
@@ -491,7 +511,8 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     // The history describes itself: this start replayed it.
     let (h, _, _) = query_text(
         &c,
-        "SELECT data_dir, fsync, records > 1000, disk_bytes > 0, recovered_records > 1000 FROM kappa_history",
+        "SELECT data_dir, fsync, records > 1000, disk_bytes > 0, recovered_from_checkpoint > 0, \
+         checkpoints > 0, checkpoint_status FROM kappa_history",
     )
     .await
     .expect("kappa_history");
@@ -503,7 +524,10 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
             "f".into(),
             "t".into(),
             "t".into(),
-            "t".into()
+            // It started from a checkpoint and has taken more since.
+            "t".into(),
+            "t".into(),
+            "every 200 ms".into()
         ]]
     );
     s.kill();
