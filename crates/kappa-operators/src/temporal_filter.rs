@@ -15,7 +15,9 @@
 //!
 //! # State
 //! Changes waiting for `from` and changes to retract at `until`, each ordered by that time;
-//! both are freed as time passes.
+//! both are freed as time passes. With checkpoints every such entry is also written through
+//! to a `StateTable` under a unique id (`w` or `e` ‖ time ‖ id → row, weight, until), from
+//! which a restart rebuilds both indexes.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -40,11 +42,26 @@ pub struct TemporalFilter {
     rows: RowConverter,
     schema: SchemaRef,
     now: i64,
-    /// `from` → changes not yet visible, with their `until`.
-    waiting: BTreeMap<i64, Vec<(Bytes, i64, Option<i64>)>>,
-    /// `until` → visible changes to retract then.
-    expiring: BTreeMap<i64, Vec<(Bytes, i64)>>,
+    /// `from` → changes not yet visible, with their `until` and id.
+    waiting: BTreeMap<i64, Vec<(Bytes, i64, Option<i64>, u64)>>,
+    /// `until` → visible changes to retract then, with their id.
+    expiring: BTreeMap<i64, Vec<(Bytes, i64, u64)>>,
     entries: usize,
+    /// The id of the next entry.
+    next_id: u64,
+    /// With checkpoints: every entry, written through.
+    checkpointed: Option<Box<dyn kappa_state::StateTable>>,
+}
+
+const WAITING: u8 = b'w';
+const EXPIRING: u8 = b'e';
+
+/// An entry's key in the checkpoint table: kind ‖ time (order-preserving) ‖ id.
+fn entry_key(kind: u8, time: i64, id: u64) -> [u8; 17] {
+    let mut k = [kind; 17];
+    k[1..9].copy_from_slice(&((time as u64) ^ (1 << 63)).to_be_bytes());
+    k[9..].copy_from_slice(&id.to_be_bytes());
+    k
 }
 
 impl TemporalFilter {
@@ -61,7 +78,42 @@ impl TemporalFilter {
             waiting: BTreeMap::new(),
             expiring: BTreeMap::new(),
             entries: 0,
+            next_id: 0,
+            checkpointed: None,
         })
+    }
+
+    /// Keeps the state in `table` at checkpoints.
+    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+        self.checkpointed = Some(table);
+        self
+    }
+
+    /// Stores an entry (and writes it through); returns its id.
+    fn store(&mut self, kind: u8, time: i64, row: &Bytes, w: i64, until: Option<i64>) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries += 1;
+        if let Some(t) = &mut self.checkpointed {
+            let v = kappa_state::codec::Encoder::new()
+                .bytes(row)
+                .i64(w)
+                .opt_i64(until)
+                .finish();
+            t.put(
+                Arc::from(entry_key(kind, time, id).as_slice()),
+                Arc::from(v),
+            );
+        }
+        id
+    }
+
+    /// Forgets an entry.
+    fn forget(&mut self, kind: u8, time: i64, id: u64) {
+        self.entries -= 1;
+        if let Some(t) = &mut self.checkpointed {
+            t.delete(&entry_key(kind, time, id));
+        }
     }
 
     /// Per row, its visibility span `[from, until)`, or `None` if it is never visible.
@@ -100,8 +152,8 @@ impl TemporalFilter {
     }
 
     fn expire_at(&mut self, until: i64, row: Bytes, w: i64) {
-        self.expiring.entry(until).or_default().push((row, w));
-        self.entries += 1;
+        let id = self.store(EXPIRING, until, &row, w, None);
+        self.expiring.entry(until).or_default().push((row, w, id));
     }
 }
 
@@ -140,12 +192,12 @@ impl Operator for TemporalFilter {
                 Some((_, Some(until))) if until <= self.now => false,
                 Some((from, until)) if from > self.now => {
                     if until.is_none_or(|u| u > from) {
-                        self.waiting.entry(from).or_default().push((
-                            row(i)?,
-                            weights.value(i),
-                            until,
-                        ));
-                        self.entries += 1;
+                        let (r, w) = (row(i)?, weights.value(i));
+                        let id = self.store(WAITING, from, &r, w, until);
+                        self.waiting
+                            .entry(from)
+                            .or_default()
+                            .push((r, w, until, id));
                     }
                     false
                 }
@@ -173,9 +225,9 @@ impl Operator for TemporalFilter {
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         let mut changes = vec![];
-        for (_, rows) in crate::take_closed(&mut self.waiting, self.now) {
-            for (row, w, until) in rows {
-                self.entries -= 1;
+        for (from, rows) in crate::take_closed(&mut self.waiting, self.now) {
+            for (row, w, until, id) in rows {
+                self.forget(WAITING, from, id);
                 if until.is_none_or(|u| u > self.now) {
                     if let Some(u) = until {
                         self.expire_at(u, row.clone(), w);
@@ -184,9 +236,11 @@ impl Operator for TemporalFilter {
                 }
             }
         }
-        for (_, rows) in crate::take_closed(&mut self.expiring, self.now) {
-            self.entries -= rows.len();
-            changes.extend(rows.into_iter().map(|(r, w)| (r, -w)));
+        for (until, rows) in crate::take_closed(&mut self.expiring, self.now) {
+            for (row, w, id) in rows {
+                self.forget(EXPIRING, until, id);
+                changes.push((row, -w));
+            }
         }
         self.emit(changes, out)
     }
@@ -195,9 +249,66 @@ impl Operator for TemporalFilter {
         "StreamTemporalFilter"
     }
 
-    /// Not yet: its state is kept only in memory maps.
     fn checkpointable(&self) -> bool {
-        false
+        self.checkpointed.is_some()
+    }
+
+    fn checkpoint(&mut self) -> Result<Vec<u8>> {
+        Ok(kappa_state::codec::Encoder::new()
+            .i64(self.now)
+            .u64(self.next_id)
+            .finish())
+    }
+
+    fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
+        match &mut self.checkpointed {
+            Some(t) => vec![&mut **t],
+            None => Vec::new(),
+        }
+    }
+
+    /// Rebuilds both indexes from the written-through entries.
+    fn restore(&mut self, saved: &[u8]) -> Result<()> {
+        let mut d = kappa_state::codec::Decoder::new(saved, "a temporal filter");
+        self.now = d.i64()?;
+        self.next_id = d.u64()?;
+        d.end()?;
+        let Some(table) = &self.checkpointed else {
+            return Ok(());
+        };
+        self.waiting.clear();
+        self.expiring.clear();
+        self.entries = 0;
+        for (k, v) in table.snapshot().iter() {
+            let (kind, time, id) = match (k.first(), k.get(1..9), k.get(9..17)) {
+                (Some(&kind), Some(t), Some(id)) if k.len() == 17 => (
+                    kind,
+                    (u64::from_be_bytes(t.try_into().unwrap_or_default()) ^ (1 << 63)) as i64,
+                    u64::from_be_bytes(id.try_into().unwrap_or_default()),
+                ),
+                _ => {
+                    return Err(KappaError::user(
+                        kappa_common::SqlState::DATA_CORRUPTED,
+                        "the checkpointed state of a temporal filter is damaged",
+                    ));
+                }
+            };
+            let mut d = kappa_state::codec::Decoder::new(&v, "a temporal filter entry");
+            let row: Bytes = Arc::from(d.bytes()?);
+            let w = d.i64()?;
+            let until = d.opt_i64()?;
+            d.end()?;
+            match kind {
+                WAITING => self
+                    .waiting
+                    .entry(time)
+                    .or_default()
+                    .push((row, w, until, id)),
+                _ => self.expiring.entry(time).or_default().push((row, w, id)),
+            }
+            self.entries += 1;
+        }
+        Ok(())
     }
 
     fn state_entries(&self) -> usize {
@@ -259,5 +370,24 @@ mod tests {
         // The clock never goes back.
         let out = epoch(&mut op, 0, "+ e | 100");
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn a_restored_temporal_filter_shows_and_expires_rows_on_time() {
+        let c = |l: &str| (0, changes("k:utf8, t:ts", l));
+        let epochs = vec![
+            (vec![c("+ a | 100\n+ b | 150\n+2 e | 200")], Some(100 * S)),
+            (vec![c("+ f | 120")], Some(120 * S)),
+            // Restored: b appears at 140, a expires at 160, f at 180, e appears at 190.
+            (vec![c("- a | 100")], Some(140 * S)),
+            (vec![], Some(170 * S)),
+            (vec![c("- e | 200")], Some(195 * S)),
+            (vec![], Some(300 * S)),
+        ];
+        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+            let mut tables = tables;
+            Box::new(op().with_checkpoints(tables.remove(0)))
+        };
+        crate::testing::assert_restores_exactly(make, 1, &epochs, 2);
     }
 }

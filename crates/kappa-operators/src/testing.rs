@@ -184,7 +184,8 @@ impl CheckpointDisk {
     }
 }
 
-/// Runs `epochs` (per epoch: input port, change batch and the barrier's watermark) through
+/// Runs `epochs` (per epoch: input port and change batch, and the barrier's watermark,
+/// which is also the epoch's processing time, or 0 without one) through
 /// an operator built by `make`, checkpointing after each of the first `at` epochs; then
 /// builds a second operator over the checkpointed tables, restores it, and checks that
 /// both give the same changes and hold the same number of entries for every later epoch.
@@ -198,6 +199,7 @@ pub fn assert_restores_exactly(
     let mut live = make(disk.tables(tables));
     let run = |op: &mut dyn crate::Operator, e: usize| {
         let mut out = vec![];
+        op.advance_time(epochs[e].1.unwrap_or(0));
         for (port, b) in &epochs[e].0 {
             op.process(*port, b.clone(), &mut out).expect("process");
         }

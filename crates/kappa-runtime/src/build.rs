@@ -75,7 +75,12 @@ pub(crate) fn build_dataflow(
                     .iter()
                     .map(|b| Ok((compile(ctx, &b.expr, input)?, b.edge, b.offset)))
                     .collect::<Result<Vec<_>>>()?;
-                Box::new(TemporalFilter::new(bounds, schema)?)
+                let op = TemporalFilter::new(bounds, schema)?;
+                Box::new(if store.checkpointed() {
+                    op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.timed"))?)
+                } else {
+                    op
+                })
             }
             NodeKind::SessionWindow { time_col, spec } => {
                 let input_node = node
@@ -84,13 +89,18 @@ pub(crate) fn build_dataflow(
                     .map(|&i| &graph.nodes[i])
                     .ok_or_else(|| KappaError::internal("a session window needs an input"))?;
                 let time_offset = input_node.watermark_col(*time_col).map(|w| w.offset);
-                Box::new(SessionWindow::new(
+                let op = SessionWindow::new(
                     *time_col,
                     spec.clone(),
                     time_offset,
                     &arrow_schema(&input_node.schema),
                     schema,
-                )?)
+                )?;
+                Box::new(if store.checkpointed() {
+                    op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.sessions"))?)
+                } else {
+                    op
+                })
             }
             NodeKind::Aggregate {
                 group_exprs,
