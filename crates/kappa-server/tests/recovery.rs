@@ -534,6 +534,148 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Waits until a checkpoint covers every record the history holds.
+async fn wait_for_checkpoint(c: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = rows(
+            c,
+            "SELECT checkpoints > 0 AND last_checkpoint_record = records FROM kappa_history",
+        )
+        .await;
+        if r == vec![vec!["t".to_string()]] {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint was taken");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Session windows (updating and emit-on-close, whose contents are kept as appended
+/// batches), a temporal filter and a late row come back from a checkpoint plus a tail of
+/// history recorded after it, and go on exactly. Expected rows worked by hand: times are
+/// seconds after 2024-01-01 00:00:00, the gap is 10 s, the watermark the largest ts - 6 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("kappa-restore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let at = |s: u32| format!("'2024-01-01 00:00:{s:02}'");
+    let ts = |s: u32| format!("2024-01-01 00:00:{s:02}");
+
+    // 1. Everything up to here is in a checkpoint.
+    let s = Server::start(&dir, &["--checkpoint-interval-ms", "100"]);
+    let c = s.client().await;
+    c.batch_execute(&format!(
+        "CREATE TABLE clicks (user_id BIGINT, page TEXT, ts TIMESTAMP,
+           WATERMARK FOR ts AS ts - INTERVAL '6' SECOND);
+         CREATE TABLE pings (id BIGINT, ts TIMESTAMP);
+         CREATE MATERIALIZED VIEW sess AS
+           SELECT user_id, window_start, window_end, count(*) AS n
+           FROM SESSION(clicks, ts, INTERVAL '10' SECOND, user_id)
+           GROUP BY user_id, window_start, window_end;
+         CREATE MATERIALIZED VIEW sess_eowc AS
+           SELECT user_id, window_start, window_end, count(*) AS n
+           FROM SESSION(clicks, ts, INTERVAL '10' SECOND, user_id)
+           GROUP BY user_id, window_start, window_end
+           EMIT ON WINDOW CLOSE;
+         CREATE MATERIALIZED VIEW recent AS
+           SELECT id FROM pings WHERE ts > now() - INTERVAL '1' HOUR;
+         INSERT INTO clicks VALUES (1, 'a', {}), (1, 'b', {}), (2, 'a', {});
+         INSERT INTO pings VALUES (1, now()), (2, '2024-01-01 00:00:00');",
+        at(0),
+        at(4),
+        at(3)
+    ))
+    .await
+    .expect("setup");
+    wait_for_checkpoint(&c).await;
+    s.kill();
+
+    // 2. Without checkpoints: this part is only in the history's tail.
+    let s = Server::start(&dir, &["--checkpoint-interval-ms", "0"]);
+    let c = s.client().await;
+    // u1 grows to [0, 22); u2 starts [30, 40); the watermark (24 s) closes [3, 13), [0, 22).
+    c.batch_execute(&format!(
+        "INSERT INTO clicks VALUES (1, 'c', {}), (2, 'b', {});
+         INSERT INTO pings VALUES (3, now());",
+        at(12),
+        at(30)
+    ))
+    .await
+    .expect("tail");
+    c.batch_execute("FLUSH").await.expect("flush");
+    s.kill();
+
+    // 3. From the checkpoint and the tail, then on: u2's session grows, 5 s is late.
+    let s = Server::start(&dir, &["--checkpoint-interval-ms", "100"]);
+    let c = s.client().await;
+    let (h, _, _) = query_text(
+        &c,
+        "SELECT recovered_from_checkpoint > 0, recovered_records FROM kappa_history",
+    )
+    .await
+    .expect("kappa_history");
+    // 5 DDL statements and the tail's 3 writes and their epoch.
+    assert_eq!(h, vec![vec!["t".to_string(), "9".to_string()]]);
+    c.batch_execute(&format!(
+        "INSERT INTO clicks VALUES (2, 'c', {}), (1, 'z', {});
+         DELETE FROM pings WHERE id = 1;
+         FLUSH;",
+        at(31),
+        at(5)
+    ))
+    .await
+    .expect("after");
+    let row = |u: &str, a: u32, b: u32, n: &str| vec![u.to_string(), ts(a), ts(b), n.to_string()];
+    assert_eq!(
+        rows(&c, "SELECT * FROM sess").await,
+        vec![
+            row("1", 0, 22, "3"),
+            row("2", 3, 13, "1"),
+            row("2", 30, 41, "2")
+        ]
+    );
+    assert_eq!(
+        rows(&c, "SELECT * FROM sess_eowc").await,
+        vec![row("1", 0, 22, "3"), row("2", 3, 13, "1")]
+    );
+    assert_eq!(
+        rows(&c, "SELECT * FROM recent").await,
+        vec![vec!["3".to_string()]]
+    );
+    assert_eq!(
+        rows(
+            &c,
+            "SELECT name, late_rows FROM kappa_view_stats WHERE name = 'sess'"
+        )
+        .await,
+        vec![vec!["sess".to_string(), "1".to_string()]]
+    );
+    // And a restart right after a checkpoint of all that gives the same.
+    wait_for_checkpoint(&c).await;
+    s.kill();
+    let s = Server::start(&dir, &[]);
+    let c = s.client().await;
+    assert_eq!(
+        rows(&c, "SELECT * FROM sess_eowc").await,
+        vec![row("1", 0, 22, "3"), row("2", 3, 13, "1")]
+    );
+    assert_eq!(
+        rows(&c, "SELECT * FROM sess").await,
+        vec![
+            row("1", 0, 22, "3"),
+            row("2", 3, 13, "1"),
+            row("2", 30, 41, "2")
+        ]
+    );
+    assert_eq!(
+        rows(&c, "SELECT * FROM recent").await,
+        vec![vec!["3".to_string()]]
+    );
+    s.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A corrupt data directory is refused at start with a message that says what is wrong.
 #[test]
 fn a_corrupt_data_directory_is_refused_at_start() {
