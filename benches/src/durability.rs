@@ -21,6 +21,7 @@ struct Outcome {
     rows: u64,
     seconds: f64,
     freshness_ms: Vec<f64>,
+    checkpoints: Option<String>,
 }
 
 async fn run(config: EngineConfig, seconds: u64, clients: u64, rows_per: u64) -> Outcome {
@@ -110,6 +111,7 @@ async fn run(config: EngineConfig, seconds: u64, clients: u64, rows_per: u64) ->
         rows: statements * rows_per,
         seconds,
         freshness_ms,
+        checkpoints: kappa_sql_tests::checkpoint_report(&admin).await,
     }
 }
 
@@ -144,6 +146,9 @@ async fn main() {
             o.freshness_ms.last().copied().unwrap_or(f64::NAN),
             o.freshness_ms.len(),
         );
+        if let Some(c) = &o.checkpoints {
+            println!("  {:<20} {c}", "");
+        }
     }
     println!("  peak RSS (whole run): {:.0} MiB", peak_rss_mib());
     let _ = std::fs::remove_dir_all(&base);

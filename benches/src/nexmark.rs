@@ -268,5 +268,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         events as f64 / secs / 1e6,
         peak_rss_mib()
     );
+    if let Some(c) = kappa_sql_tests::checkpoint_report(&client).await {
+        println!("nexmark {name}: {c}");
+    }
     Ok(())
 }

@@ -276,6 +276,28 @@ impl Drop for Postgres {
 }
 
 /// The `p`-quantile (0..=1) of ascending `sorted` samples, nearest rank; NaN when empty.
+/// The server's checkpoints so far, as benchmarks report them; `None` when its state is in
+/// memory (no `kappa_history` row).
+pub async fn checkpoint_report(c: &Client) -> Option<String> {
+    let row = c
+        .query_opt(
+            "SELECT checkpoints, last_checkpoint_ms, max_checkpoint_ms, last_checkpoint_bytes, \
+             disk_bytes, checkpoint_status FROM kappa_history",
+            &[],
+        )
+        .await
+        .ok()??;
+    Some(format!(
+        "checkpoints={} last={:.1}ms max={:.1}ms last_size={}KiB data_dir={}MiB ({})",
+        row.get::<_, i64>(0),
+        row.get::<_, f64>(1),
+        row.get::<_, f64>(2),
+        row.get::<_, i64>(3) / 1024,
+        row.get::<_, i64>(4) / (1 << 20),
+        row.get::<_, String>(5),
+    ))
+}
+
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len().max(1) - 1) as f64 * p).round() as usize;
     sorted.get(i).copied().unwrap_or(f64::NAN)

@@ -75,6 +75,10 @@ pub struct EngineConfig {
     /// With a data directory: how often every view's state is checkpointed (`None`: never;
     /// recovery then replays the whole history).
     pub checkpoint_interval: Option<Duration>,
+    /// With a data directory: keep state tables on disk and use about this much memory for
+    /// them (RocksDB's cache and write buffers get half, the changes not yet checkpointed
+    /// the other half). `None`: state tables are kept in memory whole.
+    pub state_memory: Option<u64>,
 }
 
 impl Default for EngineConfig {
@@ -84,6 +88,7 @@ impl Default for EngineConfig {
             data_dir: None,
             fsync: true,
             checkpoint_interval: Some(Duration::from_secs(1)),
+            state_memory: None,
         }
     }
 }
@@ -98,7 +103,7 @@ pub struct Engine {
 impl Engine {
     /// Starts an engine with in-memory state and its background barrier loop.
     pub fn start(config: EngineConfig) -> Arc<Self> {
-        let engine = Self::new(None, None);
+        let engine = Self::new(None, &config);
         engine.spawn_barriers(config.barrier_interval);
         engine
     }
@@ -110,28 +115,36 @@ impl Engine {
         let Some(dir) = config.data_dir.clone() else {
             return Ok(Self::start(config));
         };
-        let fsync = config.fsync;
-        let history = tokio::task::spawn_blocking(move || {
-            kappa_state::History::open(&dir, kappa_state::HistoryOptions { fsync })
-        })
-        .await
-        .map_err(|e| KappaError::internal(format!("opening the data directory failed: {e}")))??;
-        let engine = Self::new(Some(Arc::new(history)), config.checkpoint_interval);
+        let options = kappa_state::HistoryOptions {
+            fsync: config.fsync,
+            cache_bytes: config.state_memory.map(|m| m / 2),
+        };
+        let history =
+            tokio::task::spawn_blocking(move || kappa_state::History::open(&dir, options))
+                .await
+                .map_err(|e| {
+                    KappaError::internal(format!("opening the data directory failed: {e}"))
+                })??;
+        let engine = Self::new(Some(Arc::new(history)), &config);
         engine.recover().await?;
         engine.spawn_barriers(config.barrier_interval);
         Ok(engine)
     }
 
-    fn new(
-        history: Option<Arc<kappa_state::History>>,
-        checkpoint_interval: Option<Duration>,
-    ) -> Arc<Self> {
-        let store: Arc<dyn StateStore> = match &history {
-            Some(h) => Arc::new(kappa_state::CheckpointedStore::new(h.clone())),
-            None => Arc::new(MemStateStore),
+    fn new(history: Option<Arc<kappa_state::History>>, config: &EngineConfig) -> Arc<Self> {
+        let mut checkpoints = config.checkpoint_interval;
+        let store: Arc<dyn StateStore> = match (&history, config.state_memory) {
+            (Some(h), Some(memory)) => {
+                // Changes stay in memory until a checkpoint writes them: spilled state
+                // needs checkpoints.
+                checkpoints.get_or_insert(Duration::from_secs(1));
+                Arc::new(kappa_state::SpillStore::new(h.clone(), memory / 2))
+            }
+            (Some(h), None) => Arc::new(kappa_state::CheckpointedStore::new(h.clone())),
+            (None, _) => Arc::new(MemStateStore),
         };
         let mut runtime = Runtime::new(store, history);
-        if let Some(interval) = checkpoint_interval {
+        if let Some(interval) = checkpoints {
             runtime = runtime.with_checkpoints(interval);
         }
         Arc::new(Self {

@@ -165,7 +165,10 @@ impl CheckpointDisk {
         assert!(op.checkpointable());
         self.saved = op.checkpoint().expect("checkpoint");
         for (i, t) in op.state_tables().into_iter().enumerate() {
-            let (_, changes) = t.take_changes().expect("a tracked table");
+            let mut taken = Vec::new();
+            t.take_changes(&mut taken);
+            t.checkpoint_done(true);
+            let (_, changes) = taken.pop().expect("a tracked table");
             if self.tables.len() <= i {
                 self.tables.resize_with(i + 1, BTreeMap::new);
             }

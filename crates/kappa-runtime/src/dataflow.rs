@@ -9,8 +9,7 @@ use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::codec::{Decoder, Encoder};
 use kappa_state::{Bytes, StateTable};
 
-/// A state table's changes since the last checkpoint, by table name.
-pub(crate) type TableChanges = Vec<(String, Vec<(Bytes, Option<Bytes>)>)>;
+pub(crate) use kappa_state::TableChanges;
 
 /// The tables a view keeps beside its operators' when its state is checkpointed.
 pub(crate) struct ViewTables {
@@ -180,11 +179,6 @@ impl Dataflow {
         for (i, op) in self.ops.iter_mut().enumerate() {
             let saved = op.checkpoint()?;
             tables.meta.put(node_key(i), std::sync::Arc::from(saved));
-            out.extend(
-                op.state_tables()
-                    .into_iter()
-                    .filter_map(|t| t.take_changes()),
-            );
         }
         let view = Encoder::new()
             .opt_i64(self.watermark.watermark)
@@ -195,24 +189,50 @@ impl Dataflow {
         tables
             .meta
             .put(std::sync::Arc::from(VIEW_KEY), std::sync::Arc::from(view));
-        let mut contents = self
+        if let ViewContents::AppendOnly(batches) = &*self
             .contents
             .lock()
-            .map_err(|_| KappaError::internal("view contents lock poisoned"))?;
-        match &mut *contents {
-            ViewContents::Multiset(m) => out.extend(m.table_mut().take_changes()),
-            ViewContents::AppendOnly(batches) => {
-                for (i, b) in batches.iter().enumerate().skip(tables.appended_len) {
-                    tables.appended.put(
-                        std::sync::Arc::from((i as u64).to_be_bytes().as_slice()),
-                        std::sync::Arc::from(kappa_state::codec::ipc_bytes(b)?),
-                    );
-                }
-                tables.appended_len = batches.len();
+            .map_err(|_| KappaError::internal("view contents lock poisoned"))?
+        {
+            for (i, b) in batches.iter().enumerate().skip(tables.appended_len) {
+                tables.appended.put(
+                    std::sync::Arc::from((i as u64).to_be_bytes().as_slice()),
+                    std::sync::Arc::from(kappa_state::codec::ipc_bytes(b)?),
+                );
+            }
+            tables.appended_len = batches.len();
+        }
+        self.for_each_table(&mut |t| t.take_changes(out))
+    }
+
+    /// Right before the checkpoint is written (see `StateTable::before_checkpoint_write`).
+    pub fn before_checkpoint_write(&mut self) -> Result<()> {
+        self.for_each_table(&mut |t| t.before_checkpoint_write())
+    }
+
+    /// The checkpoint holding the changes taken was written or abandoned.
+    pub fn checkpoint_done(&mut self, written: bool) -> Result<()> {
+        self.for_each_table(&mut |t| t.checkpoint_done(written))
+    }
+
+    /// Every state table of the view: its operators', its contents', its own.
+    fn for_each_table(&mut self, f: &mut dyn FnMut(&mut dyn StateTable)) -> Result<()> {
+        for op in &mut self.ops {
+            for t in op.state_tables() {
+                f(t);
             }
         }
-        out.extend(tables.meta.take_changes());
-        out.extend(tables.appended.take_changes());
+        if let ViewContents::Multiset(m) = &mut *self
+            .contents
+            .lock()
+            .map_err(|_| KappaError::internal("view contents lock poisoned"))?
+        {
+            f(m.table_mut());
+        }
+        if let Some(tables) = &mut self.checkpointed {
+            f(tables.meta.as_mut());
+            f(tables.appended.as_mut());
+        }
         Ok(())
     }
 

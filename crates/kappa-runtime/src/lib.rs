@@ -111,8 +111,9 @@ struct Inner {
     relations_changed: bool,
     /// The idle inputs of the last recorded epoch.
     recorded_idle: Vec<RelationId>,
-    /// When the last checkpoint was taken (or the runtime started).
+    /// When the last checkpoint was taken (or the runtime started), and last attempted.
     last_checkpoint: std::time::Instant,
+    last_attempt: std::time::Instant,
     /// Something was recorded since the last checkpoint.
     changed_since_checkpoint: bool,
     /// Name prefixes of the state of relations dropped since the last checkpoint.
@@ -208,10 +209,11 @@ pub struct CheckpointStats {
     pub last_ms: f64,
     pub last_bytes: u64,
     pub max_ms: f64,
-    /// Set when a checkpoint failed; no checkpoint is taken after that until a restart
-    /// (the history keeps everything since the last good one, so recovery stays exact).
+    /// Why the last checkpoint attempt failed (cleared by the next one written). Nothing is
+    /// lost: the history keeps everything since the last good one, and the next checkpoint
+    /// writes everything the failed one would have.
     pub failed: Option<String>,
-    /// Why checkpoints are not being taken right now, if they are not.
+    /// Why the last checkpoint due was not taken, if it was not.
     pub paused: Option<String>,
 }
 
@@ -379,6 +381,7 @@ impl Runtime {
                 relations_changed: false,
                 recorded_idle: Vec::new(),
                 last_checkpoint: std::time::Instant::now(),
+                last_attempt: std::time::Instant::now(),
                 changed_since_checkpoint: false,
                 dropped_state: Vec::new(),
                 checkpoints: CheckpointStats::default(),
@@ -1062,7 +1065,11 @@ impl Runtime {
                 });
                 if let Some(f) = failed_input {
                     view.failure = Some(f);
-                } else if let Err(e) = view.run_epoch(epoch, now, &deltas, &times) {
+                } else if let Err(e) = view
+                    .run_epoch(epoch, now, &deltas, &times)
+                    // A read of stored state that failed while the view ran.
+                    .and_then(|()| self.store.take_error().map_or(Ok(()), Err))
+                {
                     tracing::error!(view = view.name(), error = %e, "materialized view failed");
                     view.failure = Some(format!(
                         "materialized view \"{}\" stopped updating at epoch {epoch}: {e}",
@@ -1104,27 +1111,37 @@ impl Runtime {
             Ok(mut p) => *p = snapshot,
             Err(p) => *p.into_inner() = snapshot,
         }
+        // The snapshot just replaced pins older state; dropped first, it does not hold the
+        // checkpoint back (a query's own reference still does).
+        drop(previous);
         if let Some(cp) = checkpoint {
             self.finish_checkpoint(inner, cp);
         }
         Ok(())
     }
 
-    /// Whether this barrier should take a checkpoint (live, its interval has passed, and
-    /// every view's state can be checkpointed).
+    /// Whether this barrier should take a checkpoint: live, and its interval has passed or
+    /// the store holds more unwritten changes than it should.
     fn checkpoint_due(&self, inner: &mut Inner) -> bool {
         let (Some(interval), Some(_)) = (self.checkpoint_interval, &self.history) else {
             return false;
         };
-        if self.recovering()
-            || inner.checkpoints.failed.is_some()
-            || inner.last_checkpoint.elapsed() < interval
-        {
+        // Early when the store holds too many unwritten changes — but an attempt held back
+        // by a query is not repeated at every epoch.
+        let full = self
+            .store
+            .pending_limit()
+            .is_some_and(|limit| self.store.pending_bytes() >= limit)
+            && inner.last_attempt.elapsed() >= interval / 10;
+        if self.recovering() || (inner.last_checkpoint.elapsed() < interval && !full) {
+            return false;
+        }
+        if inner.last_attempt.elapsed() < interval / 10 {
             return false;
         }
         inner.checkpoints.paused = inner.views.iter().find(|v| !v.checkpointable()).map(|v| {
             format!(
-                "materialized view \"{}\" uses an operator whose state cannot be checkpointed yet",
+                "materialized view \"{}\" uses an operator whose state cannot be checkpointed",
                 v.name()
             )
         });
@@ -1140,41 +1157,52 @@ impl Runtime {
         tables: &BTreeMap<RelationId, Arc<Table>>,
     ) -> Option<PendingCheckpoint> {
         let started = std::time::Instant::now();
-        let mut changes = Vec::new();
-        let mut watermarks = HashMap::new();
+        inner.last_attempt = started;
+        let mut cp = PendingCheckpoint {
+            seq,
+            elapsed: std::time::Duration::ZERO,
+            changes: Vec::new(),
+            watermarks: HashMap::new(),
+            tables: Vec::new(),
+        };
         for (id, table) in tables {
-            match table.checkpoint(&mut changes) {
+            cp.tables.push(table.clone());
+            match table.checkpoint(&mut cp.changes) {
                 Ok(wm) => {
-                    watermarks.insert(*id, wm);
+                    cp.watermarks.insert(*id, wm);
                 }
                 Err(e) => {
-                    self.checkpoint_failed(inner, &e);
+                    self.checkpoint_ended(inner, &cp, 0, Err(e));
                     return None;
                 }
             }
         }
-        Some(PendingCheckpoint {
-            seq,
-            started,
-            changes,
-            watermarks,
-        })
+        cp.elapsed = started.elapsed();
+        Some(cp)
     }
 
     /// After the epoch's views ran: adds their changes and the runtime's state, and writes
-    /// the checkpoint.
-    fn finish_checkpoint(&self, inner: &mut Inner, cp: PendingCheckpoint) {
-        let PendingCheckpoint {
-            seq,
-            started,
-            mut changes,
-            watermarks,
-        } = cp;
+    /// the checkpoint — unless a live snapshot still reads what it would change.
+    fn finish_checkpoint(&self, inner: &mut Inner, mut cp: PendingCheckpoint) {
+        let started = std::time::Instant::now();
+        let mut taken = 0;
         for view in &mut inner.views {
-            if let Err(e) = view.checkpoint(&mut changes) {
-                self.checkpoint_failed(inner, &e);
+            taken += 1;
+            if let Err(e) = view.checkpoint(&mut cp.changes) {
+                self.checkpoint_ended(inner, &cp, taken, Err(e));
                 return;
             }
+        }
+        let mut prepared: Result<()> = Ok(());
+        for t in &cp.tables {
+            prepared = prepared.and(t.before_checkpoint_write());
+        }
+        for v in &mut inner.views {
+            prepared = prepared.and(v.before_checkpoint_write());
+        }
+        if let Err(e) = prepared {
+            self.checkpoint_ended(inner, &cp, taken, Err(e));
+            return;
         }
         let state = RuntimeCheckpoint {
             epoch: inner.epoch,
@@ -1194,50 +1222,79 @@ impl Runtime {
                     )
                 })
                 .collect(),
-            tables: watermarks,
+            tables: std::mem::take(&mut cp.watermarks),
             views: inner.views.iter().map(|v| v.relation).collect(),
         };
         let Some(history) = &self.history else {
             return;
         };
         let written = history.checkpoint(
-            seq,
+            cp.seq,
             &state.encode(),
             &kappa_state::CheckpointState {
-                tables: changes,
-                dropped: std::mem::take(&mut inner.dropped_state),
+                tables: std::mem::take(&mut cp.changes),
+                dropped: inner.dropped_state.clone(),
             },
         );
-        match written {
-            Ok(bytes) => {
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                let c = &mut inner.checkpoints;
+        if written.is_ok() {
+            inner.dropped_state.clear();
+        }
+        cp.elapsed += started.elapsed();
+        self.checkpoint_ended(inner, &cp, taken, written.map(Some));
+    }
+
+    /// Tells every table whose changes were taken (the tables, and the first `views` views)
+    /// whether the checkpoint was written, and keeps the statistics. A checkpoint that was
+    /// not written costs nothing: its changes are taken again by the next.
+    fn checkpoint_ended(
+        &self,
+        inner: &mut Inner,
+        cp: &PendingCheckpoint,
+        views: usize,
+        outcome: Result<Option<u64>>,
+    ) {
+        let written = matches!(outcome, Ok(Some(_)));
+        let mut done: Result<()> = Ok(());
+        for t in &cp.tables {
+            done = done.and(t.checkpoint_done(written));
+        }
+        for v in inner.views.iter_mut().take(views) {
+            done = done.and(v.checkpoint_done(written));
+        }
+        let c = &mut inner.checkpoints;
+        match (outcome, done) {
+            (Ok(Some(bytes)), Ok(())) => {
+                // The checkpoint's own work: collecting the changes and writing them (not
+                // the epoch's processing in between).
+                let ms = cp.elapsed.as_secs_f64() * 1e3;
                 c.count += 1;
-                c.last_seq = seq;
+                c.last_seq = cp.seq;
                 c.last_ms = ms;
                 c.last_bytes = bytes;
                 c.max_ms = c.max_ms.max(ms);
+                c.failed = None;
+                c.paused = None;
                 inner.last_checkpoint = std::time::Instant::now();
                 inner.changed_since_checkpoint = false;
             }
-            Err(e) => self.checkpoint_failed(inner, &e),
+            (Ok(None), Ok(())) => {}
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "checkpoint failed; the next one will retry");
+                c.failed = Some(e.to_string());
+            }
         }
-    }
-
-    /// Changes already taken from the state tables are lost to later checkpoints, so none is
-    /// taken after a failure; the history still holds everything since the last good one.
-    fn checkpoint_failed(&self, inner: &mut Inner, e: &KappaError) {
-        tracing::error!(error = %e, "checkpoint failed; no more checkpoints until a restart");
-        inner.checkpoints.failed = Some(e.to_string());
     }
 }
 
 /// A checkpoint between the tables' cut and the end of its epoch.
 struct PendingCheckpoint {
     seq: u64,
-    started: std::time::Instant,
+    /// Time spent on the checkpoint so far.
+    elapsed: std::time::Duration,
     changes: dataflow::TableChanges,
     watermarks: HashMap<RelationId, Option<i64>>,
+    /// The tables whose changes were taken.
+    tables: Vec<Arc<Table>>,
 }
 
 #[cfg(test)]

@@ -329,12 +329,27 @@ impl Table {
         &self,
         out: &mut crate::dataflow::TableChanges,
     ) -> Result<Option<i64>> {
+        self.for_each_table(&mut |t| t.take_changes(out))?;
+        Ok(self.inner()?.clock.as_ref().and_then(|c| c.watermark))
+    }
+
+    /// Right before the checkpoint is written (see `StateTable::before_checkpoint_write`).
+    pub(crate) fn before_checkpoint_write(&self) -> Result<()> {
+        self.for_each_table(&mut |t| t.before_checkpoint_write())
+    }
+
+    /// The checkpoint holding the changes taken was written or abandoned.
+    pub(crate) fn checkpoint_done(&self, written: bool) -> Result<()> {
+        self.for_each_table(&mut |t| t.checkpoint_done(written))
+    }
+
+    fn for_each_table(&self, f: &mut dyn FnMut(&mut dyn StateTable)) -> Result<()> {
         let mut inner = self.inner()?;
-        out.extend(inner.contents.table_mut().take_changes());
+        f(inner.contents.table_mut());
         if let Some((_, index)) = &mut inner.pk_index {
-            out.extend(index.take_changes());
+            f(index.as_mut());
         }
-        Ok(inner.clock.as_ref().and_then(|c| c.watermark))
+        Ok(())
     }
 
     /// After the table was created over restored state: its watermark at the checkpoint.

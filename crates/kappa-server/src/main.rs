@@ -39,6 +39,11 @@ enum Command {
         /// then replays the whole history).
         #[arg(long, default_value_t = 1000)]
         checkpoint_interval_ms: u64,
+        /// Keep state tables on disk and use about this many MiB of memory for them (the
+        /// rest of the state, e.g. joins' and top-N's, stays in memory). Default: all state
+        /// in memory. Needs checkpoints (an interval of 0 becomes 1000).
+        #[arg(long)]
+        state_memory_mb: Option<u64>,
     },
 }
 
@@ -79,6 +84,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             fsync,
             barrier_interval_ms,
             checkpoint_interval_ms,
+            state_memory_mb,
         } => {
             let engine = Engine::open(EngineConfig {
                 barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
@@ -86,6 +92,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 fsync: fsync == "on",
                 checkpoint_interval: (checkpoint_interval_ms > 0)
                     .then(|| std::time::Duration::from_millis(checkpoint_interval_ms)),
+                state_memory: state_memory_mb.map(|m| m << 20),
             })
             .await
             .map_err(|e| e.to_string())?;

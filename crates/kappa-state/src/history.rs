@@ -46,9 +46,13 @@ const FORMAT: &[u8] = b"kappa-history-2";
 /// order; DDL records `d` ‖ seq, in the same sequence.
 const RECORD_PREFIX: u8 = b'h';
 const DDL_PREFIX: u8 = b'd';
-/// State tables' entries: `s` ‖ table name ‖ 0 ‖ key.
+/// State tables' entries: `s` ‖ table name ‖ 0 ‖ key, in their own column family (so the
+/// compaction of state never rewrites history records, and truncated history can be
+/// dropped a file at a time).
 const STATE_PREFIX: u8 = b's';
-/// The last checkpoint: seq (8 bytes, little-endian) ‖ the runtime's encoding.
+const STATE_CF: &str = "state";
+/// The last checkpoint (in the state column family): seq (8 bytes, little-endian) ‖ the
+/// runtime's encoding.
 const CHECKPOINT_KEY: &[u8] = b"m/checkpoint";
 
 const TAG_DDL: u8 = 1;
@@ -86,9 +90,13 @@ pub struct SourcePosition {
     pub finished: bool,
 }
 
+#[derive(Default)]
 pub struct HistoryOptions {
     /// `fsync` the log before a write is acknowledged.
     pub fsync: bool,
+    /// Memory for RocksDB's block cache (state read back from disk) and write buffers;
+    /// `None`: RocksDB's defaults.
+    pub cache_bytes: Option<u64>,
 }
 
 pub struct History {
@@ -126,9 +134,43 @@ impl History {
         }
         let mut opts = rocksdb::Options::default();
         opts.create_if_missing(!has_db);
+        opts.create_missing_column_families(!has_db);
         opts.set_paranoid_checks(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
-        let db = rocksdb::DB::open(&opts, dir).map_err(|e| unusable(e.to_string()))?;
+        opts.set_max_background_jobs(2);
+        let mut state = opts.clone();
+        if let Some(bytes) = options.cache_bytes {
+            // Three quarters for the block cache, the rest for the state's write buffers.
+            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            let mut block = rocksdb::BlockBasedOptions::default();
+            block.set_block_cache(&rocksdb::Cache::new_lru_cache(bytes / 4 * 3));
+            // Index and filter blocks stay with their files (about 1.5 bytes per key), not in
+            // the cache: a small cache would evict them and re-read them for every lookup.
+            block.set_bloom_filter(10.0, false);
+            state.set_block_based_table_factory(&block);
+            state.set_write_buffer_size((bytes / 8).max(4 << 20));
+            state.set_max_write_buffer_number(2);
+        }
+        if has_db {
+            let families = rocksdb::DB::list_cf(&opts, dir).map_err(|e| unusable(e.to_string()))?;
+            if !families.iter().any(|f| f == STATE_CF) {
+                return Err(unusable(
+                    "it is a RocksDB database but not Kappa's (or from an older version)".into(),
+                ));
+            }
+        }
+        let db = rocksdb::DB::open_cf_descriptors(
+            &opts,
+            dir,
+            [
+                rocksdb::ColumnFamilyDescriptor::new(
+                    rocksdb::DEFAULT_COLUMN_FAMILY_NAME,
+                    opts.clone(),
+                ),
+                rocksdb::ColumnFamilyDescriptor::new(STATE_CF, state),
+            ],
+        )
+        .map_err(|e| unusable(e.to_string()))?;
         match db.get(FORMAT_KEY).map_err(|e| unusable(e.to_string()))? {
             Some(f) if f.as_slice() == FORMAT => {}
             Some(f) => {
@@ -161,8 +203,11 @@ impl History {
             }
         }
         // A checkpoint may have deleted every record after the last DDL statement.
+        let cf = db
+            .cf_handle(STATE_CF)
+            .ok_or_else(|| unusable("its state column family is missing".into()))?;
         if let Some(cp) = db
-            .get(CHECKPOINT_KEY)
+            .get_cf(cf, CHECKPOINT_KEY)
             .map_err(|e| unusable(e.to_string()))?
         {
             last = last.max(checkpoint_seq(&cp).map_err(unusable)?);
@@ -327,7 +372,7 @@ impl History {
     pub fn last_checkpoint(&self) -> Result<Option<(u64, Vec<u8>)>> {
         let Some(v) = self
             .db
-            .get(CHECKPOINT_KEY)
+            .get_cf(self.state_cf()?, CHECKPOINT_KEY)
             .map_err(|e| storage_error("cannot read the last checkpoint", &e))?
         else {
             return Ok(None);
@@ -345,10 +390,10 @@ impl History {
     pub fn load_state(&self, table: &str) -> Result<Vec<(Bytes, Bytes)>> {
         let prefix = state_key(table, &[]);
         let mut out = Vec::new();
-        for item in self.db.iterator(rocksdb::IteratorMode::From(
-            &prefix,
-            rocksdb::Direction::Forward,
-        )) {
+        for item in self.db.iterator_cf(
+            self.state_cf()?,
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
             let (k, v) = item.map_err(|e| storage_error("cannot read checkpointed state", &e))?;
             let Some(key) = k.strip_prefix(prefix.as_slice()) else {
                 break;
@@ -358,42 +403,104 @@ impl History {
         Ok(out)
     }
 
+    /// A state table's stored entry (as of the last checkpoint written).
+    pub(crate) fn state_get(&self, table: &str, key: &[u8]) -> Result<Option<Bytes>> {
+        self.db
+            .get_pinned_cf(self.state_cf()?, state_key(table, key))
+            .map(|v| v.map(|v| Bytes::from(&*v)))
+            .map_err(|e| storage_error("cannot read state", &e))
+    }
+
+    /// A state table's stored entries with keys in `[from, to)` (`to` `None`: to the end),
+    /// in key order or (`reverse`) the opposite.
+    pub(crate) fn state_range<'a>(
+        &'a self,
+        table: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        reverse: bool,
+    ) -> impl Iterator<Item = Result<(Bytes, Bytes)>> + 'a {
+        let prefix = state_key(table, &[]);
+        let lower = state_key(table, from);
+        let upper = match to {
+            Some(t) => state_key(table, t),
+            // The table's end: its name's terminating 0 becomes 1.
+            None => {
+                let mut u = prefix.clone();
+                if let Some(last) = u.last_mut() {
+                    *last = 1;
+                }
+                u
+            }
+        };
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(lower.clone());
+        ro.set_iterate_upper_bound(upper);
+        let mode = if reverse {
+            rocksdb::IteratorMode::End
+        } else {
+            rocksdb::IteratorMode::Start
+        };
+        let items: Box<dyn Iterator<Item = _>> = match self.state_cf() {
+            Ok(cf) => Box::new(self.db.iterator_cf_opt(cf, ro, mode).map(move |item| {
+                let (k, v) = item.map_err(|e| storage_error("cannot read state", &e))?;
+                let key = k.get(prefix.len()..).unwrap_or_default();
+                Ok((Bytes::from(key), Bytes::from(&*v)))
+            })),
+            Err(e) => Box::new(std::iter::once(Err(e))),
+        };
+        items
+    }
+
+    fn state_cf(&self) -> Result<&rocksdb::ColumnFamily> {
+        self.db
+            .cf_handle(STATE_CF)
+            .ok_or_else(|| KappaError::internal("the state column family is missing"))
+    }
+
     /// Writes a checkpoint atomically (see the module docs): the state tables' changes, the
     /// tables dropped since the last one (every entry whose table name starts with one of
     /// `dropped`), the runtime's state `meta` as of epoch record `seq`, and the deletion of
     /// the write and epoch records up to `seq`. Returns the bytes written.
     pub fn checkpoint(&self, seq: u64, meta: &[u8], state: &CheckpointState) -> Result<u64> {
+        let cf = self.state_cf()?;
         let mut batch = rocksdb::WriteBatch::default();
         for prefix in &state.dropped {
             let from = state_key(prefix, &[]);
             // Without the name's terminating 0: every table whose name extends the prefix.
             let from = &from[..from.len() - 1];
             if let Some(to) = crate::prefix_end(from) {
-                batch.delete_range(from, to.as_slice());
+                batch.delete_range_cf(cf, from, to.as_slice());
             }
         }
         for (table, changes) in &state.tables {
             for (k, v) in changes {
                 let key = state_key(table, k);
                 match v {
-                    Some(v) => batch.put(key, v),
-                    None => batch.delete(key),
+                    Some(v) => batch.put_cf(cf, key, v),
+                    None => batch.delete_cf(cf, key),
                 }
             }
         }
         let mut cp = seq.to_le_bytes().to_vec();
         cp.extend_from_slice(meta);
-        batch.put(CHECKPOINT_KEY, cp);
-        batch.delete_range(
+        batch.put_cf(cf, CHECKPOINT_KEY, cp);
+        let (from, to) = (
             key_of(RECORD_PREFIX, 0),
             key_of(RECORD_PREFIX, seq.saturating_add(1)),
         );
+        batch.delete_range(from, to);
         let bytes = batch.size_in_bytes() as u64;
         let mut wo = rocksdb::WriteOptions::default();
         wo.set_sync(self.fsync);
         self.db
             .write_opt(batch, &wo)
             .map_err(|e| storage_error("cannot write a checkpoint", &e))?;
+        // The deleted records' files can go at once instead of waiting for a compaction to
+        // read them (files that also hold later records stay until one does).
+        if let Err(e) = self.db.delete_file_in_range(from, to) {
+            tracing::warn!(error = %e, "cannot drop truncated history files");
+        }
         Ok(bytes)
     }
 
@@ -578,7 +685,13 @@ mod tests {
     }
 
     fn open(dir: &Path) -> Result<History> {
-        History::open(dir, HistoryOptions { fsync: true })
+        History::open(
+            dir,
+            HistoryOptions {
+                fsync: true,
+                ..HistoryOptions::default()
+            },
+        )
     }
 
     fn all(h: &History) -> Vec<(u64, Record)> {

@@ -11,12 +11,15 @@
 //! nothing across restarts; [`CheckpointedStore`] restores each table from the last
 //! checkpoint in the [`History`] and tracks the keys that change, which the runtime writes at
 //! the next checkpoint (only the changes: a checkpoint costs what changed, not what is held).
+//! [`SpillStore`] keeps only the changes since the last checkpoint in memory and reads the
+//! rest from RocksDB (whose cache has a memory budget): state larger than memory.
 
 mod checkpointed;
 pub mod codec;
 mod history;
 mod mem;
 mod multiset;
+mod spill;
 
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ pub use checkpointed::CheckpointedStore;
 pub use history::{CheckpointState, EpochRecord, History, HistoryOptions, Record, SourcePosition};
 pub use mem::{MemStateStore, MemStateTable};
 pub use multiset::{KeyRows, MultisetSnapshot, RowMultiset, decode_rows, row_converter};
+pub use spill::SpillStore;
 
 /// A key or value as stored. Cheap to clone.
 pub type Bytes = Arc<[u8]>;
@@ -43,13 +47,28 @@ pub trait StateTable: Send + Sync {
     }
     /// The contents as of now, unaffected by later writes.
     fn snapshot(&self) -> Arc<dyn StateSnapshot>;
-    /// For a table whose changes are checkpointed: its name and every key written since the
-    /// last call, each with its value now (`None`: deleted). `None` for a table that is not
-    /// checkpointed.
-    fn take_changes(&mut self) -> Option<(String, Vec<(Bytes, Option<Bytes>)>)> {
-        None
-    }
+
+    // Checkpoints (tables of a checkpointed store; the defaults are for tables that are not
+    // checkpointed). `take_changes` hands out the changes since the last checkpoint that was
+    // written; the table holds them as in flight until `checkpoint_done` says whether that
+    // checkpoint was written (they are then in the base) or abandoned (they are handed out
+    // again next time).
+
+    /// Appends the table's name and every key written since the last checkpoint written,
+    /// each with its value now (`None`: deleted).
+    fn take_changes(&mut self, _out: &mut TableChanges) {}
+
+    /// The checkpoint holding the changes last taken was written (`true`) or abandoned.
+    fn checkpoint_done(&mut self, _written: bool) {}
+
+    /// Right before the checkpoint holding the changes last taken is written: a table whose
+    /// snapshots read the stored base keeps what live snapshots taken before those changes
+    /// need of it.
+    fn before_checkpoint_write(&mut self) {}
 }
+
+/// State tables' changes for a checkpoint, by table name.
+pub type TableChanges = Vec<(String, Vec<(Bytes, Option<Bytes>)>)>;
 
 /// A read-only, immutable view of a state table.
 pub trait StateSnapshot: Send + Sync {
@@ -75,6 +94,20 @@ pub trait StateStore: Send + Sync {
     /// Whether tables survive restarts (and operators should keep their whole state in them).
     fn checkpointed(&self) -> bool {
         false
+    }
+    /// Bytes of changes the tables hold in memory until the next checkpoint writes them; a
+    /// store that spills asks for a checkpoint when they pass its budget.
+    fn pending_bytes(&self) -> u64 {
+        0
+    }
+    /// How many pending bytes call for a checkpoint (`None`: only the interval does).
+    fn pending_limit(&self) -> Option<u64> {
+        None
+    }
+    /// The first error reading stored state since the last call (reads that fail are logged
+    /// and surface here, where the runtime fails the views that depend on them).
+    fn take_error(&self) -> Option<kappa_common::KappaError> {
+        None
     }
 }
 

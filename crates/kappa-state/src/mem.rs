@@ -19,8 +19,17 @@ impl StateStore for MemStateStore {
 #[derive(Default, Clone)]
 pub struct MemStateTable {
     map: OrdMap<Bytes, Bytes>,
-    /// With checkpoints: the name, and the keys written since the last checkpoint.
-    tracking: Option<(String, hashbrown::HashSet<Bytes>)>,
+    /// With checkpoints: what changed since the last checkpoint written.
+    tracking: Option<Tracking>,
+}
+
+#[derive(Default, Clone)]
+struct Tracking {
+    name: String,
+    /// Keys written since the changes were last taken.
+    changed: hashbrown::HashSet<Bytes>,
+    /// Keys taken for a checkpoint not yet written.
+    in_flight: hashbrown::HashSet<Bytes>,
 }
 
 impl MemStateTable {
@@ -29,13 +38,16 @@ impl MemStateTable {
     pub fn tracked(name: &str, entries: impl IntoIterator<Item = (Bytes, Bytes)>) -> Self {
         Self {
             map: entries.into_iter().collect(),
-            tracking: Some((name.to_string(), hashbrown::HashSet::new())),
+            tracking: Some(Tracking {
+                name: name.to_string(),
+                ..Tracking::default()
+            }),
         }
     }
 
     fn touch(&mut self, key: &Bytes) {
-        if let Some((_, changed)) = &mut self.tracking {
-            changed.insert(key.clone());
+        if let Some(t) = &mut self.tracking {
+            t.changed.insert(key.clone());
         }
     }
 
@@ -73,16 +85,27 @@ impl StateTable for MemStateTable {
         }
     }
 
-    fn take_changes(&mut self) -> Option<(String, Vec<(Bytes, Option<Bytes>)>)> {
-        let (name, changed) = self.tracking.as_mut()?;
-        let changes = changed
-            .drain()
-            .map(|k| {
-                let v = self.map.get(&k).cloned();
-                (k, v)
-            })
+    fn take_changes(&mut self, out: &mut crate::TableChanges) {
+        let Some(t) = &mut self.tracking else {
+            return;
+        };
+        t.in_flight.extend(t.changed.drain());
+        let changes = t
+            .in_flight
+            .iter()
+            .map(|k| (k.clone(), self.map.get(k).cloned()))
             .collect();
-        Some((name.clone(), changes))
+        out.push((t.name.clone(), changes));
+    }
+
+    fn checkpoint_done(&mut self, written: bool) {
+        if let Some(t) = &mut self.tracking {
+            if written {
+                t.in_flight.clear();
+            } else {
+                t.changed.extend(t.in_flight.drain());
+            }
+        }
     }
 
     fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
@@ -189,11 +212,22 @@ mod tests {
         t.put(b(b"k2"), b(b"x"));
         t.delete(b"k2");
         t.delete(b"absent");
-        let (name, mut changes) = t.take_changes().unwrap();
+        let mut out = Vec::new();
+        t.take_changes(&mut out);
+        let (name, mut changes) = out.pop().unwrap();
         changes.sort();
         assert_eq!(name, "t");
         assert_eq!(changes, vec![(b(b"k1"), Some(b(b"2"))), (b(b"k2"), None)]);
-        assert!(t.take_changes().unwrap().1.is_empty());
-        assert!(MemStateTable::default().take_changes().is_none());
+        // Abandoned: handed out again, with what changed since.
+        t.checkpoint_done(false);
+        t.put(b(b"k3"), b(b"3"));
+        t.take_changes(&mut out);
+        assert_eq!(out.pop().unwrap().1.len(), 3);
+        // Written: nothing left.
+        t.checkpoint_done(true);
+        t.take_changes(&mut out);
+        assert!(out.pop().unwrap().1.is_empty());
+        MemStateTable::default().take_changes(&mut out);
+        assert!(out.is_empty());
     }
 }
