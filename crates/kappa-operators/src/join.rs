@@ -666,14 +666,13 @@ impl Operator for HashJoin {
     }
 
     fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
-        self.sides
-            .iter_mut()
-            .filter_map(|s| {
-                s.checkpointed
-                    .as_mut()
-                    .map(|t| -> &mut dyn kappa_state::StateTable { &mut **t })
-            })
-            .collect()
+        let mut tables: Vec<&mut dyn kappa_state::StateTable> = Vec::new();
+        for side in &mut self.sides {
+            if let Some(t) = &mut side.checkpointed {
+                tables.push(&mut **t);
+            }
+        }
+        tables
     }
 
     /// Rebuilds both sides' maps and expiry indexes from their tables.

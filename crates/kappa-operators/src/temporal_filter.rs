@@ -34,6 +34,9 @@ use crate::Operator;
 
 type Bytes = Arc<[u8]>;
 
+/// A change waiting to become visible: row, weight, `until`, id.
+type Waiting = (Bytes, i64, Option<i64>, u64);
+
 /// When a row is visible: `from <= now < until` (`until` `None`: forever).
 type Span = (i64, Option<i64>);
 
@@ -43,7 +46,7 @@ pub struct TemporalFilter {
     schema: SchemaRef,
     now: i64,
     /// `from` → changes not yet visible, with their `until` and id.
-    waiting: BTreeMap<i64, Vec<(Bytes, i64, Option<i64>, u64)>>,
+    waiting: BTreeMap<i64, Vec<Waiting>>,
     /// `until` → visible changes to retract then, with their id.
     expiring: BTreeMap<i64, Vec<(Bytes, i64, u64)>>,
     entries: usize,

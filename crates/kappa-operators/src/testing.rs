@@ -187,6 +187,9 @@ impl CheckpointDisk {
     }
 }
 
+/// One epoch of a test: (input port, change batch) pairs and the barrier's watermark.
+pub type TestEpoch = (Vec<(usize, ChangeBatch)>, Option<i64>);
+
 /// Runs `epochs` (per epoch: input port and change batch, and the barrier's watermark,
 /// which is also the epoch's processing time, or 0 without one) through
 /// an operator built by `make`, checkpointing after each of the first `at` epochs; then
@@ -195,7 +198,7 @@ impl CheckpointDisk {
 pub fn assert_restores_exactly(
     make: impl Fn(Vec<Box<dyn kappa_state::StateTable>>) -> Box<dyn crate::Operator>,
     tables: usize,
-    epochs: &[(Vec<(usize, ChangeBatch)>, Option<i64>)],
+    epochs: &[TestEpoch],
     at: usize,
 ) {
     let mut disk = CheckpointDisk::default();

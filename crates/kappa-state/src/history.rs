@@ -517,7 +517,7 @@ impl History {
 #[derive(Default)]
 pub struct CheckpointState {
     /// Per state table (by name), its changes since the last checkpoint.
-    pub tables: Vec<(String, Vec<(Bytes, Option<Bytes>)>)>,
+    pub tables: crate::TableChanges,
     /// Name prefixes of the state tables of relations dropped since the last checkpoint.
     pub dropped: Vec<String>,
 }

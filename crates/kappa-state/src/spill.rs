@@ -555,7 +555,7 @@ mod tests {
         assert_eq!(t.first_with_prefix(b"a").map(|e| e.0), Some(b(b"a0")));
         assert_eq!(t.last_with_prefix(b"a").map(|e| e.0), Some(b(b"a2")));
         let snap = t.snapshot();
-        let all: Vec<_> = snap.iter().map(|(k, v)| (k, v)).collect();
+        let all: Vec<_> = snap.iter().collect();
         assert_eq!(
             all,
             vec![
