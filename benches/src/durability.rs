@@ -123,16 +123,19 @@ async fn main() {
     let rows_per: u64 = args.next().and_then(|a| a.parse().ok()).unwrap_or(10);
     println!("durability: {seconds} s, {clients} clients, {rows_per} rows per INSERT");
     let base = std::env::temp_dir().join(format!("kappa-bench-durability-{}", std::process::id()));
-    let modes: [(&str, Option<bool>); 3] = [
-        ("in memory", None),
-        ("data dir, fsync off", Some(false)),
-        ("data dir, fsync on", Some(true)),
+    // (name, fsync with a data directory, checkpoint interval)
+    let modes: [(&str, Option<bool>, Option<u64>); 4] = [
+        ("in memory", None, None),
+        ("data dir, fsync off", Some(false), None),
+        ("data dir, fsync on", Some(true), None),
+        ("fsync on, ckpt 1 s", Some(true), Some(1000)),
     ];
-    for (i, (name, fsync)) in modes.into_iter().enumerate() {
+    for (i, (name, fsync, checkpoint_ms)) in modes.into_iter().enumerate() {
         let dir = base.join(i.to_string());
         let config = EngineConfig {
             data_dir: fsync.map(|_| dir.clone()),
             fsync: fsync.unwrap_or(true),
+            checkpoint_interval: checkpoint_ms.map(Duration::from_millis),
             ..EngineConfig::default()
         };
         let mut o = run(config, seconds, clients, rows_per).await;

@@ -233,6 +233,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let config = kappa_engine::EngineConfig {
         data_dir: std::env::var_os("KAPPA_DATA_DIR").map(Into::into),
+        checkpoint_interval: std::env::var("KAPPA_CHECKPOINT_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_millis),
         ..Default::default()
     };
     let addr = kappa_sql_tests::start_kappa_with(config).await;

@@ -379,7 +379,7 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     let dir = std::env::temp_dir().join(format!("kappa-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
 
-    let server = Server::start(&dir, &[]);
+    let server = Server::start(&dir, &["--checkpoint-interval-ms", "200"]);
     let c = server.client().await;
     for ddl in schema() {
         c.batch_execute(&ddl).await.expect("schema");
@@ -654,7 +654,7 @@ async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
     // And a restart right after a checkpoint of all that gives the same.
     wait_for_checkpoint(&c).await;
     s.kill();
-    let s = Server::start(&dir, &[]);
+    let s = Server::start(&dir, &["--checkpoint-interval-ms", "100"]);
     let c = s.client().await;
     assert_eq!(
         rows(&c, "SELECT * FROM sess_eowc").await,
