@@ -134,8 +134,7 @@ impl Store {
     /// The state table key of an entry: key length (4 bytes, big-endian) ‖ key ‖ row.
     fn table_key(key: &[u8], row: &[u8]) -> Bytes {
         let mut k = Vec::with_capacity(4 + key.len() + row.len());
-        k.extend_from_slice(&(key.len() as u32).to_be_bytes());
-        k.extend_from_slice(key);
+        kappa_state::codec::len_prefixed(&mut k, key);
         k.extend_from_slice(row);
         Arc::from(k)
     }
@@ -171,16 +170,7 @@ impl Store {
         self.len = 0;
         let mut all = Vec::new();
         for (k, v) in table.snapshot().iter() {
-            let n = k
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(|b| u32::from_be_bytes(b) as usize)
-                .ok_or_else(damaged)?;
-            let (key, row) = k
-                .get(4..)
-                .ok_or_else(damaged)?
-                .split_at_checked(n)
-                .ok_or_else(damaged)?;
+            let (key, row) = kappa_state::codec::split_len_prefixed(&k).ok_or_else(damaged)?;
             let field = |r: std::ops::Range<usize>| {
                 v.get(r)
                     .and_then(|b| <[u8; 8]>::try_from(b).ok())

@@ -69,8 +69,7 @@ pub struct SessionWindow {
 /// A partition's key in the checkpoint table: its length (4 bytes) ‖ the key.
 fn part_prefix(key: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(4 + key.len() + 8);
-    k.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    k.extend_from_slice(key);
+    kappa_state::codec::len_prefixed(&mut k, key);
     k
 }
 
@@ -413,16 +412,7 @@ impl Operator for SessionWindow {
         self.closing.clear();
         self.entries = 0;
         for (k, v) in table.snapshot().iter() {
-            let n = k
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(|b| u32::from_be_bytes(b) as usize)
-                .ok_or_else(damaged)?;
-            let (key, rest) = k
-                .get(4..)
-                .ok_or_else(damaged)?
-                .split_at_checked(n)
-                .ok_or_else(damaged)?;
+            let (key, rest) = kappa_state::codec::split_len_prefixed(&k).ok_or_else(damaged)?;
             let (t, row) = rest.split_at_checked(8).ok_or_else(damaged)?;
             let t = u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63);
             self.parts

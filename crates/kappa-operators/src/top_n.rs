@@ -43,6 +43,7 @@ use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{RankFunc, WatermarkCol};
 
 use crate::Operator;
+use kappa_state::codec::{len_prefixed, split_len_prefixed};
 
 type Bytes = Arc<[u8]>;
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -139,17 +140,6 @@ pub struct TopN {
         Box<dyn kappa_state::StateTable>,
         hashbrown::HashSet<Changed>,
     )>,
-}
-
-fn len_prefixed(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
-    out.extend_from_slice(b);
-}
-
-/// Splits a length-prefixed field off the front of `b`.
-fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
-    let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
-    b.get(4..)?.split_at_checked(n)
 }
 
 impl TopN {

@@ -37,6 +37,20 @@ pub fn ipc_batch(bytes: &[u8]) -> Result<RecordBatch> {
     }
 }
 
+/// Appends `b` with its length in front (4 bytes, big-endian): a field of a state key that
+/// other fields follow. Keys with the same first field stay together in key order.
+pub fn len_prefixed(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+    out.extend_from_slice(b);
+}
+
+/// Splits a field [`len_prefixed`] wrote off the front of `b`: (field, rest). `None` if `b`
+/// is too short (a damaged key).
+pub fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = u32::from_be_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    b.get(4..)?.split_at_checked(n)
+}
+
 #[derive(Default)]
 pub struct Encoder(Vec<u8>);
 
