@@ -758,10 +758,7 @@ impl Operator for HashAggregate {
     }
 
     fn checkpoint(&mut self) -> Result<Vec<u8>> {
-        Ok(kappa_state::codec::Encoder::new()
-            .opt_i64(self.watermark)
-            .u64(self.late_rows)
-            .finish())
+        Ok(crate::save_progress(self.watermark, self.late_rows))
     }
 
     fn state_tables(&mut self) -> Vec<&mut dyn StateTable> {
@@ -770,10 +767,7 @@ impl Operator for HashAggregate {
 
     /// The index of open windows is rebuilt from the groups' keys.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
-        let mut d = kappa_state::codec::Decoder::new(saved, "an aggregate");
-        self.watermark = d.opt_i64()?;
-        self.late_rows = d.u64()?;
-        d.end()?;
+        (self.watermark, self.late_rows) = crate::restore_progress(saved, "an aggregate")?;
         self.open.clear();
         let (Some(close), Some(conv)) = (self.window_close, &self.group_converter) else {
             return Ok(());

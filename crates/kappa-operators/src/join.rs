@@ -160,12 +160,7 @@ impl Store {
 
     /// Rebuilds the maps from a checkpointed table; returns every (key, row).
     fn restore(&mut self, table: &dyn kappa_state::StateTable) -> Result<Vec<(Bytes, Bytes)>> {
-        let damaged = || {
-            KappaError::user(
-                kappa_common::SqlState::DATA_CORRUPTED,
-                "the checkpointed state of a join is damaged",
-            )
-        };
+        let damaged = || kappa_state::codec::damaged("a join");
         self.buckets.clear();
         self.len = 0;
         let mut all = Vec::new();

@@ -59,6 +59,23 @@ pub(crate) fn take_closed<V>(
     std::mem::replace(index, open)
 }
 
+/// The small state most stateful operators checkpoint: the watermark they closed state at
+/// and the late changes they dropped.
+pub(crate) fn save_progress(watermark: Option<i64>, late_rows: u64) -> Vec<u8> {
+    kappa_state::codec::Encoder::new()
+        .opt_i64(watermark)
+        .u64(late_rows)
+        .finish()
+}
+
+/// What [`save_progress`] wrote; `what` names the operator in errors.
+pub(crate) fn restore_progress(saved: &[u8], what: &str) -> Result<(Option<i64>, u64)> {
+    let mut d = kappa_state::codec::Decoder::new(saved, what);
+    let progress = (d.opt_i64()?, d.u64()?);
+    d.end()?;
+    Ok(progress)
+}
+
 /// A streaming operator.
 pub trait Operator: Send {
     /// Consumes one batch that arrived on input number `input` (0-based, in the order of the

@@ -289,12 +289,7 @@ impl Operator for TemporalFilter {
                     (u64::from_be_bytes(t.try_into().unwrap_or_default()) ^ (1 << 63)) as i64,
                     u64::from_be_bytes(id.try_into().unwrap_or_default()),
                 ),
-                _ => {
-                    return Err(KappaError::user(
-                        kappa_common::SqlState::DATA_CORRUPTED,
-                        "the checkpointed state of a temporal filter is damaged",
-                    ));
-                }
+                _ => return Err(kappa_state::codec::damaged("a temporal filter")),
             };
             let mut d = kappa_state::codec::Decoder::new(&v, "a temporal filter entry");
             let row: Bytes = Arc::from(d.bytes()?);

@@ -511,10 +511,7 @@ impl Operator for TopN {
                 }
             }
         }
-        Ok(kappa_state::codec::Encoder::new()
-            .opt_i64(self.watermark)
-            .u64(self.late_rows)
-            .finish())
+        Ok(crate::save_progress(self.watermark, self.late_rows))
     }
 
     fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
@@ -526,19 +523,11 @@ impl Operator for TopN {
 
     /// Rebuilds the partitions and the closing index from the table.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
-        let mut d = kappa_state::codec::Decoder::new(saved, "a top-N");
-        self.watermark = d.opt_i64()?;
-        self.late_rows = d.u64()?;
-        d.end()?;
+        (self.watermark, self.late_rows) = crate::restore_progress(saved, "a top-N")?;
         let Some((table, _)) = &self.checkpointed else {
             return Ok(());
         };
-        let damaged = || {
-            KappaError::user(
-                kappa_common::SqlState::DATA_CORRUPTED,
-                "the checkpointed state of a top-N is damaged",
-            )
-        };
+        let damaged = || kappa_state::codec::damaged("a top-N");
         self.parts.clear();
         self.closing.clear();
         self.entries = 0;

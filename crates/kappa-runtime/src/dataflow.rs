@@ -160,6 +160,15 @@ impl Dataflow {
         self.ops.iter().map(|o| o.state_entries()).sum()
     }
 
+    /// The view's progress, as `kappa_view_stats` shows it.
+    pub fn stats(&self) -> crate::ViewStats {
+        crate::ViewStats {
+            watermark: self.watermark.watermark,
+            late_rows: self.total_late_rows(),
+            state_entries: self.state_entries(),
+        }
+    }
+
     /// Late changes dropped for this view: at its sources and inside its operators.
     pub fn total_late_rows(&self) -> u64 {
         self.late_rows + self.ops.iter().map(|o| o.late_rows()).sum::<u64>()

@@ -515,14 +515,7 @@ impl Runtime {
                 view.relation,
                 RelationSnapshot::new(view.snapshot()?, view.failure.clone()),
             );
-            view_stats.insert(
-                view.relation,
-                ViewStats {
-                    watermark: view.watermark.watermark,
-                    late_rows: view.total_late_rows(),
-                    state_entries: view.state_entries(),
-                },
-            );
+            view_stats.insert(view.relation, view.stats());
         }
         let source_stats = inner
             .sources
@@ -537,16 +530,12 @@ impl Runtime {
                 )
             })
             .collect();
-        let snapshot = Arc::new(Snapshot {
+        self.publish(Snapshot {
             epoch: inner.epoch,
             relations,
             view_stats,
             source_stats,
         });
-        match self.published.write() {
-            Ok(mut p) => *p = snapshot,
-            Err(p) => *p.into_inner() = snapshot,
-        }
         Ok(())
     }
 
@@ -695,6 +684,15 @@ impl Runtime {
         match self.published.read() {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Makes `snapshot` the committed cut readers see.
+    fn publish(&self, snapshot: Snapshot) {
+        let snapshot = Arc::new(snapshot);
+        match self.published.write() {
+            Ok(mut p) => *p = snapshot,
+            Err(p) => *p.into_inner() = snapshot,
         }
     }
 
@@ -1084,14 +1082,7 @@ impl Runtime {
                 .filter_map(|s| late.get(s))
                 .sum::<u64>();
             times.insert(view.relation, view.watermark);
-            view_stats.insert(
-                view.relation,
-                ViewStats {
-                    watermark: view.watermark.watermark,
-                    late_rows: view.total_late_rows(),
-                    state_entries: view.state_entries(),
-                },
-            );
+            view_stats.insert(view.relation, view.stats());
             let out = view.take_output();
             let unchanged = out.is_empty() && was_failed == view.failure.is_some();
             deltas.insert(view.relation, out);
@@ -1101,16 +1092,12 @@ impl Runtime {
             };
             relations.insert(view.relation, rel);
         }
-        let snapshot = Arc::new(Snapshot {
+        self.publish(Snapshot {
             epoch,
             relations,
             view_stats,
             source_stats,
         });
-        match self.published.write() {
-            Ok(mut p) => *p = snapshot,
-            Err(p) => *p.into_inner() = snapshot,
-        }
         // The snapshot just replaced pins older state; dropped first, it does not hold the
         // checkpoint back (a query's own reference still does).
         drop(previous);
@@ -1126,17 +1113,16 @@ impl Runtime {
         let (Some(interval), Some(_)) = (self.checkpoint_interval, &self.history) else {
             return false;
         };
-        // Early when the store holds too many unwritten changes — but an attempt held back
-        // by a query is not repeated at every epoch.
+        // Early when the store holds too many unwritten changes, but never more often than
+        // every tenth of the interval.
         let full = self
             .store
             .pending_limit()
-            .is_some_and(|limit| self.store.pending_bytes() >= limit)
-            && inner.last_attempt.elapsed() >= interval / 10;
-        if self.recovering() || (inner.last_checkpoint.elapsed() < interval && !full) {
-            return false;
-        }
-        if inner.last_attempt.elapsed() < interval / 10 {
+            .is_some_and(|limit| self.store.pending_bytes() >= limit);
+        if self.recovering()
+            || (inner.last_checkpoint.elapsed() < interval && !full)
+            || inner.last_attempt.elapsed() < interval / 10
+        {
             return false;
         }
         inner.checkpoints.paused = inner.views.iter().find(|v| !v.checkpointable()).map(|v| {

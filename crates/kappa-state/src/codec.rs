@@ -51,6 +51,14 @@ pub fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
     b.get(4..)?.split_at_checked(n)
 }
 
+/// The error for checkpointed state of `what` (e.g. "a join") that does not decode.
+pub fn damaged(what: &str) -> KappaError {
+    KappaError::user(
+        SqlState::DATA_CORRUPTED,
+        format!("the checkpointed state of {what} is damaged"),
+    )
+}
+
 #[derive(Default)]
 pub struct Encoder(Vec<u8>);
 
