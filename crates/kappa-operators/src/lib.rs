@@ -7,6 +7,7 @@
 //! answer (an aggregate emits one consolidated change per group per epoch) does its work there.
 
 mod aggregate;
+mod change_log;
 mod filter;
 mod join;
 mod materialize;

@@ -243,8 +243,8 @@ pub(crate) fn build_dataflow(
                 )?;
                 Box::new(if store.checkpointed() {
                     join.with_checkpoints([
-                        store.create_table(&format!("mv{relation}.n{i}.left"))?,
-                        store.create_table(&format!("mv{relation}.n{i}.right"))?,
+                        store.create_cold_table(&format!("mv{relation}.n{i}.left"))?,
+                        store.create_cold_table(&format!("mv{relation}.n{i}.right"))?,
                     ])
                 } else {
                     join
@@ -258,7 +258,7 @@ pub(crate) fn build_dataflow(
     if store.checkpointed() {
         dataflow.checkpointed = Some(crate::dataflow::ViewTables {
             meta: store.create_table(&format!("mv{relation}.meta"))?,
-            appended: store.create_table(&format!("mv{relation}.appended"))?,
+            appended: store.create_cold_table(&format!("mv{relation}.appended"))?,
             appended_len: 0,
         });
     }

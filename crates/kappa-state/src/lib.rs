@@ -91,6 +91,12 @@ pub trait StateSnapshot: Send + Sync {
 /// prefix (so dropping the relation drops them all).
 pub trait StateStore: Send + Sync {
     fn create_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>>;
+    /// A table its owner writes only at checkpoints and reads only when it is restored (a
+    /// log of its changes, or a copy of state it keeps in its own structures): a store
+    /// that can keeps only the changes not yet checkpointed in memory, the rest on disk.
+    fn create_cold_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
+        self.create_table(name)
+    }
     /// Whether tables survive restarts (and operators should keep their whole state in them).
     fn checkpointed(&self) -> bool {
         false
