@@ -1,66 +1,67 @@
-//! Operator state checkpointed as the log of its changes.
+//! Operator state checkpointed as the log of what changed it.
 //!
-//! State that is a multiset of the rows an operator received (a join side's rows) need not
-//! be written entry by entry: the changes since the last checkpoint *are* the delta. A
-//! [`ChangeLog`] keeps those changes (Arrow batches shared with the input: no copy, no
-//! per-row work) and writes them at the checkpoint as Arrow IPC batches of at most
-//! [`CHUNK_ROWS`] rows under increasing sequence numbers (8 bytes, big-endian, so key order
-//! is log order). Restoring replays the log in order; the operator applies each change as it
-//! did the first time.
+//! State built from the rows an operator received (a join's two sides) need not be written
+//! entry by entry: the input since the last checkpoint *is* the delta. A [`ChangeLog`] keeps
+//! it, in order — Arrow batches shared with the input (no copy, no per-row work) on numbered
+//! streams, and small marks (a watermark that advanced) — and writes it at the checkpoint as
+//! Arrow IPC batches of at most [`CHUNK_ROWS`] rows under increasing sequence numbers (8
+//! bytes, big-endian, so key order is log order). Restoring hands the entries back in order;
+//! the operator applies each as it did the first time, which rebuilds its state exactly
+//! (operators are deterministic in what they store).
 //!
-//! Rows can also leave the state without a change (an expired join row): they stay in the
-//! log. So once the log holds more than twice the live rows (and at least [`MIN_COMPACT`]
-//! rows), the operator rewrites it as its live state ([`ChangeLog::clear`], then one
-//! insertion per live row). Writes stay linear in the input, and a restore reads at most
-//! about three times the live state.
+//! The log grows with the input while the state may not (retractions, expired rows). So
+//! once the log holds more than twice the rows the state does (and at least
+//! [`MIN_COMPACT`]), the operator starts it over with a snapshot of its state
+//! ([`ChangeLog::clear`], then entries that rebuild the state directly): writes stay linear
+//! in the input, and a restore reads at most about three times the state.
 //!
 //! The table is written only at checkpoints and read only when restoring, so a store that
 //! can keeps it on disk (`StateStore::create_cold_table`).
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array, RecordBatch};
-use datafusion::arrow::compute::{concat, concat_batches};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use kappa_common::{ChangeBatch, Result};
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::concat_batches;
+use datafusion::arrow::datatypes::SchemaRef;
+use kappa_common::Result;
 use kappa_state::StateTable;
 use kappa_state::codec::{damaged, ipc_batch, ipc_bytes};
 
-/// The most rows one stored batch holds.
+/// The most rows one stored batch holds (unless one pushed batch alone has more).
 pub const CHUNK_ROWS: usize = 1 << 16;
 
-/// Logs smaller than this are never compacted.
+/// Logs holding fewer rows than this are never compacted.
 pub const MIN_COMPACT: usize = 1 << 16;
 
+/// One entry of the log: rows on a stream, or a mark.
+#[derive(Debug)]
+pub enum LogEntry {
+    Batch(u8, RecordBatch),
+    Mark(Vec<u8>),
+}
+
+const BATCH: u8 = 0;
+const MARK: u8 = 1;
+
 pub struct ChangeLog {
-    /// The state's rows (every field nullable).
-    data: SchemaRef,
-    /// `data` followed by the weight.
-    stored: SchemaRef,
-    /// Changes not yet written.
-    pending: Vec<ChangeBatch>,
+    /// The schema of each stream's batches.
+    streams: Vec<SchemaRef>,
+    /// Entries not yet written.
+    pending: Vec<LogEntry>,
     pending_rows: usize,
-    /// The stored batches are numbered `first..next`.
+    /// The stored entries are numbered `first..next`.
     first: u64,
     next: u64,
-    /// Rows in the stored batches.
+    /// Rows in the stored entries.
     written_rows: usize,
     /// What restoring reports as damaged ("a join").
     what: &'static str,
 }
 
 impl ChangeLog {
-    pub fn new(schema: &SchemaRef, what: &'static str) -> Self {
-        let data: Vec<Field> = schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect();
-        let mut stored = data.clone();
-        stored.push(Field::new("weight", DataType::Int64, false));
+    pub fn new(streams: Vec<SchemaRef>, what: &'static str) -> Self {
         Self {
-            data: Arc::new(Schema::new(data)),
-            stored: Arc::new(Schema::new(stored)),
+            streams,
             pending: Vec::new(),
             pending_rows: 0,
             first: 0,
@@ -70,12 +71,22 @@ impl ChangeLog {
         }
     }
 
-    /// Records a change to the state.
-    pub fn push(&mut self, batch: ChangeBatch) {
-        if !batch.is_empty() {
+    /// The schema of `stream`'s batches.
+    pub fn schema(&self, stream: u8) -> Option<SchemaRef> {
+        self.streams.get(usize::from(stream)).cloned()
+    }
+
+    /// Appends rows to `stream` (a batch of that stream's schema).
+    pub fn push(&mut self, stream: u8, batch: RecordBatch) {
+        if batch.num_rows() > 0 {
             self.pending_rows += batch.num_rows();
-            self.pending.push(batch);
+            self.pending.push(LogEntry::Batch(stream, batch));
         }
+    }
+
+    /// Appends a mark.
+    pub fn mark(&mut self, mark: Vec<u8>) {
+        self.pending.push(LogEntry::Mark(mark));
     }
 
     /// Rows the log holds, written or not.
@@ -83,13 +94,13 @@ impl ChangeLog {
         self.written_rows + self.pending_rows
     }
 
-    /// Whether a state of `live` rows should be rewritten as the log (see the module docs).
+    /// Whether state of `live` rows should start the log over (see the module docs).
     pub fn due_for_compaction(&self, live: usize) -> bool {
         self.rows() >= MIN_COMPACT && self.rows() > 2 * live
     }
 
-    /// Starts the log over, empty: deletes its stored batches (in the table's next
-    /// checkpoint) and forgets the pending changes.
+    /// Starts the log over, empty: deletes its stored entries (in the table's next
+    /// checkpoint) and forgets the pending ones.
     pub fn clear(&mut self, table: &mut dyn StateTable) {
         for seq in self.first..self.next {
             table.delete(&seq.to_be_bytes());
@@ -100,51 +111,71 @@ impl ChangeLog {
         self.pending_rows = 0;
     }
 
-    /// Writes the pending changes to `table`.
+    /// Writes the pending entries to `table`; consecutive batches of one stream are written
+    /// together, up to [`CHUNK_ROWS`] rows.
     pub fn flush(&mut self, table: &mut dyn StateTable) -> Result<()> {
-        let mut group: Vec<ChangeBatch> = Vec::new();
+        let mut group: Vec<RecordBatch> = Vec::new();
+        let mut group_stream = 0;
         let mut rows = 0;
-        for batch in std::mem::take(&mut self.pending) {
-            if rows + batch.num_rows() > CHUNK_ROWS && !group.is_empty() {
-                self.write(table, &std::mem::take(&mut group))?;
+        for entry in std::mem::take(&mut self.pending) {
+            let joins_group = matches!(&entry, LogEntry::Batch(s, b)
+                if *s == group_stream && rows + b.num_rows() <= CHUNK_ROWS);
+            if !joins_group && !group.is_empty() {
+                self.write_batch(table, group_stream, &std::mem::take(&mut group))?;
                 rows = 0;
             }
-            rows += batch.num_rows();
-            group.push(batch);
+            match entry {
+                LogEntry::Batch(s, b) => {
+                    group_stream = s;
+                    rows += b.num_rows();
+                    group.push(b);
+                }
+                LogEntry::Mark(m) => {
+                    let mut value = vec![MARK];
+                    value.extend_from_slice(&m);
+                    self.write(table, value);
+                }
+            }
         }
         if !group.is_empty() {
-            self.write(table, &group)?;
+            self.write_batch(table, group_stream, &group)?;
         }
         self.pending_rows = 0;
         Ok(())
     }
 
-    /// Writes `group` as one stored batch.
-    fn write(&mut self, table: &mut dyn StateTable, group: &[ChangeBatch]) -> Result<()> {
-        let data: Vec<RecordBatch> = group
-            .iter()
-            .map(|b| RecordBatch::try_new(self.data.clone(), b.columns().to_vec()))
-            .collect::<std::result::Result<_, _>>()?;
-        let data = concat_batches(&self.data, &data)?;
-        let weights: Vec<&dyn Array> = group.iter().map(|b| b.weights() as &dyn Array).collect();
-        let mut columns = data.columns().to_vec();
-        columns.push(concat(&weights)?);
-        let batch = crate::batch_with_rows(self.stored.clone(), columns, data.num_rows())?;
-        table.put(
-            Arc::from(self.next.to_be_bytes().as_slice()),
-            Arc::from(ipc_bytes(&batch)?),
-        );
-        self.next += 1;
+    fn write_batch(
+        &mut self,
+        table: &mut dyn StateTable,
+        stream: u8,
+        group: &[RecordBatch],
+    ) -> Result<()> {
+        let schema = self
+            .streams
+            .get(usize::from(stream))
+            .ok_or_else(|| kappa_common::KappaError::internal("log stream out of range"))?;
+        let batch = concat_batches(schema, group)?;
+        let mut value = vec![BATCH, stream];
+        value.extend_from_slice(&ipc_bytes(&batch)?);
         self.written_rows += batch.num_rows();
+        self.write(table, value);
         Ok(())
     }
 
-    /// Reads the log back from `table` (as last checkpointed), handing `apply` each change in
-    /// the order it was made; the log then continues after it.
+    fn write(&mut self, table: &mut dyn StateTable, value: Vec<u8>) {
+        table.put(
+            Arc::from(self.next.to_be_bytes().as_slice()),
+            Arc::from(value),
+        );
+        self.next += 1;
+    }
+
+    /// Reads the log back from `table` (as last checkpointed), handing `apply` each entry in
+    /// the order it was pushed; the log then continues after it.
     pub fn restore(
         &mut self,
         table: &dyn StateTable,
-        mut apply: impl FnMut(ChangeBatch) -> Result<()>,
+        mut apply: impl FnMut(LogEntry) -> Result<()>,
     ) -> Result<()> {
         let damaged = || damaged(self.what);
         self.pending.clear();
@@ -157,22 +188,24 @@ impl ChangeLog {
                 .map_err(|_| damaged())?;
             let (first, _) = seqs.get_or_insert((seq, seq));
             seqs = Some((*first, seq));
-            let batch = ipc_batch(&v)?;
-            let n = batch.num_columns();
-            if batch.schema().fields().len() != self.stored.fields().len() {
-                return Err(damaged());
-            }
-            let weights = batch
-                .column(n - 1)
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .ok_or_else(damaged)?
-                .clone();
-            let columns: Vec<ArrayRef> = batch.columns()[..n - 1].to_vec();
-            let data = crate::batch_with_rows(self.data.clone(), columns, batch.num_rows())
-                .map_err(|_| damaged())?;
-            self.written_rows += data.num_rows();
-            apply(ChangeBatch::new(data, weights)?)?;
+            let entry = match v.first() {
+                Some(&MARK) => LogEntry::Mark(v[1..].to_vec()),
+                Some(&BATCH) => {
+                    let stream = *v.get(1).ok_or_else(damaged)?;
+                    let schema = self.streams.get(usize::from(stream)).ok_or_else(damaged)?;
+                    let stored = ipc_batch(&v[2..])?;
+                    let batch = crate::batch_with_rows(
+                        schema.clone(),
+                        stored.columns().to_vec(),
+                        stored.num_rows(),
+                    )
+                    .map_err(|_| damaged())?;
+                    self.written_rows += batch.num_rows();
+                    LogEntry::Batch(stream, batch)
+                }
+                _ => return Err(damaged()),
+            };
+            apply(entry)?;
         }
         (self.first, self.next) = seqs.map_or((0, 0), |(first, last)| (first, last + 1));
         Ok(())
@@ -182,16 +215,31 @@ impl ChangeLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{changes, consolidate};
+    use crate::testing::schema;
+    use datafusion::arrow::array::{Array, Int64Array};
     use kappa_state::MemStateTable;
 
-    const S: &str = "k:i64, v:utf8";
+    fn ints(values: impl IntoIterator<Item = i64>) -> RecordBatch {
+        let values: Int64Array = values.into_iter().collect();
+        RecordBatch::try_new(schema("v:i64"), vec![Arc::new(values)]).unwrap()
+    }
 
-    fn read_back(table: &MemStateTable) -> (ChangeLog, Vec<ChangeBatch>) {
-        let mut log = ChangeLog::new(&crate::testing::schema(S), "a test");
+    fn new_log() -> ChangeLog {
+        ChangeLog::new(vec![schema("v:i64"), schema("v:i64")], "a test")
+    }
+
+    /// The log's entries as text: `s0:[1,2]` for rows on stream 0, `m:7` for a mark.
+    fn read_back(table: &MemStateTable) -> (ChangeLog, Vec<String>) {
+        let mut log = new_log();
         let mut got = vec![];
-        log.restore(table, |b| {
-            got.push(b);
+        log.restore(table, |e| {
+            got.push(match e {
+                LogEntry::Batch(s, b) => {
+                    let v = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                    format!("s{s}:{:?}", v.values().to_vec())
+                }
+                LogEntry::Mark(m) => format!("m:{}", m[0]),
+            });
             Ok(())
         })
         .unwrap();
@@ -199,72 +247,86 @@ mod tests {
     }
 
     #[test]
-    fn changes_come_back_in_order_across_checkpoints() {
+    fn entries_come_back_in_order_across_checkpoints() {
         let mut table = MemStateTable::tracked("log", []);
-        let mut log = ChangeLog::new(&crate::testing::schema(S), "a test");
-        log.push(changes(S, "+ 1 | a\n+ 2 | b"));
-        log.push(changes(S, "- 1 | a"));
+        let mut log = new_log();
+        log.push(0, ints([1, 2]));
+        log.push(0, ints([3]));
+        log.push(1, ints([4]));
+        log.mark(vec![7]);
+        log.push(0, ints([5]));
         log.flush(&mut table).unwrap();
-        log.push(changes(S, "+2 3 | c"));
+        log.push(1, ints([6]));
         log.flush(&mut table).unwrap();
-        assert_eq!(log.rows(), 4);
+        assert_eq!(log.rows(), 6);
 
         let (mut restored, got) = read_back(&table);
-        assert_eq!(restored.rows(), 4);
-        assert_eq!(got.len(), 2);
-        let want = consolidate(&[changes(S, "+ 2 | b\n+2 3 | c")]);
-        assert_eq!(consolidate(&got), want);
-        // The first batch holds both writes of the first checkpoint, insert before delete.
-        assert_eq!(got[0].weights().values(), &[1, 1, -1]);
+        assert_eq!(
+            got,
+            ["s0:[1, 2, 3]", "s1:[4]", "m:7", "s0:[5]", "s1:[6]"],
+            "consecutive batches of a stream are written together"
+        );
+        assert_eq!(restored.rows(), 6);
 
-        // The restored log continues after the last stored batch.
-        restored.push(changes(S, "- 2 | b"));
+        // The restored log continues after the last stored entry.
+        restored.push(0, ints([8]));
         restored.flush(&mut table).unwrap();
-        let (_, got) = read_back(&table);
-        assert_eq!(got.len(), 3);
-        assert_eq!(consolidate(&got), consolidate(&[changes(S, "+2 3 | c")]));
+        assert_eq!(read_back(&table).1.last().unwrap(), "s0:[8]");
     }
 
     #[test]
-    fn clearing_rewrites_the_log_as_the_live_state() {
+    fn clearing_starts_the_log_over() {
         let mut table = MemStateTable::tracked("log", []);
-        let mut log = ChangeLog::new(&crate::testing::schema(S), "a test");
-        log.push(changes(S, "+ 1 | a\n+ 2 | b"));
+        let mut log = new_log();
+        log.push(0, ints([1, 2]));
         log.flush(&mut table).unwrap();
-        log.push(changes(S, "+ 9 | pending"));
+        log.push(0, ints([9]));
         assert!(!log.due_for_compaction(0), "too small to compact");
         log.clear(&mut table);
         assert_eq!(log.rows(), 0);
-        log.push(changes(S, "+3 2 | b"));
+        log.push(1, ints([3]));
         log.flush(&mut table).unwrap();
         assert_eq!(table.len(), 1);
         let (restored, got) = read_back(&table);
+        assert_eq!(got, ["s1:[3]"]);
         assert_eq!(restored.rows(), 1);
-        assert_eq!(consolidate(&got), consolidate(&[changes(S, "+3 2 | b")]));
     }
 
     #[test]
-    fn large_changes_are_stored_in_chunks_and_compaction_waits_for_waste() {
+    fn large_inputs_are_stored_in_chunks_and_compaction_waits_for_waste() {
         let mut table = MemStateTable::tracked("log", []);
-        let mut log = ChangeLog::new(&crate::testing::schema(S), "a test");
-        let rows: String = (0..CHUNK_ROWS + 10).map(|i| format!("+ {i} | x\n")).collect();
-        log.push(changes(S, &rows));
-        log.push(changes(S, "+ 1 | y"));
+        let mut log = new_log();
+        log.push(0, ints(0..CHUNK_ROWS as i64 + 10));
+        log.push(0, ints([1]));
         log.flush(&mut table).unwrap();
-        // One oversized batch alone, then the rest.
+        // The oversized batch alone, then the rest.
         assert_eq!(table.len(), 2);
         assert!(!log.due_for_compaction(CHUNK_ROWS));
         assert!(log.due_for_compaction(CHUNK_ROWS / 2 - 1));
-        let (_, got) = read_back(&table);
-        assert_eq!(got.iter().map(|b| b.num_rows()).sum::<usize>(), CHUNK_ROWS + 11);
+        let mut rows = 0;
+        new_log()
+            .restore(&table, |e| {
+                if let LogEntry::Batch(_, b) = e {
+                    rows += b.num_rows();
+                }
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(rows, CHUNK_ROWS + 11);
     }
 
     #[test]
     fn a_damaged_log_is_reported() {
-        let mut table = MemStateTable::tracked("log", []);
-        table.put(Arc::from(&b"short"[..]), Arc::from(&b"x"[..]));
-        let mut log = ChangeLog::new(&crate::testing::schema(S), "a test");
-        let err = log.restore(&table, |_| Ok(())).unwrap_err();
-        assert!(err.to_string().contains("damaged"), "{err}");
+        for (key, value) in [
+            (&b"short"[..], &[MARK][..]),
+            (&[0u8; 8][..], &[9u8][..]),
+            (&[0u8; 8][..], &[BATCH, 5][..]),
+            (&[0u8; 8][..], &[BATCH, 0, 1, 2][..]),
+        ] {
+            let mut table = MemStateTable::tracked("log", []);
+            table.put(Arc::from(key), Arc::from(value));
+            let err = new_log().restore(&table, |_| Ok(())).unwrap_err();
+            assert!(err.to_string().contains("damaged"), "{err}");
+        }
     }
 }

@@ -242,10 +242,9 @@ pub(crate) fn build_dataflow(
                     schema,
                 )?;
                 Box::new(if store.checkpointed() {
-                    join.with_checkpoints([
-                        store.create_cold_table(&format!("mv{relation}.n{i}.left"))?,
-                        store.create_cold_table(&format!("mv{relation}.n{i}.right"))?,
-                    ])
+                    join.with_checkpoints(
+                        store.create_cold_table(&format!("mv{relation}.n{i}.join"))?,
+                    )
                 } else {
                     join
                 })

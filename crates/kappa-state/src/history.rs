@@ -41,7 +41,9 @@ use crate::codec::ipc_bytes;
 
 /// The key under which the format version is kept.
 const FORMAT_KEY: &[u8] = b"m/format";
-const FORMAT: &[u8] = b"kappa-history-2";
+/// Bumped whenever what is stored changes meaning (3: a join's state is the log of its
+/// inputs), so an older data directory is refused rather than misread.
+const FORMAT: &[u8] = b"kappa-history-3";
 /// Write and epoch records are keyed `h` ‖ seq (big-endian), so key order is sequence
 /// order; DDL records `d` ‖ seq, in the same sequence.
 const RECORD_PREFIX: u8 = b'h';
