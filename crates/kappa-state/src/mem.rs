@@ -26,10 +26,19 @@ pub struct MemStateTable {
 #[derive(Default, Clone)]
 struct Tracking {
     name: String,
-    /// Keys written since the changes were last taken.
-    changed: hashbrown::HashSet<Bytes>,
-    /// Keys taken for a checkpoint not yet written.
-    in_flight: hashbrown::HashSet<Bytes>,
+    /// Keys written since the changes were last taken, with their values now.
+    changed: hashbrown::HashMap<Bytes, Change>,
+    /// Changes taken for a checkpoint not yet written.
+    in_flight: hashbrown::HashMap<Bytes, Change>,
+}
+
+#[derive(Clone)]
+struct Change {
+    /// The value now (`None`: deleted).
+    value: Option<Bytes>,
+    /// Known to be absent from the last checkpoint written: deleting it again need not be
+    /// written (keys created and deleted between two checkpoints cost nothing).
+    fresh: bool,
 }
 
 impl MemStateTable {
@@ -45,9 +54,20 @@ impl MemStateTable {
         }
     }
 
-    fn touch(&mut self, key: &Bytes) {
-        if let Some(t) = &mut self.tracking {
-            t.changed.insert(key.clone());
+    /// Records that `key` now holds `value`; `existed`: whether it held one before.
+    fn touch(&mut self, key: &Bytes, value: Option<&Bytes>, existed: bool) {
+        let Some(t) = &mut self.tracking else {
+            return;
+        };
+        let value = value.cloned();
+        match t.changed.get_mut(key) {
+            Some(c) => c.value = value,
+            None => {
+                // Untouched since the last checkpoint written, unless in flight (whose
+                // outcome is not known yet): the map holds what that checkpoint has.
+                let fresh = !existed && !t.in_flight.contains_key(key);
+                t.changed.insert(key.clone(), Change { value, fresh });
+            }
         }
     }
 
@@ -71,17 +91,18 @@ impl StateTable for MemStateTable {
 
     fn put(&mut self, key: Bytes, value: Bytes) {
         if self.tracking.is_some() {
-            if self.map.get(&key).is_some_and(|v| *v == value) {
-                return;
-            }
-            self.touch(&key);
+            let existed = match self.map.get(&key) {
+                Some(v) if *v == value => return,
+                old => old.is_some(),
+            };
+            self.touch(&key, Some(&value), existed);
         }
         self.map.insert(key, value);
     }
 
     fn delete(&mut self, key: &[u8]) {
         if let Some((k, _)) = self.map.remove_with_key(key) {
-            self.touch(&k);
+            self.touch(&k, None, true);
         }
     }
 
@@ -89,21 +110,40 @@ impl StateTable for MemStateTable {
         let Some(t) = &mut self.tracking else {
             return;
         };
-        t.in_flight.extend(t.changed.drain());
+        for (k, c) in t.changed.drain() {
+            match t.in_flight.get_mut(&k) {
+                // Still in flight from an earlier take: what the base holds is that one's.
+                Some(old) => old.value = c.value,
+                None => {
+                    t.in_flight.insert(k, c);
+                }
+            }
+        }
         let changes = t
             .in_flight
             .iter()
-            .map(|k| (k.clone(), self.map.get(k).cloned()))
+            .filter(|(_, c)| c.value.is_some() || !c.fresh)
+            .map(|(k, c)| (k.clone(), c.value.clone()))
             .collect();
         out.push((t.name.clone(), changes));
     }
 
     fn checkpoint_done(&mut self, written: bool) {
-        if let Some(t) = &mut self.tracking {
-            if written {
-                t.in_flight.clear();
-            } else {
-                t.changed.extend(t.in_flight.drain());
+        let Some(t) = &mut self.tracking else {
+            return;
+        };
+        if written {
+            t.in_flight.clear();
+            return;
+        }
+        // Abandoned: handed out again; a key changed since keeps its new value but what the
+        // base holds is still as it was before this take.
+        for (k, c) in t.in_flight.drain() {
+            match t.changed.get_mut(&k) {
+                Some(newer) => newer.fresh = c.fresh,
+                None => {
+                    t.changed.insert(k, c);
+                }
             }
         }
     }
@@ -210,23 +250,39 @@ mod tests {
         t.put(b(b"k1"), b(b"2"));
         t.put(b(b"k0"), b(b"0")); // unchanged: not reported
         t.put(b(b"k2"), b(b"x"));
-        t.delete(b"k2");
+        t.delete(b"k2"); // created and deleted since the checkpoint: nothing to write
         t.delete(b"absent");
+        t.put(b(b"k4"), b(b"4"));
+        t.delete(b"k0"); // deleted from the checkpoint: written
         let mut out = Vec::new();
-        t.take_changes(&mut out);
-        let (name, mut changes) = out.pop().unwrap();
-        changes.sort();
-        assert_eq!(name, "t");
-        assert_eq!(changes, vec![(b(b"k1"), Some(b(b"2"))), (b(b"k2"), None)]);
+        let mut take = |t: &mut MemStateTable| {
+            t.take_changes(&mut out);
+            let (name, mut changes) = out.pop().unwrap();
+            assert_eq!(name, "t");
+            changes.sort();
+            changes
+        };
+        let some = |v: &[u8]| Some(b(v));
+        assert_eq!(
+            take(&mut t),
+            vec![(b(b"k0"), None), (b(b"k1"), some(b"2")), (b(b"k4"), some(b"4"))]
+        );
         // Abandoned: handed out again, with what changed since.
         t.checkpoint_done(false);
         t.put(b(b"k3"), b(b"3"));
-        t.take_changes(&mut out);
-        assert_eq!(out.pop().unwrap().1.len(), 3);
-        // Written: nothing left.
+        t.delete(b"k4"); // fresh still: the abandoned checkpoint never wrote it
+        assert_eq!(
+            take(&mut t),
+            vec![(b(b"k0"), None), (b(b"k1"), some(b"2")), (b(b"k3"), some(b"3"))]
+        );
+        // A key changed while a checkpoint is in flight may be in it: its delete is written.
+        t.put(b(b"k5"), b(b"5"));
+        t.delete(b"k3");
         t.checkpoint_done(true);
-        t.take_changes(&mut out);
-        assert!(out.pop().unwrap().1.is_empty());
+        assert_eq!(take(&mut t), vec![(b(b"k3"), None), (b(b"k5"), some(b"5"))]);
+        t.checkpoint_done(true);
+        // Written: nothing left.
+        assert!(take(&mut t).is_empty());
         MemStateTable::default().take_changes(&mut out);
         assert!(out.is_empty());
     }
