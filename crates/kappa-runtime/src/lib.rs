@@ -119,6 +119,29 @@ struct Inner {
     /// Name prefixes of the state of relations dropped since the last checkpoint.
     dropped_state: Vec<String>,
     checkpoints: CheckpointStats,
+    /// The checkpoint being written, if any (one at a time).
+    writing: Option<WritingCheckpoint>,
+}
+
+/// A checkpoint whose batch a background thread is writing, while epochs go on: the
+/// changes it holds stay in flight in their tables (reads see them in memory) until it ends.
+struct WritingCheckpoint {
+    cp: PendingCheckpoint,
+    /// The views whose changes it holds.
+    views: Vec<RelationId>,
+    /// The dropped relations whose state it deletes.
+    dropped: Vec<String>,
+    started: std::time::Instant,
+    thread: Option<std::thread::JoinHandle<Result<u64>>>,
+}
+
+impl Drop for WritingCheckpoint {
+    /// The runtime goes away only after its last write (the database stays open until then).
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Inner {
@@ -385,6 +408,7 @@ impl Runtime {
                 changed_since_checkpoint: false,
                 dropped_state: Vec::new(),
                 checkpoints: CheckpointStats::default(),
+                writing: None,
             }),
             tables: RwLock::new(BTreeMap::new()),
             gate: Arc::new(RwLock::new(())),
@@ -1113,6 +1137,9 @@ impl Runtime {
         let (Some(interval), Some(_)) = (self.checkpoint_interval, &self.history) else {
             return false;
         };
+        if !self.checkpoint_written(inner, false) {
+            return false;
+        }
         // Early when the store holds too many unwritten changes, but never more often than
         // every tenth of the interval.
         let full = self
@@ -1158,7 +1185,7 @@ impl Runtime {
                     cp.watermarks.insert(*id, wm);
                 }
                 Err(e) => {
-                    self.checkpoint_ended(inner, &cp, 0, Err(e));
+                    self.checkpoint_ended(inner, &cp, &[], Err(e));
                     return None;
                 }
             }
@@ -1171,11 +1198,11 @@ impl Runtime {
     /// the checkpoint — unless a live snapshot still reads what it would change.
     fn finish_checkpoint(&self, inner: &mut Inner, mut cp: PendingCheckpoint) {
         let started = std::time::Instant::now();
-        let mut taken = 0;
+        let mut taken = Vec::new();
         for view in &mut inner.views {
-            taken += 1;
+            taken.push(view.relation);
             if let Err(e) = view.checkpoint(&mut cp.changes) {
-                self.checkpoint_ended(inner, &cp, taken, Err(e));
+                self.checkpoint_ended(inner, &cp, &taken, Err(e));
                 return;
             }
         }
@@ -1187,7 +1214,7 @@ impl Runtime {
             prepared = prepared.and(v.before_checkpoint_write());
         }
         if let Err(e) = prepared {
-            self.checkpoint_ended(inner, &cp, taken, Err(e));
+            self.checkpoint_ended(inner, &cp, &taken, Err(e));
             return;
         }
         let state = RuntimeCheckpoint {
@@ -1211,32 +1238,70 @@ impl Runtime {
             tables: std::mem::take(&mut cp.watermarks),
             views: inner.views.iter().map(|v| v.relation).collect(),
         };
-        let Some(history) = &self.history else {
+        let Some(history) = self.history.clone() else {
             return;
         };
-        let written = history.checkpoint(
-            cp.seq,
-            &state.encode(),
-            &kappa_state::CheckpointState {
-                tables: std::mem::take(&mut cp.changes),
-                dropped: inner.dropped_state.clone(),
-            },
-        );
-        if written.is_ok() {
-            inner.dropped_state.clear();
-        }
+        // The batch is written on its own thread: the next epochs run meanwhile, and wait
+        // only if RocksDB makes their own records wait.
+        let (seq, meta) = (cp.seq, state.encode());
+        let dropped = inner.dropped_state.clone();
+        let batch = kappa_state::CheckpointState {
+            tables: std::mem::take(&mut cp.changes),
+            dropped: dropped.clone(),
+        };
         cp.elapsed += started.elapsed();
-        self.checkpoint_ended(inner, &cp, taken, written.map(Some));
+        let thread = std::thread::Builder::new()
+            .name("kappa-checkpoint".into())
+            .spawn(move || history.checkpoint(seq, &meta, &batch));
+        match thread {
+            Ok(thread) => {
+                inner.writing = Some(WritingCheckpoint {
+                    cp,
+                    views: taken,
+                    dropped,
+                    started: std::time::Instant::now(),
+                    thread: Some(thread),
+                });
+            }
+            Err(e) => {
+                let e = KappaError::internal(format!("cannot start the checkpoint writer: {e}"));
+                self.checkpoint_ended(inner, &cp, &taken, Err(e));
+            }
+        }
     }
 
-    /// Tells every table whose changes were taken (the tables, and the first `views` views)
+    /// Whether no checkpoint is being written: ends the one being written if its thread is
+    /// done (or, with `wait`, once it is).
+    fn checkpoint_written(&self, inner: &mut Inner, wait: bool) -> bool {
+        let Some(w) = &mut inner.writing else {
+            return true;
+        };
+        if !wait && w.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            return false;
+        }
+        let Some(mut w) = inner.writing.take() else {
+            return true;
+        };
+        let written = match w.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) | None => Err(KappaError::internal("the checkpoint writer panicked")),
+        };
+        w.cp.elapsed += w.started.elapsed();
+        if written.is_ok() {
+            inner.dropped_state.retain(|d| !w.dropped.contains(d));
+        }
+        self.checkpoint_ended(inner, &w.cp, &w.views, written.map(Some));
+        true
+    }
+
+    /// Tells every table whose changes were taken (the tables, and those of `views`)
     /// whether the checkpoint was written, and keeps the statistics. A checkpoint that was
     /// not written costs nothing: its changes are taken again by the next.
     fn checkpoint_ended(
         &self,
         inner: &mut Inner,
         cp: &PendingCheckpoint,
-        views: usize,
+        views: &[RelationId],
         outcome: Result<Option<u64>>,
     ) {
         let written = matches!(outcome, Ok(Some(_)));
@@ -1244,7 +1309,7 @@ impl Runtime {
         for t in &cp.tables {
             done = done.and(t.checkpoint_done(written));
         }
-        for v in inner.views.iter_mut().take(views) {
+        for v in inner.views.iter_mut().filter(|v| views.contains(&v.relation)) {
             done = done.and(v.checkpoint_done(written));
         }
         let c = &mut inner.checkpoints;
@@ -1261,7 +1326,9 @@ impl Runtime {
                 c.failed = None;
                 c.paused = None;
                 inner.last_checkpoint = std::time::Instant::now();
-                inner.changed_since_checkpoint = false;
+                // Records appended while it was written are after it.
+                inner.changed_since_checkpoint =
+                    self.history.as_ref().is_some_and(|h| h.last_seq() > cp.seq);
             }
             (Ok(None), Ok(())) => {}
             (Err(e), _) | (_, Err(e)) => {
