@@ -233,10 +233,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let config = kappa_engine::EngineConfig {
         data_dir: std::env::var_os("KAPPA_DATA_DIR").map(Into::into),
-        checkpoint_interval: std::env::var("KAPPA_CHECKPOINT_MS")
+        // KAPPA_CHECKPOINT_MS=0: no checkpoints; unset: the default interval.
+        checkpoint_interval: match std::env::var("KAPPA_CHECKPOINT_MS")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_millis),
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => kappa_engine::EngineConfig::default().checkpoint_interval,
+        },
         ..Default::default()
     };
     let addr = kappa_sql_tests::start_kappa_with(config).await;

@@ -72,8 +72,8 @@ pub struct EngineConfig {
     /// `fsync` the history before a write is acknowledged (else a write survives the
     /// process being killed but not the machine losing power).
     pub fsync: bool,
-    /// With a data directory: how often every view's state is checkpointed (`None`, the
-    /// default: never; recovery then replays the whole history).
+    /// With a data directory: how often all state is checkpointed (default: every second;
+    /// `None`: never, recovery then replays the whole history).
     pub checkpoint_interval: Option<Duration>,
     /// With a data directory: keep state tables on disk and use about this much memory for
     /// them (RocksDB's cache and write buffers get half, the changes not yet checkpointed
@@ -87,7 +87,7 @@ impl Default for EngineConfig {
             barrier_interval: Duration::from_millis(100),
             data_dir: None,
             fsync: true,
-            checkpoint_interval: None,
+            checkpoint_interval: Some(Duration::from_secs(1)),
             state_memory: None,
         }
     }

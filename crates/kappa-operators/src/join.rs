@@ -415,9 +415,18 @@ impl HashJoin {
         table: &mut dyn kappa_state::StateTable,
     ) -> Result<()> {
         log.clear(table);
-        log.mark(kappa_state::codec::Encoder::new().opt_i64(self.watermark).finish());
+        log.mark(
+            kappa_state::codec::Encoder::new()
+                .opt_i64(self.watermark)
+                .finish(),
+        );
         for (i, side) in self.sides.iter().enumerate() {
-            let mut entries = side.store.buckets.values().flat_map(|b| b.iter()).peekable();
+            let mut entries = side
+                .store
+                .buckets
+                .values()
+                .flat_map(|b| b.iter())
+                .peekable();
             while entries.peek().is_some() {
                 let chunk: Vec<(&Bytes, &Entry)> = entries
                     .by_ref()
@@ -431,7 +440,10 @@ impl HashJoin {
                 cols.push(Arc::new(Int64Array::from_iter_values(
                     chunk.iter().map(|(_, e)| e.matches),
                 )));
-                log.push(SNAPSHOT + i as u8, RecordBatch::try_new(log_schema(log, SNAPSHOT + i as u8)?, cols)?);
+                log.push(
+                    SNAPSHOT + i as u8,
+                    RecordBatch::try_new(log_schema(log, SNAPSHOT + i as u8)?, cols)?,
+                );
                 log.flush(table)?;
             }
         }
@@ -1142,8 +1154,10 @@ mod tests {
         // Many rows at 100 s and one at 200 s that a right row matches; then a watermark
         // that expires all but those two.
         j.process(0, many(100), &mut out).unwrap();
-        j.process(0, changes("k:i64, t:ts", "+ 7 | 200"), &mut out).unwrap();
-        j.process(1, changes("k2:i64, t2:ts", "+ 7 | 205"), &mut out).unwrap();
+        j.process(0, changes("k:i64, t:ts", "+ 7 | 200"), &mut out)
+            .unwrap();
+        j.process(1, changes("k2:i64, t2:ts", "+ 7 | 205"), &mut out)
+            .unwrap();
         j.on_barrier(1, Some(150 * sec), &mut out).unwrap();
         assert_eq!(j.state_entries(), 2);
         disk.checkpoint(&mut j);

@@ -1309,7 +1309,11 @@ impl Runtime {
         for t in &cp.tables {
             done = done.and(t.checkpoint_done(written));
         }
-        for v in inner.views.iter_mut().filter(|v| views.contains(&v.relation)) {
+        for v in inner
+            .views
+            .iter_mut()
+            .filter(|v| views.contains(&v.relation))
+        {
             done = done.and(v.checkpoint_done(written));
         }
         let c = &mut inner.checkpoints;

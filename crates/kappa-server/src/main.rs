@@ -35,10 +35,9 @@ enum Command {
         /// Milliseconds between epoch barriers.
         #[arg(long, default_value_t = 100)]
         barrier_interval_ms: u64,
-        /// Milliseconds between checkpoints of every view's state; 0 (the default): none, a
-        /// restart replays the whole history. Checkpoints bound recovery time but cost write
-        /// throughput on large state (docs/benchmarks.md).
-        #[arg(long, default_value_t = 0)]
+        /// Milliseconds between checkpoints of all state; 0: none, a restart replays the
+        /// whole history (docs/operations.md).
+        #[arg(long, default_value_t = 1000)]
         checkpoint_interval_ms: u64,
         /// Keep state tables on disk and use about this many MiB of memory for them (the
         /// rest of the state, e.g. joins' and top-N's, stays in memory). Default: all state

@@ -265,7 +265,11 @@ mod tests {
         let some = |v: &[u8]| Some(b(v));
         assert_eq!(
             take(&mut t),
-            vec![(b(b"k0"), None), (b(b"k1"), some(b"2")), (b(b"k4"), some(b"4"))]
+            vec![
+                (b(b"k0"), None),
+                (b(b"k1"), some(b"2")),
+                (b(b"k4"), some(b"4"))
+            ]
         );
         // Abandoned: handed out again, with what changed since.
         t.checkpoint_done(false);
@@ -273,7 +277,11 @@ mod tests {
         t.delete(b"k4"); // fresh still: the abandoned checkpoint never wrote it
         assert_eq!(
             take(&mut t),
-            vec![(b(b"k0"), None), (b(b"k1"), some(b"2")), (b(b"k3"), some(b"3"))]
+            vec![
+                (b(b"k0"), None),
+                (b(b"k1"), some(b"2")),
+                (b(b"k3"), some(b"3"))
+            ]
         );
         // A key changed while a checkpoint is in flight may be in it: its delete is written.
         t.put(b(b"k5"), b(b"5"));
