@@ -60,6 +60,11 @@ const VIEWS: &[(&str, &str, &str)] = &[
         "SELECT d.k, d.name, count(t.id) AS n, sum(t.v) AS s FROM d LEFT JOIN t ON t.k = d.k GROUP BY d.k, d.name",
     ),
     (
+        "lonely",
+        "SELECT d.k, d.name FROM d WHERE NOT EXISTS (SELECT 1 FROM t WHERE t.k = d.k)",
+        "SELECT d.k, d.name FROM d WHERE NOT EXISTS (SELECT 1 FROM t WHERE t.k = d.k)",
+    ),
+    (
         "top2",
         "SELECT k, id, v FROM (SELECT k, id, v, row_number() OVER (PARTITION BY k ORDER BY v DESC, id) AS rn FROM t) s WHERE rn <= 2",
         "SELECT k, id, v FROM (SELECT k, id, v, row_number() OVER (PARTITION BY k ORDER BY v DESC, id) AS rn FROM t) s WHERE rn <= 2",
