@@ -124,7 +124,7 @@ impl CopyIn {
             inserts: Some(batch),
         })?;
         drop(_dml);
-        crate::acknowledge(commit).await?;
+        crate::acknowledge(commit, &self.table).await?;
         Ok(n)
     }
 }

@@ -84,7 +84,7 @@ impl Engine {
             inserts: Some(rows),
         })?;
         drop(_dml);
-        crate::acknowledge(commit).await?;
+        crate::acknowledge(commit, &table).await?;
         Ok(Output::rows_affected("INSERT 0", n))
     }
 
@@ -171,7 +171,7 @@ impl Engine {
             inserts: Some(new),
         })?;
         drop(_dml);
-        crate::acknowledge(commit).await?;
+        crate::acknowledge(commit, &table).await?;
         Ok(Output::rows_affected("UPDATE", n))
     }
 
@@ -210,7 +210,7 @@ impl Engine {
             inserts: None,
         })?;
         drop(_dml);
-        crate::acknowledge(commit).await?;
+        crate::acknowledge(commit, &table).await?;
         Ok(Output::rows_affected("DELETE", n))
     }
 }

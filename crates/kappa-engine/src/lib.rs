@@ -499,14 +499,18 @@ impl Engine {
     }
 }
 
-/// Waits until a write is durable: it is acknowledged to the client only then.
-pub(crate) async fn acknowledge(commit: kappa_runtime::Commit) -> Result<()> {
-    if !commit.waits() {
-        return Ok(());
+/// Waits until a write is durable, and until the views have caught up with a large backlog
+/// on its table (back-pressure): it is acknowledged to the client only then.
+pub(crate) async fn acknowledge(
+    commit: kappa_runtime::Commit,
+    table: &kappa_runtime::Table,
+) -> Result<()> {
+    if commit.waits() {
+        tokio::task::spawn_blocking(move || commit.durable())
+            .await
+            .map_err(|e| KappaError::internal(format!("waiting for the disk failed: {e}")))??;
     }
-    tokio::task::spawn_blocking(move || commit.durable())
-        .await
-        .map_err(|e| KappaError::internal(format!("waiting for the disk failed: {e}")))?
+    table.settled().await
 }
 
 /// A plan as rows of one text column, as EXPLAIN returns it.

@@ -11,6 +11,13 @@
 //! of writes and epoch boundaries is the order the views saw. [`Table::apply`] returns a
 //! [`Commit`]; the statement is acknowledged only after [`Commit::durable`].
 //!
+//! # Back-pressure
+//! The views take a table's changes at each barrier, and an epoch's work and memory grow
+//! with what it takes. A writer that outpaces the views is held back: once more than
+//! [`BACKLOG_ROWS`] rows wait for an epoch, a write's acknowledgment also waits until the
+//! next barrier has taken them ([`Table::settled`]). So an epoch holds at most that many
+//! rows plus one statement per writer, however fast the writers are.
+//!
 //! # Event time
 //! A table with a `WATERMARK FOR col AS expr` keeps its watermark: the largest `expr` over
 //! every row inserted so far (it never goes back). Each statement's changes are judged
@@ -60,11 +67,18 @@ pub struct TableWrite {
     pub inserts: Option<RecordBatch>,
 }
 
+/// Rows waiting for an epoch above which writers wait for the views.
+pub const BACKLOG_ROWS: usize = 1 << 16;
+
 struct Inner {
     contents: RowMultiset,
     /// Primary key (row format) → 1, for tables with a primary key.
     pk_index: Option<(RowConverter, Box<dyn StateTable>)>,
     pending: Vec<ChangeBatch>,
+    /// Rows in `pending`.
+    pending_rows: usize,
+    /// How many times the pending changes were taken into an epoch.
+    drains: u64,
     clock: Option<EventClock>,
     last_write: Instant,
 }
@@ -150,6 +164,8 @@ impl Table {
                 contents,
                 pk_index,
                 pending: Vec::new(),
+                pending_rows: 0,
+                drains: 0,
                 clock: event_time.map(|e| EventClock::new(e.column, e.expr)),
                 last_write: Instant::now(),
             }),
@@ -180,6 +196,25 @@ impl Table {
         Ok(Commit {
             history: self.order.history.clone().zip(seq),
         })
+    }
+
+    /// Returns once the views have taken the rows waiting for an epoch, if there are more
+    /// than [`BACKLOG_ROWS`] (see the module docs). Gives up after a minute (a table
+    /// dropped meanwhile is never drained again).
+    pub async fn settled(&self) -> Result<()> {
+        let backlog = |inner: &Inner| inner.pending_rows > BACKLOG_ROWS;
+        let start = {
+            let inner = self.inner()?;
+            if !backlog(&inner) {
+                return Ok(());
+            }
+            inner.drains
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.inner()?.drains == start && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        Ok(())
     }
 
     /// Applies a write read back from the history (recovery): not appended again.
@@ -263,8 +298,10 @@ impl Table {
             contents,
             pk_index,
             pending,
+            pending_rows,
             clock,
             last_write,
+            ..
         } = &mut *inner;
         *last_write = Instant::now();
         let inserted = ins.as_ref().map(|i| i.data().clone());
@@ -281,10 +318,12 @@ impl Table {
                     }
                 }
             }
-            pending.push(match clock.as_mut() {
+            let change = match clock.as_mut() {
                 Some(c) => c.admit(change)?,
                 None => change,
-            });
+            };
+            *pending_rows += change.num_rows();
+            pending.push(change);
         }
         if let (Some(c), Some(i)) = (clock.as_mut(), &inserted) {
             c.advance(i)?;
@@ -364,6 +403,8 @@ impl Table {
     pub(crate) fn drain(&self) -> Result<Drained> {
         let mut inner = self.inner()?;
         let changes = std::mem::take(&mut inner.pending);
+        inner.pending_rows = 0;
+        inner.drains += 1;
         let idle = self
             .idle_timeout
             .is_some_and(|t| inner.last_write.elapsed() > t);
