@@ -421,3 +421,68 @@ impl Table {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+
+    fn rows(n: i64) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..n))])
+            .expect("batch")
+    }
+
+    fn write(t: &Table, n: i64) {
+        let commit = t
+            .apply(TableWrite {
+                deletes: None,
+                inserts: Some(rows(n)),
+            })
+            .expect("apply");
+        commit.durable().expect("durable");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_writer_ahead_of_the_views_waits_for_the_next_epoch() {
+        let t = Arc::new(
+            Table::new(
+                1,
+                "t",
+                rows(0).schema(),
+                None,
+                &kappa_state::MemStateStore,
+                None,
+                WriteOrder {
+                    gate: Arc::default(),
+                    history: None,
+                },
+            )
+            .expect("table"),
+        );
+        // A small backlog: acknowledged at once.
+        write(&t, 10);
+        t.settled().await.expect("settled");
+
+        // A large one: the acknowledgment waits until a barrier takes it.
+        write(&t, BACKLOG_ROWS as i64);
+        let waiting = tokio::spawn({
+            let t = t.clone();
+            async move { t.settled().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "acknowledged before the views took the rows"
+        );
+        let drained = t.drain().expect("drain");
+        assert_eq!(
+            drained.changes.iter().map(|c| c.num_rows()).sum::<usize>(),
+            BACKLOG_ROWS + 10
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(waiting.is_finished());
+        waiting.await.expect("task").expect("settled");
+    }
+}
