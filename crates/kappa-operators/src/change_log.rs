@@ -20,7 +20,7 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::SchemaRef;
 use kappa_common::Result;
@@ -71,17 +71,20 @@ impl ChangeLog {
         }
     }
 
-    /// The schema of `stream`'s batches.
-    pub fn schema(&self, stream: u8) -> Option<SchemaRef> {
-        self.streams.get(usize::from(stream)).cloned()
-    }
-
-    /// Appends rows to `stream` (a batch of that stream's schema).
-    pub fn push(&mut self, stream: u8, batch: RecordBatch) {
-        if batch.num_rows() > 0 {
-            self.pending_rows += batch.num_rows();
+    /// Appends `rows` rows to `stream`: `columns` in that stream's schema.
+    pub fn push(&mut self, stream: u8, columns: Vec<ArrayRef>, rows: usize) -> Result<()> {
+        if rows > 0 {
+            let batch = crate::batch_with_rows(self.stream(stream)?.clone(), columns, rows)?;
+            self.pending_rows += rows;
             self.pending.push(LogEntry::Batch(stream, batch));
         }
+        Ok(())
+    }
+
+    fn stream(&self, stream: u8) -> Result<&SchemaRef> {
+        self.streams
+            .get(usize::from(stream))
+            .ok_or_else(|| kappa_common::KappaError::internal("log stream out of range"))
     }
 
     /// Appends a mark.
@@ -150,11 +153,7 @@ impl ChangeLog {
         stream: u8,
         group: &[RecordBatch],
     ) -> Result<()> {
-        let schema = self
-            .streams
-            .get(usize::from(stream))
-            .ok_or_else(|| kappa_common::KappaError::internal("log stream out of range"))?;
-        let batch = concat_batches(schema, group)?;
+        let batch = concat_batches(self.stream(stream)?, group)?;
         let mut value = vec![BATCH, stream];
         value.extend_from_slice(&ipc_bytes(&batch)?);
         self.written_rows += batch.num_rows();
@@ -219,9 +218,11 @@ mod tests {
     use datafusion::arrow::array::{Array, Int64Array};
     use kappa_state::MemStateTable;
 
-    fn ints(values: impl IntoIterator<Item = i64>) -> RecordBatch {
+    /// Appends the values to `stream` (schema `v:i64`).
+    fn push(log: &mut ChangeLog, stream: u8, values: impl IntoIterator<Item = i64>) {
         let values: Int64Array = values.into_iter().collect();
-        RecordBatch::try_new(schema("v:i64"), vec![Arc::new(values)]).unwrap()
+        let n = values.len();
+        log.push(stream, vec![Arc::new(values)], n).unwrap();
     }
 
     fn new_log() -> ChangeLog {
@@ -250,13 +251,13 @@ mod tests {
     fn entries_come_back_in_order_across_checkpoints() {
         let mut table = MemStateTable::tracked("log", []);
         let mut log = new_log();
-        log.push(0, ints([1, 2]));
-        log.push(0, ints([3]));
-        log.push(1, ints([4]));
+        push(&mut log, 0, [1, 2]);
+        push(&mut log, 0, [3]);
+        push(&mut log, 1, [4]);
         log.mark(vec![7]);
-        log.push(0, ints([5]));
+        push(&mut log, 0, [5]);
         log.flush(&mut table).unwrap();
-        log.push(1, ints([6]));
+        push(&mut log, 1, [6]);
         log.flush(&mut table).unwrap();
         assert_eq!(log.rows(), 6);
 
@@ -269,7 +270,7 @@ mod tests {
         assert_eq!(restored.rows(), 6);
 
         // The restored log continues after the last stored entry.
-        restored.push(0, ints([8]));
+        push(&mut restored, 0, [8]);
         restored.flush(&mut table).unwrap();
         assert_eq!(read_back(&table).1.last().unwrap(), "s0:[8]");
     }
@@ -278,13 +279,13 @@ mod tests {
     fn clearing_starts_the_log_over() {
         let mut table = MemStateTable::tracked("log", []);
         let mut log = new_log();
-        log.push(0, ints([1, 2]));
+        push(&mut log, 0, [1, 2]);
         log.flush(&mut table).unwrap();
-        log.push(0, ints([9]));
+        push(&mut log, 0, [9]);
         assert!(!log.due_for_compaction(0), "too small to compact");
         log.clear(&mut table);
         assert_eq!(log.rows(), 0);
-        log.push(1, ints([3]));
+        push(&mut log, 1, [3]);
         log.flush(&mut table).unwrap();
         assert_eq!(table.len(), 1);
         let (restored, got) = read_back(&table);
@@ -296,8 +297,8 @@ mod tests {
     fn large_inputs_are_stored_in_chunks_and_compaction_waits_for_waste() {
         let mut table = MemStateTable::tracked("log", []);
         let mut log = new_log();
-        log.push(0, ints(0..CHUNK_ROWS as i64 + 10));
-        log.push(0, ints([1]));
+        push(&mut log, 0, 0..CHUNK_ROWS as i64 + 10);
+        push(&mut log, 0, [1]);
         log.flush(&mut table).unwrap();
         // The oversized batch alone, then the rest.
         assert_eq!(table.len(), 2);

@@ -54,7 +54,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch, UInt32Array, new_null_array,
+    Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array, new_null_array,
 };
 use datafusion::arrow::compute::kernels::filter::prep_null_mask_filter;
 use datafusion::arrow::compute::{cast, take_arrays};
@@ -415,11 +415,7 @@ impl HashJoin {
         table: &mut dyn kappa_state::StateTable,
     ) -> Result<()> {
         log.clear(table);
-        log.mark(
-            kappa_state::codec::Encoder::new()
-                .opt_i64(self.watermark)
-                .finish(),
-        );
+        log.mark(encode_watermark(self.watermark));
         for (i, side) in self.sides.iter().enumerate() {
             let mut entries = side
                 .store
@@ -440,10 +436,7 @@ impl HashJoin {
                 cols.push(Arc::new(Int64Array::from_iter_values(
                     chunk.iter().map(|(_, e)| e.matches),
                 )));
-                log.push(
-                    SNAPSHOT + i as u8,
-                    RecordBatch::try_new(log_schema(log, SNAPSHOT + i as u8)?, cols)?,
-                );
+                log.push(SNAPSHOT + i as u8, cols, chunk.len())?;
                 log.flush(table)?;
             }
         }
@@ -453,15 +446,12 @@ impl HashJoin {
     /// Applies one entry of the log being restored, as the first time.
     fn replay(&mut self, entry: LogEntry) -> Result<()> {
         match entry {
-            LogEntry::Mark(m) => {
-                let mut d = kappa_state::codec::Decoder::new(&m, "a join");
-                let w = d.opt_i64()?;
-                d.end()?;
-                match w {
-                    Some(w) => self.expire(w),
-                    None => self.watermark = None,
+            LogEntry::Mark(m) => match decode_watermark(&m)? {
+                Some(w) => {
+                    self.expire(w);
                 }
-            }
+                None => self.watermark = None,
+            },
             LogEntry::Batch(stream, batch) => {
                 let side = usize::from(stream % 2);
                 let n = batch.num_columns();
@@ -506,10 +496,11 @@ impl HashJoin {
         Ok(())
     }
 
-    /// Frees the rows the watermark `w` has expired.
-    fn expire(&mut self, w: i64) {
+    /// Advances the watermark to `w` and frees the rows it has expired; `false` if the
+    /// watermark was already there.
+    fn expire(&mut self, w: i64) -> bool {
         if self.watermark.is_some_and(|old| old >= w) {
-            return;
+            return false;
         }
         self.watermark = Some(w);
         for side in &mut self.sides {
@@ -521,6 +512,7 @@ impl HashJoin {
                 side.store.remove(&key, &row);
             }
         }
+        true
     }
 
     /// This += ΔThis: stores a batch's rows on `side`, each with its match count. Rows that
@@ -697,11 +689,7 @@ impl Operator for HashJoin {
             let (data, weights) = batch.into_parts();
             let mut cols = data.columns().to_vec();
             cols.push(Arc::new(weights));
-            let schema = log_schema(log, input as u8)?;
-            log.push(
-                input as u8,
-                crate::batch_with_rows(schema, cols, data.num_rows())?,
-            );
+            log.push(input as u8, cols, data.num_rows())?;
         }
         Ok(())
     }
@@ -715,12 +703,10 @@ impl Operator for HashJoin {
         let Some(w) = watermark else {
             return Ok(());
         };
-        if self.watermark.is_some_and(|old| old >= w) {
-            return Ok(());
-        }
-        self.expire(w);
-        if let Some((log, _)) = &mut self.durable {
-            log.mark(kappa_state::codec::Encoder::new().opt_i64(Some(w)).finish());
+        if self.expire(w)
+            && let Some((log, _)) = &mut self.durable
+        {
+            log.mark(encode_watermark(Some(w)));
         }
         Ok(())
     }
@@ -749,9 +735,7 @@ impl Operator for HashJoin {
             self.durable = Some((log, table));
             written?;
         }
-        Ok(kappa_state::codec::Encoder::new()
-            .opt_i64(self.watermark)
-            .finish())
+        Ok(encode_watermark(self.watermark))
     }
 
     fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
@@ -763,9 +747,7 @@ impl Operator for HashJoin {
 
     /// Rebuilds both sides' maps and expiry indexes by replaying the log.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
-        let mut d = kappa_state::codec::Decoder::new(saved, "a join");
-        let watermark = d.opt_i64()?;
-        d.end()?;
+        let watermark = decode_watermark(saved)?;
         let Some((mut log, table)) = self.durable.take() else {
             return Err(KappaError::internal("restoring a join without checkpoints"));
         };
@@ -784,10 +766,16 @@ impl Operator for HashJoin {
     }
 }
 
-/// The schema of one of the join log's streams.
-fn log_schema(log: &ChangeLog, stream: u8) -> Result<SchemaRef> {
-    log.schema(stream)
-        .ok_or_else(|| KappaError::internal("join log stream out of range"))
+/// The join's watermark as its checkpoint and its log's marks keep it.
+fn encode_watermark(w: Option<i64>) -> Vec<u8> {
+    kappa_state::codec::Encoder::new().opt_i64(w).finish()
+}
+
+fn decode_watermark(bytes: &[u8]) -> Result<Option<i64>> {
+    let mut d = kappa_state::codec::Decoder::new(bytes, "a join");
+    let w = d.opt_i64()?;
+    d.end()?;
+    Ok(w)
 }
 
 #[cfg(test)]
