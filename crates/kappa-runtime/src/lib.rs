@@ -1137,7 +1137,7 @@ impl Runtime {
         let (Some(interval), Some(_)) = (self.checkpoint_interval, &self.history) else {
             return false;
         };
-        if !self.checkpoint_written(inner, false) {
+        if !self.checkpoint_written(inner) {
             return false;
         }
         // Early when the store holds too many unwritten changes, but never more often than
@@ -1194,8 +1194,8 @@ impl Runtime {
         Some(cp)
     }
 
-    /// After the epoch's views ran: adds their changes and the runtime's state, and writes
-    /// the checkpoint — unless a live snapshot still reads what it would change.
+    /// After the epoch's views ran: adds their changes and the runtime's state, and starts
+    /// writing the checkpoint.
     fn finish_checkpoint(&self, inner: &mut Inner, mut cp: PendingCheckpoint) {
         let started = std::time::Instant::now();
         let mut taken = Vec::new();
@@ -1271,12 +1271,12 @@ impl Runtime {
     }
 
     /// Whether no checkpoint is being written: ends the one being written if its thread is
-    /// done (or, with `wait`, once it is).
-    fn checkpoint_written(&self, inner: &mut Inner, wait: bool) -> bool {
+    /// done. (A runtime that goes away waits for it: `WritingCheckpoint`'s drop.)
+    fn checkpoint_written(&self, inner: &mut Inner) -> bool {
         let Some(w) = &mut inner.writing else {
             return true;
         };
-        if !wait && w.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+        if w.thread.as_ref().is_some_and(|t| !t.is_finished()) {
             return false;
         }
         let Some(mut w) = inner.writing.take() else {
@@ -1290,7 +1290,7 @@ impl Runtime {
         if written.is_ok() {
             inner.dropped_state.retain(|d| !w.dropped.contains(d));
         }
-        self.checkpoint_ended(inner, &w.cp, &w.views, written.map(Some));
+        self.checkpoint_ended(inner, &w.cp, &w.views, written);
         true
     }
 
@@ -1302,9 +1302,9 @@ impl Runtime {
         inner: &mut Inner,
         cp: &PendingCheckpoint,
         views: &[RelationId],
-        outcome: Result<Option<u64>>,
+        outcome: Result<u64>,
     ) {
-        let written = matches!(outcome, Ok(Some(_)));
+        let written = outcome.is_ok();
         let mut done: Result<()> = Ok(());
         for t in &cp.tables {
             done = done.and(t.checkpoint_done(written));
@@ -1318,7 +1318,7 @@ impl Runtime {
         }
         let c = &mut inner.checkpoints;
         match (outcome, done) {
-            (Ok(Some(bytes)), Ok(())) => {
+            (Ok(bytes), Ok(())) => {
                 // The checkpoint's own work: collecting the changes and writing them (not
                 // the epoch's processing in between).
                 let ms = cp.elapsed.as_secs_f64() * 1e3;
@@ -1334,7 +1334,6 @@ impl Runtime {
                 inner.changed_since_checkpoint =
                     self.history.as_ref().is_some_and(|h| h.last_seq() > cp.seq);
             }
-            (Ok(None), Ok(())) => {}
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "checkpoint failed; the next one will retry");
                 c.failed = Some(e.to_string());

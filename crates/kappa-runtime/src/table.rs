@@ -202,10 +202,9 @@ impl Table {
     /// than [`BACKLOG_ROWS`] (see the module docs). Gives up after a minute (a table
     /// dropped meanwhile is never drained again).
     pub async fn settled(&self) -> Result<()> {
-        let backlog = |inner: &Inner| inner.pending_rows > BACKLOG_ROWS;
         let start = {
             let inner = self.inner()?;
-            if !backlog(&inner) {
+            if inner.pending_rows <= BACKLOG_ROWS {
                 return Ok(());
             }
             inner.drains
