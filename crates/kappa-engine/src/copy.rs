@@ -52,6 +52,7 @@ impl CopyFormat {
 
 /// A COPY waiting for its data.
 pub struct CopyIn {
+    runtime: Arc<kappa_runtime::Runtime>,
     table: Arc<Table>,
     /// Target column of each input field, in input order.
     columns: Vec<usize>,
@@ -124,7 +125,7 @@ impl CopyIn {
             inserts: Some(batch),
         })?;
         drop(_dml);
-        crate::acknowledge(commit, &self.table).await?;
+        crate::acknowledge(&self.runtime, commit, &self.table).await?;
         Ok(n)
     }
 }
@@ -224,6 +225,7 @@ pub(crate) fn start(engine: &Engine, stmt: Statement) -> Result<Output> {
             .collect::<Result<Vec<_>>>()?
     };
     Ok(Output::CopyIn(CopyIn {
+        runtime: engine.runtime().clone(),
         table,
         columns: targets,
         format,

@@ -77,6 +77,9 @@ impl Engine {
         }
         let input = Arc::unwrap_or_clone(dml.input);
         let batches = ctx.execute_logical_plan(input).await?.collect().await?;
+        // The context pins the published snapshot; held while the write waits for its
+        // acknowledgment, it would make every checkpoint keep the state it overwrites.
+        drop(ctx);
         let rows = conform(&table.schema, &batches)?;
         let n = rows.num_rows();
         let commit = table.apply(TableWrite {
@@ -84,7 +87,7 @@ impl Engine {
             inserts: Some(rows),
         })?;
         drop(_dml);
-        crate::acknowledge(commit, &table).await?;
+        crate::acknowledge(self.runtime(), commit, &table).await?;
         Ok(Output::rows_affected("INSERT 0", n))
     }
 
@@ -171,7 +174,7 @@ impl Engine {
             inserts: Some(new),
         })?;
         drop(_dml);
-        crate::acknowledge(commit, &table).await?;
+        crate::acknowledge(self.runtime(), commit, &table).await?;
         Ok(Output::rows_affected("UPDATE", n))
     }
 
@@ -210,7 +213,7 @@ impl Engine {
             inserts: None,
         })?;
         drop(_dml);
-        crate::acknowledge(commit, &table).await?;
+        crate::acknowledge(self.runtime(), commit, &table).await?;
         Ok(Output::rows_affected("DELETE", n))
     }
 }

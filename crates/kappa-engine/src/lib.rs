@@ -136,9 +136,11 @@ impl Engine {
         let store: Arc<dyn StateStore> = match (&history, config.state_memory) {
             (Some(h), Some(memory)) => {
                 // Changes stay in memory until a checkpoint writes them: spilled state
-                // needs checkpoints.
+                // needs checkpoints. Half the budget is RocksDB's (`cache_bytes`); a
+                // quarter is for unwritten changes, as writing them briefly takes as much
+                // again (RocksDB's write batch and memtable hold a copy).
                 checkpoints.get_or_insert(Duration::from_secs(1));
-                Arc::new(kappa_state::SpillStore::new(h.clone(), memory / 2))
+                Arc::new(kappa_state::SpillStore::new(h.clone(), memory / 4))
             }
             (Some(h), None) => Arc::new(kappa_state::CheckpointedStore::new(h.clone())),
             (None, _) => Arc::new(MemStateStore),
@@ -499,9 +501,11 @@ impl Engine {
     }
 }
 
-/// Waits until a write is durable, and until the views have caught up with a large backlog
-/// on its table (back-pressure): it is acknowledged to the client only then.
+/// Waits until a write is durable, until the views have caught up with a large backlog on
+/// its table, and until checkpoints have written enough spilled state to disk
+/// (back-pressure): it is acknowledged to the client only then.
 pub(crate) async fn acknowledge(
+    runtime: &Runtime,
     commit: kappa_runtime::Commit,
     table: &kappa_runtime::Table,
 ) -> Result<()> {
@@ -510,7 +514,9 @@ pub(crate) async fn acknowledge(
             .await
             .map_err(|e| KappaError::internal(format!("waiting for the disk failed: {e}")))??;
     }
-    table.settled().await
+    table.settled().await?;
+    runtime.state_settled().await;
+    Ok(())
 }
 
 /// A plan as rows of one text column, as EXPLAIN returns it.

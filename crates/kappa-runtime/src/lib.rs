@@ -391,6 +391,9 @@ pub struct Runtime {
     /// Take a checkpoint at the first recorded epoch this long after the last one; `None`:
     /// never (recovery replays the whole history).
     checkpoint_interval: Option<std::time::Duration>,
+    /// Set by a barrier when the store holds more than twice its limit of unwritten
+    /// changes while checkpoints are being taken: writes wait ([`Runtime::state_settled`]).
+    state_backlog: std::sync::atomic::AtomicBool,
 }
 
 impl Runtime {
@@ -418,6 +421,7 @@ impl Runtime {
             history,
             replay: Mutex::new(None),
             recovered: Mutex::new(RecoveryStats::default()),
+            state_backlog: std::sync::atomic::AtomicBool::new(false),
             checkpoint_interval: None,
         }
     }
@@ -1128,7 +1132,29 @@ impl Runtime {
         if let Some(cp) = checkpoint {
             self.finish_checkpoint(inner, cp);
         }
+        let over = self
+            .store
+            .pending_limit()
+            .is_some_and(|limit| self.store.pending_bytes() > 2 * limit);
+        let draining = self.checkpoint_interval.is_some()
+            && self.history.is_some()
+            && inner.checkpoints.paused.is_none();
+        self.state_backlog
+            .store(over && draining, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Returns once the store's unwritten changes are back under twice its limit, if a
+    /// barrier found them over it (memory back-pressure: a write is acknowledged only
+    /// then, so writers cannot outrun the checkpoints that move state to disk). Gives up
+    /// after a minute.
+    pub async fn state_settled(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while self.state_backlog.load(std::sync::atomic::Ordering::Relaxed)
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
     }
 
     /// Whether this barrier should take a checkpoint: live, and its interval has passed or
@@ -1252,7 +1278,7 @@ impl Runtime {
         cp.elapsed += started.elapsed();
         let thread = std::thread::Builder::new()
             .name("kappa-checkpoint".into())
-            .spawn(move || history.checkpoint(seq, &meta, &batch));
+            .spawn(move || history.checkpoint(seq, &meta, batch));
         match thread {
             Ok(thread) => {
                 inner.writing = Some(WritingCheckpoint {

@@ -140,9 +140,17 @@ impl History {
         opts.set_paranoid_checks(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
+        if let Some(bytes) = options.cache_bytes {
+            // A quarter for the write buffers of both families together (RocksDB flushes
+            // the largest one when they pass it), each at most an eighth.
+            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
+            opts.set_db_write_buffer_size(bytes / 4);
+            opts.set_write_buffer_size((bytes / 8).max(4 << 20));
+            opts.set_max_write_buffer_number(2);
+        }
         let mut state = opts.clone();
         if let Some(bytes) = options.cache_bytes {
-            // Three quarters for the block cache, the rest for the state's write buffers.
+            // Three quarters for the block cache.
             let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
             let mut block = rocksdb::BlockBasedOptions::default();
             block.set_block_cache(&rocksdb::Cache::new_lru_cache(bytes / 4 * 3));
@@ -150,8 +158,6 @@ impl History {
             // the cache: a small cache would evict them and re-read them for every lookup.
             block.set_bloom_filter(10.0, false);
             state.set_block_based_table_factory(&block);
-            state.set_write_buffer_size((bytes / 8).max(4 << 20));
-            state.set_max_write_buffer_number(2);
         }
         if has_db {
             let families = rocksdb::DB::list_cf(&opts, dir).map_err(|e| unusable(e.to_string()))?;
@@ -464,7 +470,7 @@ impl History {
     /// tables dropped since the last one (every entry whose table name starts with one of
     /// `dropped`), the runtime's state `meta` as of epoch record `seq`, and the deletion of
     /// the write and epoch records up to `seq`. Returns the bytes written.
-    pub fn checkpoint(&self, seq: u64, meta: &[u8], state: &CheckpointState) -> Result<u64> {
+    pub fn checkpoint(&self, seq: u64, meta: &[u8], state: CheckpointState) -> Result<u64> {
         let cf = self.state_cf()?;
         let mut batch = rocksdb::WriteBatch::default();
         for prefix in &state.dropped {
@@ -475,9 +481,9 @@ impl History {
                 batch.delete_range_cf(cf, from, to.as_slice());
             }
         }
-        for (table, changes) in &state.tables {
+        for (table, changes) in state.tables {
             for (k, v) in changes {
-                let key = state_key(table, k);
+                let key = state_key(&table, &k);
                 match v {
                     Some(v) => batch.put_cf(cf, key, v),
                     None => batch.delete_cf(cf, key),
@@ -762,6 +768,9 @@ mod tests {
     fn a_checkpoint_keeps_state_and_ddl_and_deletes_the_records_it_covers() {
         let dir = tempdir("checkpoint");
         let b = |s: &[u8]| -> Bytes { Arc::from(s) };
+        let changes = |name: &str, c: Vec<(Bytes, Option<Bytes>)>| -> (String, crate::Changes) {
+            (name.into(), Box::new(c.into_iter()))
+        };
         {
             let h = open(&dir).unwrap();
             h.append_ddl("CREATE TABLE t (id BIGINT)").unwrap(); // 1
@@ -770,27 +779,21 @@ mod tests {
             h.append_epoch(&EpochRecord::default()).unwrap(); // 4
             let state = CheckpointState {
                 tables: vec![
-                    (
-                        "t1.rows".into(),
-                        vec![(b(b"a"), Some(b(b"1"))), (b(b"b"), Some(b(b"2")))],
-                    ),
-                    ("mv9.meta".into(), vec![(b(b"x"), Some(b(b"y")))]),
-                    ("t10.rows".into(), vec![(b(b"z"), Some(b(b"3")))]),
+                    changes("t1.rows", vec![(b(b"a"), Some(b(b"1"))), (b(b"b"), Some(b(b"2")))]),
+                    changes("mv9.meta", vec![(b(b"x"), Some(b(b"y")))]),
+                    changes("t10.rows", vec![(b(b"z"), Some(b(b"3")))]),
                 ],
                 dropped: vec![],
             };
-            h.checkpoint(4, b"first", &state).unwrap();
+            h.checkpoint(4, b"first", state).unwrap();
             h.append_write(1, None, Some(&batch(&[2]))).unwrap(); // 5
             h.append_epoch(&EpochRecord::default()).unwrap(); // 6
             let state = CheckpointState {
-                tables: vec![(
-                    "t1.rows".into(),
-                    vec![(b(b"a"), None), (b(b"c"), Some(b(b"4")))],
-                )],
+                tables: vec![changes("t1.rows", vec![(b(b"a"), None), (b(b"c"), Some(b(b"4")))])],
                 // A dropped view's tables go; "mv9." must not take "mv90." with it.
                 dropped: vec!["mv9.".into()],
             };
-            h.checkpoint(6, b"second", &state).unwrap();
+            h.checkpoint(6, b"second", state).unwrap();
             h.append_write(1, None, Some(&batch(&[3]))).unwrap(); // 7
         }
         let h = open(&dir).unwrap();

@@ -67,8 +67,13 @@ pub trait StateTable: Send + Sync {
     fn before_checkpoint_write(&mut self) {}
 }
 
+/// One state table's changes for a checkpoint: each key written since the last checkpoint
+/// written with its value now (`None`: deleted). The writer consumes it once, off the
+/// barrier, so a table can hand out a view of its changes instead of a copy.
+pub type Changes = Box<dyn Iterator<Item = (Bytes, Option<Bytes>)> + Send>;
+
 /// State tables' changes for a checkpoint, by table name.
-pub type TableChanges = Vec<(String, Vec<(Bytes, Option<Bytes>)>)>;
+pub type TableChanges = Vec<(String, Changes)>;
 
 /// A read-only, immutable view of a state table.
 pub trait StateSnapshot: Send + Sync {

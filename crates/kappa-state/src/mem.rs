@@ -124,8 +124,8 @@ impl StateTable for MemStateTable {
             .iter()
             .filter(|(_, c)| c.value.is_some() || !c.fresh)
             .map(|(k, c)| (k.clone(), c.value.clone()))
-            .collect();
-        out.push((t.name.clone(), changes));
+            .collect::<Vec<_>>();
+        out.push((t.name.clone(), Box::new(changes.into_iter())));
     }
 
     fn checkpoint_done(&mut self, written: bool) {
@@ -257,8 +257,9 @@ mod tests {
         let mut out = Vec::new();
         let mut take = |t: &mut MemStateTable| {
             t.take_changes(&mut out);
-            let (name, mut changes) = out.pop().unwrap();
+            let (name, changes) = out.pop().unwrap();
             assert_eq!(name, "t");
+            let mut changes: Vec<_> = changes.collect();
             changes.sort();
             changes
         };

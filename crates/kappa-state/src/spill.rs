@@ -239,18 +239,14 @@ impl StateTable for SpillTable {
     }
 
     fn take_changes(&mut self, out: &mut TableChanges) {
-        let changes = self
-            .overlay
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        out.push((self.name.clone(), changes));
+        // The overlay is persistent: the writer iterates this version while writes go on.
+        out.push((self.name.clone(), Box::new(self.overlay.clone().into_iter())));
         out.push((
             len_table(&self.name),
-            vec![(
+            Box::new(std::iter::once((
                 Bytes::from(&[][..]),
                 Some(crate::encode_count(self.len as i64)),
-            )],
+            ))),
         ));
         self.taken = Some((self.overlay.clone(), self.writes));
     }
@@ -516,7 +512,7 @@ mod tests {
         h.checkpoint(
             seq,
             b"",
-            &crate::CheckpointState {
+            crate::CheckpointState {
                 tables: changes,
                 dropped: vec![],
             },
