@@ -1150,7 +1150,9 @@ impl Runtime {
     /// after a minute.
     pub async fn state_settled(&self) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while self.state_backlog.load(std::sync::atomic::Ordering::Relaxed)
+        while self
+            .state_backlog
+            .load(std::sync::atomic::Ordering::Relaxed)
             && std::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;

@@ -779,7 +779,10 @@ mod tests {
             h.append_epoch(&EpochRecord::default()).unwrap(); // 4
             let state = CheckpointState {
                 tables: vec![
-                    changes("t1.rows", vec![(b(b"a"), Some(b(b"1"))), (b(b"b"), Some(b(b"2")))]),
+                    changes(
+                        "t1.rows",
+                        vec![(b(b"a"), Some(b(b"1"))), (b(b"b"), Some(b(b"2")))],
+                    ),
                     changes("mv9.meta", vec![(b(b"x"), Some(b(b"y")))]),
                     changes("t10.rows", vec![(b(b"z"), Some(b(b"3")))]),
                 ],
@@ -789,7 +792,10 @@ mod tests {
             h.append_write(1, None, Some(&batch(&[2]))).unwrap(); // 5
             h.append_epoch(&EpochRecord::default()).unwrap(); // 6
             let state = CheckpointState {
-                tables: vec![changes("t1.rows", vec![(b(b"a"), None), (b(b"c"), Some(b(b"4")))])],
+                tables: vec![changes(
+                    "t1.rows",
+                    vec![(b(b"a"), None), (b(b"c"), Some(b(b"4")))],
+                )],
                 // A dropped view's tables go; "mv9." must not take "mv90." with it.
                 dropped: vec!["mv9.".into()],
             };

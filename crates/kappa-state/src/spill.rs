@@ -240,7 +240,10 @@ impl StateTable for SpillTable {
 
     fn take_changes(&mut self, out: &mut TableChanges) {
         // The overlay is persistent: the writer iterates this version while writes go on.
-        out.push((self.name.clone(), Box::new(self.overlay.clone().into_iter())));
+        out.push((
+            self.name.clone(),
+            Box::new(self.overlay.clone().into_iter()),
+        ));
         out.push((
             len_table(&self.name),
             Box::new(std::iter::once((
