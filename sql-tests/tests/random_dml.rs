@@ -98,6 +98,10 @@ const VIEWS: &[(&str, &str)] = &[
         "v_twolevel",
         "SELECT n, count(*) AS groups, max(mx) AS top FROM v_group GROUP BY n",
     ),
+    (
+        "v_count_distinct",
+        "SELECT g, count(DISTINCT h) AS dh, sum(DISTINCT w) AS dw, avg(DISTINCT v) AS dv, count(DISTINCT w) FILTER (WHERE h > 2) AS fw FROM t GROUP BY g",
+    ),
 ];
 
 fn normalize(cell: &str) -> String {

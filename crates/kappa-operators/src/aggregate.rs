@@ -8,7 +8,10 @@
 //!   group, as `agg index (u16 BE) ‖ key length (u32 BE) ‖ group key ‖ value (row format)` →
 //!   count. The row format sorts like the values, so the current minimum is the first entry
 //!   under the `(agg, group)` prefix and the maximum the last: deleting the current extreme
-//!   just exposes the next one.
+//!   just exposes the next one. A `DISTINCT` aggregate (`count`, `sum`, `avg`) keeps the
+//!   same multiset of its argument values; its accumulator in `groups` is over the values
+//!   whose count is positive, so a value counts when its count leaves 0 and stops counting
+//!   when it returns to 0 (both applied at the barrier, with the epoch's net changes).
 //!
 //! # Output
 //! Changes are consolidated per epoch: at the barrier every group touched during the epoch
@@ -53,6 +56,8 @@ type HashMap<K, V> = hashbrown::HashMap<K, V>;
 /// A compiled aggregate call.
 pub struct AggSpec {
     pub func: AggFunc,
+    /// Over the distinct non-null argument values.
+    pub distinct: bool,
     /// The argument; `None` for `count(*)`.
     pub arg: Option<Arc<dyn PhysicalExpr>>,
     pub filter: Option<Arc<dyn PhysicalExpr>>,
@@ -115,7 +120,9 @@ pub struct HashAggregate {
     group_converter: Option<RowConverter>,
     aggs: Vec<AggSpec>,
     kinds: Vec<Kind>,
-    /// Per aggregate, for min/max: encodes the argument values.
+    /// Per aggregate, whether it is over distinct values (its values go to `extremes`).
+    distinct: Vec<bool>,
+    /// Per aggregate, for min/max and DISTINCT: encodes the argument values.
     value_converters: Vec<Option<RowConverter>>,
     schema: SchemaRef,
     groups: Box<dyn StateTable>,
@@ -181,17 +188,22 @@ impl HashAggregate {
             .iter()
             .zip(&kinds)
             .map(|(a, k)| match k {
+                _ if a.distinct => {
+                    RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
+                }
                 Kind::Extreme { .. } | Kind::Best { .. } => {
                     RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
                 }
                 _ => Ok(None),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
+        let distinct = aggs.iter().map(|a| a.distinct).collect();
         Ok(Self {
             group_exprs,
             group_converter,
             aggs,
             kinds,
+            distinct,
             value_converters,
             schema,
             groups,
@@ -232,7 +244,7 @@ impl HashAggregate {
         self.groups.delete(group);
         let mut prefix = Vec::new();
         for (i, k) in self.kinds.iter().enumerate() {
-            if matches!(k, Kind::Extreme { .. }) {
+            if matches!(k, Kind::Extreme { .. }) || self.distinct[i] {
                 Self::extreme_prefix(&mut prefix, i, group);
                 while let Some((key, _)) = self.extremes.first_with_prefix(&prefix) {
                     self.extremes.delete(&key);
@@ -458,6 +470,66 @@ impl HashAggregate {
         self.dirty.insert(group.into(), Dirty { before, state });
         Ok(created)
     }
+
+    /// A value of a DISTINCT aggregate started (`sign` 1) or stopped (-1) being present in
+    /// its group: adds it to or takes it from the group's accumulator. `key` is its
+    /// multiset key, `agg ‖ group length ‖ group ‖ value`.
+    fn count_distinct(&mut self, key: &[u8], sign: i64) -> Result<()> {
+        let corrupt = || KappaError::internal("corrupt DISTINCT multiset key");
+        let agg = u16::from_be_bytes(
+            key.get(..2)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .map_err(|_| corrupt())?,
+        ) as usize;
+        let len = u32::from_be_bytes(
+            key.get(2..6)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .map_err(|_| corrupt())?,
+        ) as usize;
+        let group = key.get(6..6 + len).ok_or_else(corrupt)?;
+        let value = key.get(6 + len..).ok_or_else(corrupt)?;
+        let kind = self.kinds[agg];
+        let v = match kind {
+            Kind::Count => ScalarValue::Null,
+            _ => self.decode_value(agg, value)?,
+        };
+        let d = self
+            .dirty
+            .get_mut(group)
+            .ok_or_else(|| KappaError::internal("a DISTINCT value of a group not touched"))?;
+        match (kind, &mut d.state.accs[agg]) {
+            (Kind::Count, Acc::Count(c)) => *c += sign,
+            (Kind::SumInt { .. } | Kind::AvgInt, Acc::Int { sum, n }) => {
+                let x = match v {
+                    ScalarValue::Decimal128(Some(x), ..) => x,
+                    other => match other.cast_to(&DataType::Int64)? {
+                        ScalarValue::Int64(Some(x)) => x as i128,
+                        _ => return Err(KappaError::internal("DISTINCT sum of a non-integer")),
+                    },
+                };
+                *sum += x * sign as i128;
+                *n += sign;
+                if *n == 0 {
+                    *sum = 0;
+                }
+            }
+            (Kind::SumFloat | Kind::AvgFloat, Acc::Float { sum, comp, n }) => {
+                let ScalarValue::Float64(Some(x)) = v.cast_to(&DataType::Float64)? else {
+                    return Err(KappaError::internal("DISTINCT sum of a non-number"));
+                };
+                add_float(sum, comp, x * sign as f64);
+                *n += sign;
+                if *n == 0 {
+                    *sum = 0.0;
+                    *comp = 0.0;
+                }
+            }
+            _ => return Err(KappaError::internal("DISTINCT over min/max")),
+        }
+        Ok(())
+    }
 }
 
 /// Argument columns of one batch, prepared once per batch for the per-row loop.
@@ -517,6 +589,13 @@ impl Operator for HashAggregate {
             };
             args.push(match (arr, self.kinds[i]) {
                 (None, _) => ArgValues::None,
+                (Some(a), _) if spec.distinct => {
+                    let conv = self.value_converters[i]
+                        .as_ref()
+                        .ok_or_else(|| KappaError::internal("DISTINCT without converter"))?;
+                    let rows = conv.convert_columns(std::slice::from_ref(&a))?;
+                    ArgValues::Rows(a, rows)
+                }
                 (Some(a), Kind::Count) => ArgValues::Nulls(a),
                 (Some(a), Kind::SumInt { .. } | Kind::AvgInt) => match a.data_type() {
                     DataType::Decimal128(..) => ArgValues::Int(a),
@@ -578,6 +657,11 @@ impl Operator for HashAggregate {
                         continue;
                     }
                     match (arg, &mut d.state.accs[i]) {
+                        (ArgValues::Rows(a, _), _) if self.distinct[i] => {
+                            if a.is_valid(row) {
+                                extreme_updates.push((i, row));
+                            }
+                        }
                         (ArgValues::None, Acc::Count(c)) => *c += w,
                         (ArgValues::Nulls(a), Acc::Count(c)) => {
                             if a.is_valid(row) {
@@ -676,12 +760,19 @@ impl Operator for HashAggregate {
             .collect();
         deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         for (key, delta) in deltas {
-            add_to_count(
+            let new = add_to_count(
                 self.extremes.as_mut(),
                 &key,
                 delta,
-                &"a min/max value multiset",
+                &"a min/max or DISTINCT value multiset",
             )?;
+            let old = new - delta;
+            let agg = key
+                .get(..2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
+            if self.distinct.get(agg).copied().unwrap_or(false) && (old > 0) != (new > 0) {
+                self.count_distinct(&key, if new > 0 { 1 } else { -1 })?;
+            }
         }
         let scalar = self.is_scalar();
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();
@@ -803,13 +894,20 @@ mod tests {
     const IN: &str = "k:utf8, v:i64";
 
     fn agg(funcs: &[AggFunc], out: &str, grouped: bool) -> HashAggregate {
+        let calls: Vec<_> = funcs.iter().map(|&f| (f, false)).collect();
+        distinct_agg(&calls, out, grouped)
+    }
+
+    /// Aggregates of `v`, each with whether it is DISTINCT.
+    fn distinct_agg(funcs: &[(AggFunc, bool)], out: &str, grouped: bool) -> HashAggregate {
         let ctx = SessionContext::new();
         let input = df_schema(IN);
         let v = ctx.create_physical_expr(col("v"), &input).unwrap();
         let k = ctx.create_physical_expr(col("k"), &input).unwrap();
         let specs = funcs
             .iter()
-            .map(|&func| AggSpec {
+            .map(|&(func, distinct)| AggSpec {
+                distinct,
                 func,
                 arg: Some(v.clone()),
                 filter: None,
@@ -859,6 +957,34 @@ mod tests {
         // Duplicate values: deleting one copy of the max keeps the other.
         let out = epoch(&mut op, "+2 a | 9\n- a | 9");
         assert_changes(&out, "- a | 1 | 7 | 7 | 7\n+ a | 2 | 16 | 9 | 7");
+    }
+
+    #[test]
+    fn distinct_aggregates_count_a_value_while_any_copy_is_left() {
+        use AggFunc::*;
+        let mut op = distinct_agg(
+            &[(Count, true), (Sum, true), (Avg, true), (Count, false)],
+            "k:utf8, cd:i64, sd:i64, ad:f64, c:i64",
+            true,
+        );
+        let out = epoch(&mut op, "+ a | 10\n+ a | 10\n+ a | 4\n+ a | NULL\n+ b | 5");
+        assert_changes(&out, "+ a | 2 | 14 | 7.0 | 3\n+ b | 1 | 5 | 5.0 | 1");
+        // One of two copies goes: the value still counts.
+        let out = epoch(&mut op, "- a | 10");
+        assert_changes(&out, "- a | 2 | 14 | 7.0 | 3\n+ a | 2 | 14 | 7.0 | 2");
+        // The last copy goes and a new value comes in the same epoch.
+        let out = epoch(&mut op, "- a | 10\n+ a | 6\n+ a | 4");
+        assert_changes(&out, "- a | 2 | 14 | 7.0 | 2\n+ a | 2 | 10 | 5.0 | 3");
+        // A value that comes and goes within an epoch changes nothing.
+        let out = epoch(&mut op, "+ b | 8\n- b | 8");
+        assert_changes(&out, "");
+        // Only the NULL row is left: no distinct values, the group stays.
+        let out = epoch(&mut op, "- a | 6\n-2 a | 4");
+        assert_changes(&out, "- a | 2 | 10 | 5.0 | 3\n+ a | 0 | NULL | NULL | 0");
+        let out = epoch(&mut op, "- a | NULL\n- b | 5");
+        assert_changes(&out, "- a | 0 | NULL | NULL | 0\n- b | 1 | 5 | 5.0 | 1");
+        assert!(op.extremes.is_empty());
+        assert!(op.groups.is_empty());
     }
 
     #[test]
@@ -935,6 +1061,7 @@ mod tests {
             let specs = [Count, Sum, Max, Min]
                 .iter()
                 .map(|&func| AggSpec {
+                    distinct: false,
                     func,
                     arg: Some(v.clone()),
                     filter: None,
@@ -977,6 +1104,7 @@ mod tests {
             let v = ctx.create_physical_expr(col("v"), &input).unwrap();
             let w = ctx.create_physical_expr(col("w"), &input).unwrap();
             let spec = AggSpec {
+                distinct: false,
                 func: Sum,
                 arg: Some(v),
                 filter: None,

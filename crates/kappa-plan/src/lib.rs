@@ -308,10 +308,13 @@ impl AggFunc {
     }
 }
 
-/// One aggregate call: `func(args…) FILTER (WHERE filter)`.
+/// One aggregate call: `func([DISTINCT] args…) FILTER (WHERE filter)`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AggCall {
     pub func: AggFunc,
+    /// Over the distinct non-null argument values (never for `min`/`max`, where it
+    /// changes nothing).
+    pub distinct: bool,
     /// Argument expressions over the aggregate's input. `count(*)` has a non-null literal.
     pub args: Vec<Expr>,
     pub filter: Option<Expr>,
@@ -404,7 +407,8 @@ impl StreamGraph {
                 let aggs: Vec<String> = aggregates
                     .iter()
                     .map(|a| {
-                        let mut s = format!("{}({})", a.func.name(), list(&a.args));
+                        let distinct = if a.distinct { "DISTINCT " } else { "" };
+                        let mut s = format!("{}({distinct}{})", a.func.name(), list(&a.args));
                         if let Some(fl) = &a.filter {
                             s.push_str(&format!(" FILTER ({fl})"));
                         }

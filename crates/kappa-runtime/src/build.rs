@@ -122,6 +122,7 @@ pub(crate) fn build_dataflow(
                     .map(|a| {
                         Ok(AggSpec {
                             func: a.func,
+                            distinct: a.distinct,
                             arg: match a.args.first() {
                                 Some(e) => Some(compile(ctx, e, input)?),
                                 None => None,

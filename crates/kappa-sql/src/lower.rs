@@ -690,9 +690,9 @@ impl Lowering<'_> {
                             "the aggregate function {name} in a materialized view"
                         ))
                     })?;
-                    if f.params.distinct {
+                    if f.params.distinct && f.params.args.len() != 1 {
                         return Err(KappaError::not_supported(format!(
-                            "{name}(DISTINCT …) in a materialized view"
+                            "{name}(DISTINCT …) of several arguments in a materialized view"
                         )));
                     }
                     check_exprs(&f.params.args)?;
@@ -706,6 +706,7 @@ impl Lowering<'_> {
                     let output_type = a.schema.field(a.group_expr.len() + i).data_type().clone();
                     aggregates.push(AggCall {
                         func,
+                        distinct: f.params.distinct && !matches!(func, AggFunc::Min | AggFunc::Max),
                         args: f.params.args.clone(),
                         filter: f.params.filter.as_deref().cloned(),
                         input_type,
