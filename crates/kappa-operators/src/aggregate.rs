@@ -187,14 +187,12 @@ impl HashAggregate {
         let value_converters = aggs
             .iter()
             .zip(&kinds)
-            .map(|(a, k)| match k {
-                _ if a.distinct => {
+            .map(|(a, k)| {
+                if a.distinct || matches!(k, Kind::Extreme { .. } | Kind::Best { .. }) {
                     RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
+                } else {
+                    Ok(None)
                 }
-                Kind::Extreme { .. } | Kind::Best { .. } => {
-                    RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
-                }
-                _ => Ok(None),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let distinct = aggs.iter().map(|a| a.distinct).collect();
@@ -475,22 +473,13 @@ impl HashAggregate {
     /// its group: adds it to or takes it from the group's accumulator. `key` is its
     /// multiset key, `agg ‖ group length ‖ group ‖ value`.
     fn count_distinct(&mut self, key: &[u8], sign: i64) -> Result<()> {
-        let corrupt = || KappaError::internal("corrupt DISTINCT multiset key");
-        let agg = u16::from_be_bytes(
-            key.get(..2)
-                .ok_or_else(corrupt)?
-                .try_into()
-                .map_err(|_| corrupt())?,
-        ) as usize;
-        let len = u32::from_be_bytes(
-            key.get(2..6)
-                .ok_or_else(corrupt)?
-                .try_into()
-                .map_err(|_| corrupt())?,
-        ) as usize;
-        let group = key.get(6..6 + len).ok_or_else(corrupt)?;
-        let value = key.get(6 + len..).ok_or_else(corrupt)?;
-        let kind = self.kinds[agg];
+        let (agg, group, value) = split_multiset_key(key)
+            .ok_or_else(|| KappaError::internal("corrupt DISTINCT multiset key"))?;
+        let kind = self
+            .kinds
+            .get(agg)
+            .copied()
+            .ok_or_else(|| KappaError::internal("a DISTINCT multiset of no aggregate"))?;
         let v = match kind {
             Kind::Count => ScalarValue::Null,
             _ => self.decode_value(agg, value)?,
@@ -499,9 +488,9 @@ impl HashAggregate {
             .dirty
             .get_mut(group)
             .ok_or_else(|| KappaError::internal("a DISTINCT value of a group not touched"))?;
-        match (kind, &mut d.state.accs[agg]) {
-            (Kind::Count, Acc::Count(c)) => *c += sign,
-            (Kind::SumInt { .. } | Kind::AvgInt, Acc::Int { sum, n }) => {
+        match (kind, d.state.accs.get_mut(agg)) {
+            (Kind::Count, Some(Acc::Count(c))) => *c += sign,
+            (Kind::SumInt { .. } | Kind::AvgInt, Some(Acc::Int { sum, n })) => {
                 let x = match v {
                     ScalarValue::Decimal128(Some(x), ..) => x,
                     other => match other.cast_to(&DataType::Int64)? {
@@ -515,7 +504,7 @@ impl HashAggregate {
                     *sum = 0;
                 }
             }
-            (Kind::SumFloat | Kind::AvgFloat, Acc::Float { sum, comp, n }) => {
+            (Kind::SumFloat | Kind::AvgFloat, Some(Acc::Float { sum, comp, n })) => {
                 let ScalarValue::Float64(Some(x)) = v.cast_to(&DataType::Float64)? else {
                     return Err(KappaError::internal("DISTINCT sum of a non-number"));
                 };
@@ -539,6 +528,14 @@ enum ArgValues {
     Int(ArrayRef),
     Float(ArrayRef),
     Rows(ArrayRef, Rows),
+}
+
+/// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
+/// `HashAggregate::extreme_prefix`), split into its parts.
+fn split_multiset_key(key: &[u8]) -> Option<(usize, &[u8], &[u8])> {
+    let agg = u16::from_be_bytes(key.get(..2)?.try_into().ok()?) as usize;
+    let len = u32::from_be_bytes(key.get(2..6)?.try_into().ok()?) as usize;
+    Some((agg, key.get(6..6 + len)?, key.get(6 + len..)?))
 }
 
 fn add_float(sum: &mut f64, comp: &mut f64, x: f64) {
@@ -767,10 +764,9 @@ impl Operator for HashAggregate {
                 &"a min/max or DISTINCT value multiset",
             )?;
             let old = new - delta;
-            let agg = key
-                .get(..2)
-                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
-            if self.distinct.get(agg).copied().unwrap_or(false) && (old > 0) != (new > 0) {
+            let distinct = split_multiset_key(&key)
+                .is_some_and(|(agg, ..)| self.distinct.get(agg).copied().unwrap_or(false));
+            if distinct && (old > 0) != (new > 0) {
                 self.count_distinct(&key, if new > 0 { 1 } else { -1 })?;
             }
         }
