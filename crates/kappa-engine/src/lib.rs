@@ -515,8 +515,7 @@ pub(crate) async fn acknowledge(
             .map_err(|e| KappaError::internal(format!("waiting for the disk failed: {e}")))??;
     }
     table.settled().await?;
-    runtime.state_settled().await;
-    Ok(())
+    runtime.state_settled().await
 }
 
 /// A plan as rows of one text column, as EXPLAIN returns it.

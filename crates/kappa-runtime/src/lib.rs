@@ -1148,15 +1148,13 @@ impl Runtime {
     /// barrier found them over it (memory back-pressure: a write is acknowledged only
     /// then, so writers cannot outrun the checkpoints that move state to disk). Gives up
     /// after a minute.
-    pub async fn state_settled(&self) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while self
-            .state_backlog
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && std::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
+    pub async fn state_settled(&self) -> Result<()> {
+        hold_while(|| {
+            Ok(self
+                .state_backlog
+                .load(std::sync::atomic::Ordering::Relaxed))
+        })
+        .await
     }
 
     /// Whether this barrier should take a checkpoint: live, and its interval has passed or
@@ -1379,6 +1377,17 @@ struct PendingCheckpoint {
     watermarks: HashMap<RelationId, Option<i64>>,
     /// The tables whose changes were taken.
     tables: Vec<Arc<Table>>,
+}
+
+/// Back-pressure: holds a writer while `waiting` says so, for at most a minute. What it
+/// waits for happens at a barrier, which wakes no one, so it polls every 2 ms; the minute
+/// bounds the wait if that never comes (a table dropped meanwhile, failing checkpoints).
+pub(crate) async fn hold_while(mut waiting: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while waiting()? && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -209,11 +209,7 @@ impl Table {
             }
             inner.drains
         };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.inner()?.drains == start && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        Ok(())
+        crate::hold_while(|| Ok(self.inner()?.drains == start)).await
     }
 
     /// Applies a write read back from the history (recovery): not appended again.

@@ -140,24 +140,24 @@ impl History {
         opts.set_paranoid_checks(true);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_max_background_jobs(2);
-        if let Some(bytes) = options.cache_bytes {
-            // A quarter for the write buffers of both families together (RocksDB flushes
-            // the largest one when they pass it), each at most an eighth.
+        // The budget: a quarter for the write buffers of both families together (RocksDB
+        // flushes the largest one when they pass it, each at most an eighth), three
+        // quarters for the state's block cache.
+        let state_blocks = options.cache_bytes.map(|bytes| {
             let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
             opts.set_db_write_buffer_size(bytes / 4);
             opts.set_write_buffer_size((bytes / 8).max(4 << 20));
             opts.set_max_write_buffer_number(2);
-        }
-        let mut state = opts.clone();
-        if let Some(bytes) = options.cache_bytes {
-            // Three quarters for the block cache.
-            let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
             let mut block = rocksdb::BlockBasedOptions::default();
             block.set_block_cache(&rocksdb::Cache::new_lru_cache(bytes / 4 * 3));
             // Index and filter blocks stay with their files (about 1.5 bytes per key), not in
             // the cache: a small cache would evict them and re-read them for every lookup.
             block.set_bloom_filter(10.0, false);
-            state.set_block_based_table_factory(&block);
+            block
+        });
+        let mut state = opts.clone();
+        if let Some(block) = &state_blocks {
+            state.set_block_based_table_factory(block);
         }
         if has_db {
             let families = rocksdb::DB::list_cf(&opts, dir).map_err(|e| unusable(e.to_string()))?;
