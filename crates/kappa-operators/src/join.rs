@@ -50,7 +50,6 @@
 //! still joined with the other side's state (which holds everything it could match), but
 //! not stored: nothing could probe it.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -67,10 +66,10 @@ use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{JoinKind, WatermarkCol};
 
 type Bytes = Arc<[u8]>;
-type HashMap<K, V> = hashbrown::HashMap<K, V>;
 
 use crate::Operator;
 use crate::change_log::{ChangeLog, LogEntry};
+use crate::join_state::{MemRows, SideRows, SideTables};
 
 /// One input of the join.
 pub struct JoinSide {
@@ -86,14 +85,11 @@ struct Side {
     keys: Vec<Arc<dyn PhysicalExpr>>,
     schema: SchemaRef,
     rows: RowConverter,
-    store: Store,
+    /// The stored rows, indexed by expiry time (smallest `v + offset` over `expiry`).
+    store: SideRows,
     expiry: Vec<WatermarkCol>,
     /// Whether stored rows carry their match count.
     tracked: bool,
-    /// Expiry time (smallest `v + offset` over `expiry`) → (key, row) of the rows stored
-    /// with it. Entries may outlive their rows (a row retracted before it expires); deleting
-    /// an absent row is harmless.
-    expiring: BTreeMap<i64, Vec<(Bytes, Bytes)>>,
 }
 
 pub struct HashJoin {
@@ -107,101 +103,27 @@ pub struct HashJoin {
     pair_schema: SchemaRef,
     schema: SchemaRef,
     watermark: Option<i64>,
-    /// With checkpoints: the log of the inputs since the last snapshot, and its table.
-    durable: Option<(ChangeLog, Box<dyn kappa_state::StateTable>)>,
+    durable: Option<Durable>,
+}
+
+/// How a join's state is checkpointed.
+struct Durable {
+    /// The log of the inputs since the last snapshot (for sides in memory), and its table.
+    /// With spilled sides nothing is logged; a log a run without spilling left is replayed
+    /// into the tables at restore, and then deleted.
+    log: ChangeLog,
+    log_table: Box<dyn kappa_state::StateTable>,
+    /// For sides in memory: the tables spilled sides would use, where a run that spilled
+    /// may have left state (moved into memory at restore, and then deleted).
+    unused: Option<[SideTables; 2]>,
+    /// The log holds none of the rows (they came from the tables): the next checkpoint
+    /// starts it over with a snapshot.
+    snapshot_due: bool,
 }
 
 /// Log streams: the rows side 0/1 stored (with weights), and snapshots of side 0/1's state
 /// (with counts and match counts).
 const SNAPSHOT: u8 = 2;
-
-/// A stored row: how many copies, and (on sides that track it) the weighted number of
-/// rows of the other side it matches.
-#[derive(Clone, Copy, Debug, Default)]
-struct Entry {
-    count: i64,
-    matches: i64,
-}
-
-/// One side's rows: join key → row → entry. Every stored count is > 0.
-#[derive(Default)]
-struct Store {
-    buckets: HashMap<Bytes, HashMap<Bytes, Entry>>,
-    len: usize,
-}
-
-impl Store {
-    fn bucket(&self, key: &[u8]) -> Option<&HashMap<Bytes, Entry>> {
-        self.buckets.get(key)
-    }
-
-    fn entry_mut(&mut self, key: &[u8], row: &[u8]) -> Option<&mut Entry> {
-        self.buckets.get_mut(key)?.get_mut(row)
-    }
-
-    /// Adds `weight` copies of `row` under `key` (with match count `matches`); returns the
-    /// shared key and row if the row is new.
-    fn add(
-        &mut self,
-        key: &[u8],
-        row: &[u8],
-        weight: i64,
-        matches: i64,
-    ) -> Result<Option<(Bytes, Bytes)>> {
-        if !self.buckets.contains_key(key) {
-            self.buckets.insert(Arc::from(key), HashMap::default());
-        }
-        let Some((bucket_key, bucket)) = self.buckets.get_key_value_mut(key) else {
-            return Err(KappaError::internal("join bucket vanished"));
-        };
-        if let Some(e) = bucket.get_mut(row) {
-            e.count += weight;
-            e.matches = matches;
-            if e.count > 0 {
-                return Ok(None);
-            }
-            if e.count < 0 {
-                return Err(KappaError::internal(format!(
-                    "join state count became negative ({})",
-                    e.count
-                )));
-            }
-            bucket.remove(row);
-            self.len -= 1;
-            if bucket.is_empty() {
-                self.buckets.remove(key);
-            }
-            return Ok(None);
-        }
-        if weight < 0 {
-            return Err(KappaError::internal(
-                "join state: retraction of a row never stored",
-            ));
-        }
-        let row: Bytes = Arc::from(row);
-        let key = bucket_key.clone();
-        bucket.insert(
-            row.clone(),
-            Entry {
-                count: weight,
-                matches,
-            },
-        );
-        self.len += 1;
-        Ok(Some((key, row)))
-    }
-
-    fn remove(&mut self, key: &[u8], row: &[u8]) {
-        if let Some(bucket) = self.buckets.get_mut(key)
-            && bucket.remove(row).is_some()
-        {
-            self.len -= 1;
-            if bucket.is_empty() {
-                self.buckets.remove(key);
-            }
-        }
-    }
-}
 
 /// A candidate pair found by a probe: row `row` of the delta batch and a stored row of
 /// the other side (and its count).
@@ -248,12 +170,11 @@ impl HashJoin {
                 keys: s.keys,
                 rows: kappa_state::row_converter(&s.schema)?,
                 schema: s.schema,
-                store: Store::default(),
+                store: SideRows::Memory(MemRows::default()),
                 expiry: s.expiry,
                 tracked: kind.preserves(i)
                     || kind.semi_side() == Some(i)
                     || kind.anti_side() == Some(i),
-                expiring: BTreeMap::new(),
             })
         };
         Ok(Self {
@@ -276,9 +197,16 @@ impl HashJoin {
         })
     }
 
-    /// Keeps the state in `table` at checkpoints, which the join writes only at checkpoints
-    /// and reads only when restored.
-    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+    /// Checkpoints the state: with `spill`, the sides' rows live in `sides` (state larger
+    /// than memory); otherwise in memory, logged into `log_table` (which the join writes
+    /// only at checkpoints and reads only when restored). Both kinds of table are given
+    /// either way, so a restart can switch between the two.
+    pub fn with_checkpoints(
+        mut self,
+        log_table: Box<dyn kappa_state::StateTable>,
+        sides: [SideTables; 2],
+        spill: bool,
+    ) -> Self {
         let stream = |side: &Side, extra: &[&str]| -> SchemaRef {
             let mut fields: Vec<Field> = side
                 .schema
@@ -296,8 +224,26 @@ impl HashJoin {
             stream(l, &["count", "matches"]),
             stream(r, &["count", "matches"]),
         ];
-        self.durable = Some((ChangeLog::new(streams, "a join"), table));
+        let unused = if spill {
+            let [l, r] = sides;
+            self.sides[0].store = SideRows::Tables(l);
+            self.sides[1].store = SideRows::Tables(r);
+            None
+        } else {
+            Some(sides)
+        };
+        self.durable = Some(Durable {
+            log: ChangeLog::new(streams, "a join"),
+            log_table,
+            unused,
+            snapshot_due: false,
+        });
         self
+    }
+
+    /// Whether the inputs are logged (the sides are in memory and checkpointed).
+    fn logging(&self) -> bool {
+        self.durable.is_some() && !self.sides[0].store.is_spilled()
     }
 
     /// The batch's join keys in row format, and which rows can match at all.
@@ -417,14 +363,9 @@ impl HashJoin {
         log.clear(table);
         log.mark(encode_watermark(self.watermark));
         for (i, side) in self.sides.iter().enumerate() {
-            let mut entries = side
-                .store
-                .buckets
-                .values()
-                .flat_map(|b| b.iter())
-                .peekable();
+            let mut entries = side.store.mem_entries()?.peekable();
             while entries.peek().is_some() {
-                let chunk: Vec<(&Bytes, &Entry)> = entries
+                let chunk: Vec<(&Bytes, &crate::join_state::Entry)> = entries
                     .by_ref()
                     .take(crate::change_log::CHUNK_ROWS)
                     .collect();
@@ -448,7 +389,7 @@ impl HashJoin {
         match entry {
             LogEntry::Mark(m) => match decode_watermark(&m)? {
                 Some(w) => {
-                    self.expire(w);
+                    self.expire(w)?;
                 }
                 None => self.watermark = None,
             },
@@ -498,21 +439,15 @@ impl HashJoin {
 
     /// Advances the watermark to `w` and frees the rows it has expired; `false` if the
     /// watermark was already there.
-    fn expire(&mut self, w: i64) -> bool {
+    fn expire(&mut self, w: i64) -> Result<bool> {
         if self.watermark.is_some_and(|old| old >= w) {
-            return false;
+            return Ok(false);
         }
         self.watermark = Some(w);
         for side in &mut self.sides {
-            // Expiry times t <= w are expired.
-            for (key, row) in crate::take_closed(&mut side.expiring, w)
-                .into_values()
-                .flatten()
-            {
-                side.store.remove(&key, &row);
-            }
+            side.store.expire(w)?;
         }
-        true
+        Ok(true)
     }
 
     /// This += ΔThis: stores a batch's rows on `side`, each with its match count. Rows that
@@ -540,15 +475,13 @@ impl HashJoin {
                 skipped.get_or_insert_with(|| vec![false; n])[i] = true;
                 continue;
             }
-            let added = s.store.add(
+            s.store.add(
                 keys.row(i).as_ref(),
                 rows.row(i).as_ref(),
                 weights.value(i),
                 matches[i],
+                expires,
             )?;
-            if let (Some(t), Some(kr)) = (expires, added) {
-                s.expiring.entry(t).or_default().push(kr);
-            }
         }
         Ok(skipped.map(|skipped| skipped.into_iter().map(|s| Some(!s)).collect()))
     }
@@ -576,16 +509,15 @@ impl Operator for HashJoin {
         // Probe the other side's state.
         let mut cands: Vec<Candidate> = Vec::new();
         for i in (0..n).filter(|&i| can_match(i)) {
-            let Some(bucket) = self.sides[other].store.bucket(keys.row(i).as_ref()) else {
-                continue;
-            };
-            for (row, e) in bucket {
-                cands.push(Candidate {
-                    row: i as u32,
-                    other: row.clone(),
-                    count: e.count,
-                });
-            }
+            self.sides[other]
+                .store
+                .probe(keys.row(i).as_ref(), |other, count| {
+                    cands.push(Candidate {
+                        row: i as u32,
+                        other,
+                        count,
+                    })
+                })?;
         }
 
         // The candidate pairs as rows, and which of them match (satisfy the residual).
@@ -642,24 +574,16 @@ impl Operator for HashJoin {
             if !self.sides[other].tracked {
                 continue;
             }
-            let Some(e) = self.sides[other]
-                .store
-                .entry_mut(keys.row(row).as_ref(), &c.other)
-            else {
-                return Err(KappaError::internal("probed join row vanished"));
-            };
-            let (count, m) = (e.count, e.matches);
-            let new = m + weights.value(row);
-            if new < 0 {
-                return Err(KappaError::internal(format!(
-                    "join match count became negative ({new}) on input {other}"
-                )));
-            }
-            e.matches = new;
-            let change = self.alone(other, new) - self.alone(other, m);
+            let before = self.sides[other].store.add_matches(
+                keys.row(row).as_ref(),
+                &c.other,
+                weights.value(row),
+            )?;
+            let new = before.matches + weights.value(row);
+            let change = self.alone(other, new) - self.alone(other, before.matches);
             if change != 0 {
                 flipped.push(c.other.clone());
-                flipped_w.push(change * count);
+                flipped_w.push(change * before.count);
             }
         }
         if !flipped.is_empty() {
@@ -681,7 +605,9 @@ impl Operator for HashJoin {
         }
 
         let stored = self.store(input, &batch, &keys, valid.as_ref(), &matches)?;
-        if let Some((log, _)) = &mut self.durable {
+        if self.logging()
+            && let Some(Durable { log, .. }) = &mut self.durable
+        {
             let batch = match stored {
                 Some(mask) => batch.filter(&mask)?,
                 None => batch,
@@ -703,8 +629,9 @@ impl Operator for HashJoin {
         let Some(w) = watermark else {
             return Ok(());
         };
-        if self.expire(w)
-            && let Some((log, _)) = &mut self.durable
+        if self.expire(w)?
+            && self.logging()
+            && let Some(Durable { log, .. }) = &mut self.durable
         {
             log.mark(encode_watermark(Some(w)));
         }
@@ -716,54 +643,114 @@ impl Operator for HashJoin {
     }
 
     fn state_entries(&self) -> usize {
-        self.sides.iter().map(|s| s.store.len).sum()
+        self.sides.iter().map(|s| s.store.len()).sum()
     }
 
     fn checkpointable(&self) -> bool {
         self.durable.is_some()
     }
 
-    /// Writes the log of the inputs since the last checkpoint, or a snapshot when the log is
-    /// mostly rows no longer stored.
+    /// Sides in memory: writes the log of the inputs since the last checkpoint, or a
+    /// snapshot when the log is mostly rows no longer stored (or holds none of the rows).
+    /// Spilled sides: their tables are the checkpoint.
     fn checkpoint(&mut self) -> Result<Vec<u8>> {
-        if let Some((mut log, mut table)) = self.durable.take() {
-            let written = if log.due_for_compaction(self.state_entries()) {
-                self.write_snapshot(&mut log, table.as_mut())
+        let spilled = self.sides[0].store.is_spilled();
+        if !spilled && let Some(mut d) = self.durable.take() {
+            let written = if d.snapshot_due || d.log.due_for_compaction(self.state_entries()) {
+                self.write_snapshot(&mut d.log, d.log_table.as_mut())
             } else {
-                log.flush(table.as_mut())
+                d.log.flush(d.log_table.as_mut())
             };
-            self.durable = Some((log, table));
+            d.snapshot_due &= written.is_err();
+            self.durable = Some(d);
             written?;
         }
-        Ok(encode_watermark(self.watermark))
+        Ok(encode_progress(self.watermark, spilled))
     }
 
     fn state_tables(&mut self) -> Vec<&mut dyn kappa_state::StateTable> {
-        match &mut self.durable {
-            Some((_, table)) => vec![&mut **table],
-            None => vec![],
+        let Some(d) = &mut self.durable else {
+            return vec![];
+        };
+        let mut tables: Vec<&mut dyn kappa_state::StateTable> = vec![d.log_table.as_mut()];
+        let sides: Vec<&mut SideTables> = match &mut d.unused {
+            Some(sides) => sides.iter_mut().collect(),
+            None => self
+                .sides
+                .iter_mut()
+                .filter_map(|s| s.store.tables_mut())
+                .collect(),
+        };
+        for t in sides {
+            tables.push(t.rows.as_mut());
+            tables.push(t.expiring.as_mut());
         }
+        tables
     }
 
-    /// Rebuilds both sides' maps and expiry indexes by replaying the log.
+    /// Takes up the state where the checkpoint left it: in the log (replayed) or in the
+    /// sides' tables. A restart may switch between spilling and not: the state then moves
+    /// from one to the other, and the old form is deleted at the next checkpoint.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
-        let watermark = decode_watermark(saved)?;
-        let Some((mut log, table)) = self.durable.take() else {
+        let (watermark, was_spilled) = decode_progress(saved)?;
+        let Some(mut d) = self.durable.take() else {
             return Err(KappaError::internal("restoring a join without checkpoints"));
         };
+        let restored = self.restore_from(&mut d, watermark, was_spilled);
+        self.durable = Some(d);
+        restored
+    }
+}
+
+impl HashJoin {
+    fn restore_from(
+        &mut self,
+        d: &mut Durable,
+        watermark: Option<i64>,
+        was_spilled: bool,
+    ) -> Result<()> {
         for side in &mut self.sides {
-            side.store = Store::default();
-            side.expiring.clear();
+            side.store.clear_memory();
+        }
+        if was_spilled {
+            if let Some(tables) = &mut d.unused {
+                for (side, t) in self.sides.iter_mut().zip(tables.iter_mut()) {
+                    t.drain_into(&mut side.store)?;
+                }
+                d.snapshot_due = true;
+            }
+            self.watermark = watermark;
+            return Ok(());
         }
         self.watermark = None;
-        let replayed = log.restore(table.as_ref(), |entry| self.replay(entry));
-        self.durable = Some((log, table));
-        replayed?;
+        d.log
+            .restore(d.log_table.as_ref(), |entry| self.replay(entry))?;
         if self.watermark != watermark {
             return Err(kappa_state::codec::damaged("a join"));
         }
+        if self.sides[0].store.is_spilled() {
+            d.log.clear(d.log_table.as_mut());
+        }
         Ok(())
     }
+}
+
+/// The join's small state, as its checkpoint keeps it: the watermark, and whether the
+/// sides were spilled (their rows are in their tables, not in the log).
+fn encode_progress(w: Option<i64>, spilled: bool) -> Vec<u8> {
+    kappa_state::codec::Encoder::new()
+        .opt_i64(w)
+        .bool(spilled)
+        .finish()
+}
+
+fn decode_progress(bytes: &[u8]) -> Result<(Option<i64>, bool)> {
+    let mut d = kappa_state::codec::Decoder::new(bytes, "a join");
+    let w = d.opt_i64()?;
+    // Checkpoints from before spilling joins existed end here.
+    let spilled = !d.is_empty() && d.bool()?;
+    d.end()?;
+    Ok((w, spilled))
 }
 
 /// The join's watermark as its checkpoint and its log's marks keep it.
@@ -781,7 +768,7 @@ fn decode_watermark(bytes: &[u8]) -> Result<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{assert_changes, changes, schema};
+    use crate::testing::{TestEpoch, assert_changes, changes, schema};
     use datafusion::arrow::array::RecordBatch;
     use datafusion::logical_expr::Operator as Op;
     use datafusion::physical_expr::expressions::{BinaryExpr, Column};
@@ -1065,6 +1052,40 @@ mod tests {
         assert_eq!(j.state_entries(), 0);
     }
 
+    /// The tables of a checkpointed join: its log, then each side's rows and expiry index.
+    const TABLES: usize = 5;
+
+    fn checkpointed(
+        j: HashJoin,
+        tables: Vec<Box<dyn kappa_state::StateTable>>,
+        spill: bool,
+    ) -> HashJoin {
+        let [log, rows0, exp0, rows1, exp1]: [_; TABLES] = tables.try_into().ok().unwrap();
+        let side = |rows, expiring| SideTables { rows, expiring };
+        j.with_checkpoints(log, [side(rows0, exp0), side(rows1, exp1)], spill)
+    }
+
+    /// A join restored from a checkpoint continues exactly as the one checkpointed, with
+    /// its rows in memory or spilled, and across a restart that switches between the two.
+    fn assert_restores_in_every_form(join: &dyn Fn() -> HashJoin, epochs: &[TestEpoch]) {
+        for before in [false, true] {
+            for after in [false, true] {
+                let make = |spill: bool| {
+                    move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                        Box::new(checkpointed(join(), tables, spill))
+                    }
+                };
+                crate::testing::assert_restores_across(
+                    make(before),
+                    make(after),
+                    TABLES,
+                    epochs,
+                    2,
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_restored_join_continues_exactly() {
         let l = |t: &str| (0, changes(L, t));
@@ -1077,11 +1098,10 @@ mod tests {
             (vec![r("+ 2 | w\n- 3 | z"), l("- 1 | a")], None),
         ];
         for kind in [JoinKind::Left, JoinKind::Full, JoinKind::Inner] {
-            let make = move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-                let table = tables.into_iter().next().unwrap();
-                Box::new(kind_join(kind, "k:i64, a:utf8, k2:i64, b:utf8").with_checkpoints(table))
-            };
-            crate::testing::assert_restores_exactly(make, 1, &epochs, 2);
+            assert_restores_in_every_form(
+                &|| kind_join(kind, "k:i64, a:utf8, k2:i64, b:utf8"),
+                &epochs,
+            );
         }
     }
 
@@ -1104,11 +1124,7 @@ mod tests {
         // With match counts (left, full) the log is replayed through the probe: a right
         // row that expired before the checkpoint still counts as a match.
         for kind in [JoinKind::Inner, JoinKind::Left, JoinKind::Full] {
-            let make = move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-                let table = tables.into_iter().next().unwrap();
-                Box::new(interval_join_of(kind).with_checkpoints(table))
-            };
-            crate::testing::assert_restores_exactly(make, 1, &epochs, 2);
+            assert_restores_in_every_form(&|| interval_join_of(kind), &epochs);
         }
     }
 
@@ -1134,8 +1150,7 @@ mod tests {
         };
         let mut disk = crate::testing::CheckpointDisk::default();
         let make = |disk: &crate::testing::CheckpointDisk| {
-            interval_join_of(JoinKind::Left)
-                .with_checkpoints(disk.tables(1).into_iter().next().unwrap())
+            checkpointed(interval_join_of(JoinKind::Left), disk.tables(TABLES), false)
         };
         let mut j = make(&disk);
         let mut out = vec![];
@@ -1150,7 +1165,7 @@ mod tests {
         assert_eq!(j.state_entries(), 2);
         disk.checkpoint(&mut j);
         // The log starts over: the watermark and each side's live row, not the expired ones.
-        assert_eq!(disk.tables(1)[0].len(), 3);
+        assert_eq!(disk.tables(TABLES)[0].len(), 3);
 
         let mut restored = make(&disk);
         disk.restore(&mut restored);

@@ -168,7 +168,11 @@ impl CheckpointDisk {
             let mut taken = Vec::new();
             t.take_changes(&mut taken);
             t.checkpoint_done(true);
-            let (_, changes) = taken.pop().expect("a tracked table");
+            let name = i.to_string();
+            let (_, changes) = taken
+                .into_iter()
+                .find(|(n, _)| *n == name)
+                .expect("a tracked table");
             if self.tables.len() <= i {
                 self.tables.resize_with(i + 1, BTreeMap::new);
             }
@@ -201,6 +205,18 @@ pub fn assert_restores_exactly(
     epochs: &[TestEpoch],
     at: usize,
 ) {
+    assert_restores_across(&make, &make, tables, epochs, at)
+}
+
+/// [`assert_restores_exactly`] with the second operator built by `remake` (the same
+/// operator configured otherwise, e.g. keeping its state in another form).
+pub fn assert_restores_across(
+    make: impl Fn(Vec<Box<dyn kappa_state::StateTable>>) -> Box<dyn crate::Operator>,
+    remake: impl Fn(Vec<Box<dyn kappa_state::StateTable>>) -> Box<dyn crate::Operator>,
+    tables: usize,
+    epochs: &[TestEpoch],
+    at: usize,
+) {
     let mut disk = CheckpointDisk::default();
     let mut live = make(disk.tables(tables));
     let run = |op: &mut dyn crate::Operator, e: usize| {
@@ -217,7 +233,7 @@ pub fn assert_restores_exactly(
         run(live.as_mut(), e);
         disk.checkpoint(live.as_mut());
     }
-    let mut restored = make(disk.tables(tables));
+    let mut restored = remake(disk.tables(tables));
     disk.restore(restored.as_mut());
     assert_eq!(restored.state_entries(), live.state_entries());
     assert_eq!(restored.late_rows(), live.late_rows());

@@ -10,7 +10,8 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project,
-    SessionWindow, SourceScan, TemporalFilter, TopN, TopNSpec, Union, ViewContents, WindowExpand,
+    SessionWindow, SideTables, SourceScan, TemporalFilter, TopN, TopNSpec, Union, ViewContents,
+    WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -243,8 +244,26 @@ pub(crate) fn build_dataflow(
                     schema,
                 )?;
                 Box::new(if store.checkpointed() {
+                    // Kept in memory, the sides' tables are only read at a restore that
+                    // takes up what a spilling run left in them.
+                    let spill = store.spills();
+                    let table = |name: String| {
+                        if spill {
+                            store.create_table(&name)
+                        } else {
+                            store.create_cold_table(&name)
+                        }
+                    };
+                    let side = |name: &str| -> Result<SideTables> {
+                        Ok(SideTables {
+                            rows: table(format!("mv{relation}.n{i}.{name}"))?,
+                            expiring: table(format!("mv{relation}.n{i}.{name}.expiring"))?,
+                        })
+                    };
                     join.with_checkpoints(
                         store.create_cold_table(&format!("mv{relation}.n{i}.join"))?,
+                        [side("left")?, side("right")?],
+                        spill,
                     )
                 } else {
                     join

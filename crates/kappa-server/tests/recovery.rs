@@ -1,5 +1,5 @@
 //! Durability end to end: the real `kappa` binary on a data directory (with `--fsync on`
-//! and `off` in turn), killed with SIGKILL at random moments while three clients write
+//! and `off` in turn, and state in memory or spilled in turn), killed with SIGKILL at random moments while three clients write
 //! concurrently and views (aggregate, joins,
 //! window, top-N, a generator source) update. After each restart every table must hold
 //! exactly the acknowledged writes (each writer's statement in flight when the process died
@@ -439,15 +439,19 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
         // Checkpoints every 200 ms, except in round 1: the restart after it recovers from an
         // older checkpoint through a long tail of history.
         let checkpoints = if round == 1 { "0" } else { "200" };
-        let s = Server::start(
-            &dir,
-            &[
-                "--fsync",
-                if fsync_off { "off" } else { "on" },
-                "--checkpoint-interval-ms",
-                checkpoints,
-            ],
-        );
+        // Rounds 2 and 3 keep the state on disk (a memory budget): the restarts switch from
+        // state in memory to spilled state and back, which moves a join's stored rows
+        // between its log and its tables.
+        let mut args = vec![
+            "--fsync",
+            if fsync_off { "off" } else { "on" },
+            "--checkpoint-interval-ms",
+            checkpoints,
+        ];
+        if matches!(round, 2 | 3) {
+            args.extend(["--state-memory-mb", "32"]);
+        }
+        let s = Server::start(&dir, &args);
         let c = s.client().await;
         // Each writer's statement in flight at the kill either happened wholly or not.
         for (m, op) in models.iter_mut().zip(in_flight) {

@@ -6,9 +6,10 @@ use common::Server;
 use kappa_sql_tests::query_text;
 
 /// KEYS distinct keys (default 400k; `KAPPA_SPILL_KEYS` for more) go into a table, a grouped
-/// view over it and the view's contents — three state tables of KEYS entries each, far more
-/// than the 16 MiB budget (`KAPPA_SPILL_MIB`) — and then half of them get a second row. With
-/// the state kept on disk, the view must hold exactly the rows worked out in closed form,
+/// view over it and the view's contents, and a join's stored rows (a LEFT JOIN of the table
+/// with a third of the keys) — four state tables of KEYS entries each, far more than the
+/// 16 MiB budget (`KAPPA_SPILL_MIB`) — and then half of them get a second row. With the
+/// state kept on disk, the views must hold exactly the rows worked out in closed form,
 /// answer point lookups, and come back after a restart without being loaded.
 ///
 /// The memory must stop growing with the state: the resident memory is sampled after every
@@ -35,10 +36,19 @@ async fn state_kept_on_disk_is_exact_and_survives_a_restart() {
         let c = s.client().await;
         c.batch_execute(
             "CREATE TABLE t (k BIGINT, v BIGINT);
-             CREATE MATERIALIZED VIEW g AS SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k;",
+             CREATE TABLE u (k BIGINT, w BIGINT);
+             CREATE MATERIALIZED VIEW g AS SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k;
+             CREATE MATERIALIZED VIEW lj AS
+               SELECT count(*) AS n, count(u.k) AS matched, sum(u.w) AS w
+               FROM t LEFT JOIN u ON t.k = u.k;",
         )
         .await
         .expect("setup");
+        c.batch_execute(&format!(
+            "INSERT INTO u SELECT value, 2 * value FROM generate_series(3, {keys}, 3)"
+        ))
+        .await
+        .expect("dimension");
         // (keys written, resident MiB after the statement)
         let mut rss = vec![(0, s.rss_mib())];
         let mut from = 1;
@@ -94,6 +104,20 @@ async fn state_kept_on_disk_is_exact_and_survives_a_restart() {
             };
             assert_eq!(r, vec![vec![n.to_string(), s.to_string()]], "k = {k}");
         }
+        // Each row of t with a key divisible by 3 matches u's one row, whose w is 2k.
+        let (r, _, _) = query_text(&c, "SELECT n, matched, w FROM lj")
+            .await
+            .expect("join");
+        let rows_of = |k: u64| 1 + u64::from(k.is_multiple_of(2));
+        let threes = (3..=keys).step_by(3);
+        assert_eq!(
+            r,
+            vec![vec![
+                (keys + even).to_string(),
+                threes.clone().map(rows_of).sum::<u64>().to_string(),
+                threes.map(|k| 2 * k * rows_of(k)).sum::<u64>().to_string(),
+            ]]
+        );
     };
 
     let dir = base.join("spill");

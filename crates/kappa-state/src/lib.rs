@@ -41,6 +41,10 @@ pub trait StateTable: Send + Sync {
     fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
     /// The entry with the largest key that starts with `prefix`.
     fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)>;
+    /// The entries whose key starts with `prefix`, in key order, found without visiting
+    /// the others (an empty prefix: all, so a scan that stops early reads only the first).
+    fn scan_prefix<'a>(&'a self, prefix: &'a [u8])
+    -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -106,6 +110,12 @@ pub trait StateStore: Send + Sync {
     fn checkpointed(&self) -> bool {
         false
     }
+    /// Whether tables keep only their recent changes in memory (state larger than memory):
+    /// operators that could keep their state in their own in-memory structures instead
+    /// (a join's hash maps) should keep it in tables.
+    fn spills(&self) -> bool {
+        false
+    }
     /// Bytes of changes the tables hold in memory until the next checkpoint writes them; a
     /// store that spills asks for a checkpoint when they pass its budget.
     fn pending_bytes(&self) -> u64 {
@@ -120,6 +130,15 @@ pub trait StateStore: Send + Sync {
     fn take_error(&self) -> Option<kappa_common::KappaError> {
         None
     }
+}
+
+/// The pseudo-table holding a checkpointed table's entry count (under the empty key), which
+/// every store writes with the table's changes, so a restart may read the table through
+/// another store (spilling or not). Its name is the table's followed by 1, so it is never a
+/// table's own key space but shares its name prefix (a dropped relation's counts go with
+/// its state).
+pub(crate) fn len_table(name: &str) -> String {
+    format!("{name}\u{1}len")
 }
 
 /// Multiset counts are stored as 8-byte little-endian values.

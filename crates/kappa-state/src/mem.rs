@@ -126,6 +126,13 @@ impl StateTable for MemStateTable {
             .map(|(k, c)| (k.clone(), c.value.clone()))
             .collect::<Vec<_>>();
         out.push((t.name.clone(), Box::new(changes.into_iter())));
+        if !t.in_flight.is_empty() {
+            let len = (
+                Bytes::from(&[][..]),
+                Some(crate::encode_count(self.map.len() as i64)),
+            );
+            out.push((crate::len_table(&t.name), Box::new(std::iter::once(len))));
+        }
     }
 
     fn checkpoint_done(&mut self, written: bool) {
@@ -162,6 +169,13 @@ impl StateTable for MemStateTable {
             .map(|(k, v)| (k.clone(), v.clone()))
     }
 
+    fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
+        scan_prefix(&self.map, prefix)
+    }
+
     fn len(&self) -> usize {
         self.map.len()
     }
@@ -194,19 +208,26 @@ impl StateSnapshot for MemSnapshot {
         &'a self,
         prefix: &'a [u8],
     ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
-        let upper = match prefix_end(prefix) {
-            Some(e) => Bound::Excluded(e),
-            None => Bound::Unbounded,
-        };
-        Box::new(
-            self.map
-                .range::<_, [u8]>((
-                    Bound::Included(prefix),
-                    upper.as_ref().map(|e| e.as_slice()),
-                ))
-                .map(|(k, v)| (k.clone(), v.clone())),
-        )
+        scan_prefix(&self.map, prefix)
     }
+}
+
+/// The entries of `map` whose key starts with `prefix`, in key order.
+fn scan_prefix<'a>(
+    map: &'a OrdMap<Bytes, Bytes>,
+    prefix: &'a [u8],
+) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
+    let upper = match prefix_end(prefix) {
+        Some(e) => Bound::Excluded(e),
+        None => Bound::Unbounded,
+    };
+    Box::new(
+        map.range::<_, [u8]>((
+            Bound::Included(prefix),
+            upper.as_ref().map(|e| e.as_slice()),
+        ))
+        .map(|(k, v)| (k.clone(), v.clone())),
+    )
 }
 
 #[cfg(test)]
@@ -254,11 +275,17 @@ mod tests {
         t.delete(b"absent");
         t.put(b(b"k4"), b(b"4"));
         t.delete(b"k0"); // deleted from the checkpoint: written
-        let mut out = Vec::new();
-        let mut take = |t: &mut MemStateTable| {
+        let take = |t: &mut MemStateTable| {
+            let mut out = Vec::new();
             t.take_changes(&mut out);
-            let (name, changes) = out.pop().unwrap();
+            let (name, changes) = out.remove(0);
             assert_eq!(name, "t");
+            // Changes come with the table's entry count.
+            if let Some((name, mut len)) = out.pop() {
+                assert_eq!(name, "t\u{1}len");
+                let count = Some(crate::encode_count(t.len() as i64));
+                assert_eq!(len.next(), Some((b(b""), count)));
+            }
             let mut changes: Vec<_> = changes.collect();
             changes.sort();
             changes
@@ -292,6 +319,7 @@ mod tests {
         t.checkpoint_done(true);
         // Written: nothing left.
         assert!(take(&mut t).is_empty());
+        let mut out = Vec::new();
         MemStateTable::default().take_changes(&mut out);
         assert!(out.is_empty());
     }

@@ -34,7 +34,9 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use im::OrdMap;
 use kappa_common::{KappaError, Result};
 
-use crate::{Bytes, History, StateSnapshot, StateStore, StateTable, TableChanges, prefix_end};
+use crate::{
+    Bytes, History, StateSnapshot, StateStore, StateTable, TableChanges, len_table, prefix_end,
+};
 
 /// What the tables of one store share: the history's database, the bytes their overlays
 /// hold, and the first read error.
@@ -83,20 +85,16 @@ impl SpillStore {
     }
 }
 
-/// The pseudo-table holding a table's entry count (under the empty key): its name is the
-/// table's followed by 1, so it is never a table's own key space but shares its name prefix
-/// (a dropped relation's counts go with its state).
-fn len_table(name: &str) -> String {
-    format!("{name}\u{1}len")
-}
-
 impl StateStore for SpillStore {
     fn create_table(&self, name: &str) -> Result<Box<dyn StateTable>> {
-        let len = self
-            .shared
-            .history
-            .state_get(&len_table(name), &[])?
-            .map_or(0, |v| crate::decode_count(&v) as usize);
+        let history = &self.shared.history;
+        let len = match history.state_get(&len_table(name), &[])? {
+            Some(v) => crate::decode_count(&v) as usize,
+            // Not written by a version that kept no count: counted once.
+            None => history
+                .state_range(name, &[], None, false)
+                .try_fold(0, |n, e| e.map(|_| n + 1))?,
+        };
         Ok(Box::new(SpillTable {
             shared: self.shared.clone(),
             name: name.to_string(),
@@ -111,6 +109,10 @@ impl StateStore for SpillStore {
     }
 
     fn checkpointed(&self) -> bool {
+        true
+    }
+
+    fn spills(&self) -> bool {
         true
     }
 
@@ -216,6 +218,13 @@ impl StateTable for SpillTable {
 
     fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
         self.view().prefix(prefix, true).next()
+    }
+
+    fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
+        self.view().prefix(prefix, false)
     }
 
     fn len(&self) -> usize {
@@ -590,6 +599,36 @@ mod tests {
         assert_eq!(t2.get(b"b1").as_deref(), Some(&b"newest"[..]));
         assert_eq!(t2.get(b"a1").as_deref(), Some(&b"back"[..]));
         drop((t, t2, current, store));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A restart may switch between keeping state in memory and spilling it: each store
+    /// finds the entries and their count as the other wrote them.
+    #[test]
+    fn tables_checkpointed_in_memory_are_read_back_spilled_and_back() {
+        let dir = std::env::temp_dir().join(format!("kappa-switch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let h = Arc::new(History::open(&dir, HistoryOptions::default()).unwrap());
+        let in_memory = crate::CheckpointedStore::new(h.clone());
+        let mut t = in_memory.create_table("t").unwrap();
+        for k in [&b"a"[..], b"b", b"c"] {
+            t.put(b(k), b(b"1"));
+        }
+        assert!(checkpoint(&h, t.as_mut(), 1));
+        let spilled = SpillStore::new(h.clone(), 1 << 20);
+        let mut s = spilled.create_table("t").unwrap();
+        assert_eq!(s.len(), 3);
+        s.delete(b"a");
+        s.delete(b"b");
+        assert!(checkpoint(&h, s.as_mut(), 2));
+        let mut t = in_memory.create_table("t").unwrap();
+        assert_eq!(t.len(), 1);
+        t.put(b(b"d"), b(b"1"));
+        assert!(checkpoint(&h, t.as_mut(), 3));
+        let s = spilled.create_table("t").unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.scan_prefix(b"").count(), 2);
+        drop((t, s, in_memory, spilled));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
