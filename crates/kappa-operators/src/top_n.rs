@@ -28,8 +28,19 @@
 //!
 //! With checkpoints, the entries and partitions changed since the last one are remembered
 //! and written at the checkpoint to a `StateTable`: per partition a header
-//! (`len ‖ partition` → its bound) and its entries (`len ‖ partition ‖ len ‖ sort key ‖ row`
-//! → multiplicity); a restart rebuilds the partitions and the closing index from it.
+//! (`len ‖ partition` → its bound) and its entries (`len ‖ partition ‖ sort key ‖ row ‖
+//! len(sort key)` → multiplicity). Sort keys and rows are in Arrow's row format, whose
+//! encodings are self-delimiting (none is a prefix of another), so the bytes of
+//! `sort key ‖ row` compare like the pair and a partition's entries are a prefix range in
+//! rank order (the length at the end only splits them). A restart rebuilds the partitions
+//! and the closing index from the table.
+//!
+//! When the store spills (state larger than memory), that table *is* the state: nothing is
+//! kept in memory between barriers but the closing index (partition keys by bound). A
+//! touched partition's visible rows are read as a prefix scan that stops past rank `hi`,
+//! and its changes are written straight to the table. Both forms write the same table, so
+//! a restart may switch between them; a spilled restart scans the table once to count its
+//! entries and rebuild the closing index, without keeping it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -61,6 +72,55 @@ pub struct TopNSpec {
     pub emit_rank: bool,
 }
 
+impl TopNSpec {
+    /// The rows of a partition (its entries in rank order) whose rank lies in `[lo, hi]`, in rank order; also the first entry
+    /// ranked beyond `hi` and, for ROW_NUMBER, how many copies of the entry that straddles
+    /// `hi` fit (the rest can never be visible over an append-only input).
+    fn visible(&self, entries: impl Iterator<Item = Result<PartEntry>>) -> Result<VisibleRows> {
+        let (lo, hi, emit_rank) = (self.lo, self.hi, self.emit_rank);
+        let mut out = Vec::new();
+        let mut pos: u64 = 0; // rows before this entry
+        let mut rank: u64 = 0;
+        let mut prev: Option<Bytes> = None;
+        let mut fit = None;
+        for entry in entries {
+            let (sk, row, c) = entry?;
+            let c = c as u64;
+            let tie = prev.as_ref() == Some(&sk);
+            match self.func {
+                RankFunc::RowNumber => rank = pos + 1,
+                RankFunc::Rank if !tie => rank = pos + 1,
+                RankFunc::DenseRank if !tie => rank += 1,
+                _ => {}
+            }
+            if rank > hi {
+                return Ok((out, Some((sk, row)), fit));
+            }
+            match self.func {
+                RankFunc::RowNumber => {
+                    let (first, last) = (rank.max(lo), (pos + c).min(hi));
+                    if emit_rank {
+                        out.extend((first..=last).map(|r| (sk.clone(), row.clone(), r, 1)));
+                    } else if first <= last {
+                        out.push((sk.clone(), row.clone(), 0, (last - first + 1) as i64));
+                    }
+                    if pos + c > hi {
+                        fit = Some((hi - pos) as i64);
+                    }
+                }
+                _ if rank >= lo => {
+                    let shown = if emit_rank { rank } else { 0 };
+                    out.push((sk.clone(), row.clone(), shown, c as i64))
+                }
+                _ => {}
+            }
+            pos += c;
+            prev = Some(sk);
+        }
+        Ok((out, None, fit))
+    }
+}
+
 /// One partition: (sort key, row) → multiplicity (> 0), in rank order.
 #[derive(Default)]
 struct Partition {
@@ -82,6 +142,65 @@ type Pending = (Option<i64>, Vec<(Bytes, Bytes, i64)>);
 /// The visible rows of a partition in rank order: sort key, row, rank (0 when the rank is
 /// not emitted) and multiplicity. Ordered by (sort key, row, rank).
 type Visible = Vec<(Bytes, Bytes, u64, i64)>;
+
+/// A partition's entry: sort key, row, multiplicity.
+type PartEntry = (Bytes, Bytes, i64);
+
+/// What `TopN::visible` finds: the visible rows, the first entry ranked beyond `hi`, and how
+/// many copies of the entry straddling `hi` fit (ROW_NUMBER).
+type VisibleRows = (Visible, Option<(Bytes, Bytes)>, Option<i64>);
+
+fn encode_bound(bound: Option<i64>) -> Bytes {
+    Arc::from(kappa_state::codec::Encoder::new().opt_i64(bound).finish())
+}
+
+/// A partition's entries in rank order.
+fn mem_entries(part: &Partition) -> impl Iterator<Item = Result<PartEntry>> + '_ {
+    part.rows
+        .iter()
+        .map(|((sk, row), &c)| Ok((sk.clone(), row.clone(), c)))
+}
+
+/// `len ‖ partition`: a partition's header key, and the prefix of its entries' keys.
+fn part_prefix(part: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + part.len());
+    len_prefixed(&mut k, part);
+    k
+}
+
+/// `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)`: an entry's key.
+fn entry_key(prefix: &[u8], sk: &[u8], row: &[u8]) -> Bytes {
+    let mut k = Vec::with_capacity(prefix.len() + sk.len() + row.len() + 4);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(sk);
+    k.extend_from_slice(row);
+    k.extend_from_slice(&(sk.len() as u32).to_be_bytes());
+    Arc::from(k)
+}
+
+/// An entry's sort key and row, from its key after the partition's prefix.
+fn split_entry(rest: &[u8]) -> Result<(&[u8], &[u8])> {
+    let damaged = || kappa_state::codec::damaged("a top-N");
+    let (pair, len) = rest
+        .split_at_checked(rest.len().wrapping_sub(4))
+        .ok_or_else(damaged)?;
+    let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged())?) as usize;
+    pair.split_at_checked(len).ok_or_else(damaged)
+}
+
+/// A stored partition's entries (after its header), in rank order.
+fn table_entries<'a>(
+    table: &'a dyn kappa_state::StateTable,
+    prefix: &'a [u8],
+) -> impl Iterator<Item = Result<PartEntry>> + 'a {
+    table
+        .scan_prefix(prefix)
+        .filter(move |(k, _)| k.len() > prefix.len())
+        .map(move |(k, v)| {
+            let (sk, row) = split_entry(&k[prefix.len()..])?;
+            Ok((Arc::from(sk), Arc::from(row), kappa_state::decode_count(&v)))
+        })
+}
 
 /// Appends `after - before` (both in their common order) as (row, rank, weight) changes.
 /// One merge pass: rows visible in both with the same rank and multiplicity cost one
@@ -140,6 +259,8 @@ pub struct TopN {
         Box<dyn kappa_state::StateTable>,
         hashbrown::HashSet<Changed>,
     )>,
+    /// The partitions live in the checkpoint table, not in `parts` (see the module docs).
+    spilled: bool,
 }
 
 impl TopN {
@@ -174,16 +295,25 @@ impl TopN {
             entries: 0,
             late_rows: 0,
             checkpointed: None,
+            spilled: false,
         })
     }
 
-    /// Keeps the state in `table` at checkpoints.
-    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+    /// Keeps the state in `table` at checkpoints; with `spill`, keeps it there all along.
+    pub fn with_checkpoints(
+        mut self,
+        table: Box<dyn kappa_state::StateTable>,
+        spill: bool,
+    ) -> Self {
         self.checkpointed = Some((table, hashbrown::HashSet::new()));
+        self.spilled = spill;
         self
     }
 
     fn changed(&mut self, part: &Bytes, entry: Option<(&Bytes, &Bytes)>) {
+        if self.spilled {
+            return;
+        }
         if let Some((_, changed)) = &mut self.checkpointed {
             changed.insert((part.clone(), entry.map(|(s, r)| (s.clone(), r.clone()))));
         }
@@ -203,52 +333,6 @@ impl TopN {
         self
     }
 
-    /// The rows of `part` whose rank lies in `[lo, hi]`, in rank order; also the first entry
-    /// ranked beyond `hi` and, for ROW_NUMBER, how many copies of the entry that straddles
-    /// `hi` fit (the rest can never be visible over an append-only input).
-    fn visible(&self, part: &Partition) -> (Visible, Option<(Bytes, Bytes)>, Option<i64>) {
-        let (lo, hi, emit_rank) = (self.spec.lo, self.spec.hi, self.spec.emit_rank);
-        let mut out = Vec::new();
-        let mut pos: u64 = 0; // rows before this entry
-        let mut rank: u64 = 0;
-        let mut prev: Option<&Bytes> = None;
-        let mut fit = None;
-        for ((sk, row), &c) in &part.rows {
-            let c = c as u64;
-            let tie = prev == Some(sk);
-            match self.spec.func {
-                RankFunc::RowNumber => rank = pos + 1,
-                RankFunc::Rank if !tie => rank = pos + 1,
-                RankFunc::DenseRank if !tie => rank += 1,
-                _ => {}
-            }
-            if rank > hi {
-                return (out, Some((sk.clone(), row.clone())), fit);
-            }
-            match self.spec.func {
-                RankFunc::RowNumber => {
-                    let (first, last) = (rank.max(lo), (pos + c).min(hi));
-                    if emit_rank {
-                        out.extend((first..=last).map(|r| (sk.clone(), row.clone(), r, 1)));
-                    } else if first <= last {
-                        out.push((sk.clone(), row.clone(), 0, (last - first + 1) as i64));
-                    }
-                    if pos + c > hi {
-                        fit = Some((hi - pos) as i64);
-                    }
-                }
-                _ if rank >= lo => {
-                    let shown = if emit_rank { rank } else { 0 };
-                    out.push((sk.clone(), row.clone(), shown, c as i64))
-                }
-                _ => {}
-            }
-            pos += c;
-            prev = Some(sk);
-        }
-        (out, None, fit)
-    }
-
     /// Applies one partition's changes; appends the difference in its visible rows.
     fn apply(
         &mut self,
@@ -257,6 +341,9 @@ impl TopN {
         changes: Vec<(Bytes, Bytes, i64)>,
         diff: &mut Vec<(Bytes, u64, i64)>,
     ) -> Result<()> {
+        if self.spilled {
+            return self.apply_spilled(key, bound, changes, diff);
+        }
         let mut part = match self.parts.remove(&key) {
             Some(p) => p,
             None => {
@@ -273,7 +360,7 @@ impl TopN {
         let before = if self.emit_on_close {
             Vec::new()
         } else {
-            self.visible(&part).0
+            self.spec.visible(mem_entries(&part))?.0
         };
         use std::collections::btree_map::Entry;
         for (sk, row, w) in changes {
@@ -305,7 +392,7 @@ impl TopN {
         }
         // Trimming removes only entries and copies ranked beyond `hi`, so the visible rows
         // are the same before and after it.
-        let (after, beyond, fit) = self.visible(&part);
+        let (after, beyond, fit) = self.spec.visible(mem_entries(&part))?;
         if self.append_only_input {
             if let Some(first) = beyond {
                 // Usually one entry or none: pop rather than split off a new map.
@@ -328,6 +415,101 @@ impl TopN {
         }
         if !part.rows.is_empty() || bound.is_some() {
             self.parts.insert(key, part);
+        }
+        Ok(())
+    }
+
+    /// [`TopN::apply`] on the partition as stored in the table (see the module docs).
+    fn apply_spilled(
+        &mut self,
+        key: Bytes,
+        bound: Option<i64>,
+        changes: Vec<(Bytes, Bytes, i64)>,
+        diff: &mut Vec<(Bytes, u64, i64)>,
+    ) -> Result<()> {
+        let Some((table, _)) = &mut self.checkpointed else {
+            return Err(KappaError::internal("a spilled top-N without its table"));
+        };
+        let table = table.as_mut();
+        let prefix = part_prefix(&key);
+        if table.get(&prefix).is_none() {
+            if let Some(b) = bound {
+                self.closing.entry(b).or_default().push(key.clone());
+            }
+            table.put(Arc::from(prefix.as_slice()), encode_bound(bound));
+        }
+        let before = if self.emit_on_close {
+            Vec::new()
+        } else {
+            self.spec.visible(table_entries(table, &prefix))?.0
+        };
+        for (sk, row, w) in changes {
+            let k = entry_key(&prefix, &sk, &row);
+            let now = kappa_state::add_to_count(table, &k, w, &"a top-N partition")?;
+            if now == 0 {
+                self.entries -= 1;
+            } else if now == w {
+                self.entries += 1;
+            }
+        }
+        let (after, beyond, fit) = self.spec.visible(table_entries(table, &prefix))?;
+        if self.append_only_input {
+            if let Some((sk, row)) = beyond {
+                // What an append-only partition holds beyond `hi` is this epoch's rows.
+                let first = entry_key(&prefix, &sk, &row);
+                let doomed: Vec<Bytes> = table
+                    .scan_prefix(&prefix)
+                    .map(|(k, _)| k)
+                    .filter(|k| *k >= first)
+                    .collect();
+                for k in doomed {
+                    table.delete(&k);
+                    self.entries -= 1;
+                }
+            }
+            if let Some(fit) = fit
+                && let Some((last, _)) = table.last_with_prefix(&prefix)
+                && last.len() > prefix.len()
+            {
+                table.put(last, kappa_state::encode_count(fit));
+            }
+        }
+        if !self.emit_on_close {
+            diff_into(before, after, diff);
+        }
+        if bound.is_none() && table_entries(table, &prefix).next().is_none() {
+            table.delete(&prefix);
+        }
+        Ok(())
+    }
+
+    /// Frees a closed partition; with emit-on-close, appends its visible rows first.
+    fn close_partition(&mut self, key: &Bytes, diff: &mut Vec<(Bytes, u64, i64)>) -> Result<()> {
+        if !self.spilled {
+            let Some(part) = self.parts.remove(key) else {
+                return Ok(());
+            };
+            self.changed(key, None);
+            self.entries -= part.rows.len();
+            if self.emit_on_close {
+                diff_into(Vec::new(), self.spec.visible(mem_entries(&part))?.0, diff);
+            }
+            return Ok(());
+        }
+        let Some((table, _)) = &mut self.checkpointed else {
+            return Err(KappaError::internal("a spilled top-N without its table"));
+        };
+        let prefix = part_prefix(key);
+        if self.emit_on_close {
+            let shown = self.spec.visible(table_entries(table.as_ref(), &prefix))?.0;
+            diff_into(Vec::new(), shown, diff);
+        }
+        let keys: Vec<Bytes> = table.scan_prefix(&prefix).map(|(k, _)| k).collect();
+        for k in keys {
+            if k.len() > prefix.len() {
+                self.entries -= 1;
+            }
+            table.delete(&k);
         }
         Ok(())
     }
@@ -453,14 +635,7 @@ impl Operator for TopN {
             let upto = wm.saturating_sub(c.offset);
             for (_, keys) in crate::take_closed(&mut self.closing, upto) {
                 for key in keys {
-                    let Some(part) = self.parts.remove(&key) else {
-                        continue;
-                    };
-                    self.changed(&key, None);
-                    self.entries -= part.rows.len();
-                    if self.emit_on_close {
-                        diff_into(Vec::new(), self.visible(&part).0, &mut diff);
-                    }
+                    self.close_partition(&key, &mut diff)?;
                 }
             }
         }
@@ -487,10 +662,7 @@ impl Operator for TopN {
                 let p = self.parts.get(&part);
                 match entry {
                     None => match p {
-                        Some(p) => table.put(
-                            Arc::from(k.as_slice()),
-                            Arc::from(kappa_state::codec::Encoder::new().opt_i64(p.bound).finish()),
-                        ),
+                        Some(p) => table.put(Arc::from(k.as_slice()), encode_bound(p.bound)),
                         // Gone: its header and every entry.
                         None => {
                             while let Some((key, _)) = table.first_with_prefix(&k) {
@@ -499,12 +671,9 @@ impl Operator for TopN {
                         }
                     },
                     Some((sk, row)) => {
-                        len_prefixed(&mut k, &sk);
-                        k.extend_from_slice(&row);
+                        let k = entry_key(&k, &sk, &row);
                         match p.and_then(|p| p.rows.get(&(sk, row))) {
-                            Some(c) => {
-                                table.put(Arc::from(k.as_slice()), kappa_state::encode_count(*c))
-                            }
+                            Some(c) => table.put(k, kappa_state::encode_count(*c)),
                             None => table.delete(&k),
                         }
                     }
@@ -521,7 +690,8 @@ impl Operator for TopN {
         }
     }
 
-    /// Rebuilds the partitions and the closing index from the table.
+    /// Rebuilds the partitions (in memory) or just the entry count (spilled), and the
+    /// closing index, from the table.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
         (self.watermark, self.late_rows) = crate::restore_progress(saved, "a top-N")?;
         let Some((table, _)) = &self.checkpointed else {
@@ -531,24 +701,28 @@ impl Operator for TopN {
         self.parts.clear();
         self.closing.clear();
         self.entries = 0;
-        for (k, v) in table.snapshot().iter() {
+        for (k, v) in table.scan_prefix(&[]) {
             let (part, rest) = split_len_prefixed(&k).ok_or_else(damaged)?;
-            let p = self.parts.entry(Arc::from(part)).or_default();
             if rest.is_empty() {
                 let mut d = kappa_state::codec::Decoder::new(&v, "a top-N partition");
-                p.bound = d.opt_i64()?;
+                let bound = d.opt_i64()?;
+                if let Some(b) = bound {
+                    self.closing.entry(b).or_default().push(Arc::from(part));
+                }
+                if !self.spilled {
+                    self.parts.entry(Arc::from(part)).or_default().bound = bound;
+                }
                 continue;
             }
-            let (sk, row) = split_len_prefixed(rest).ok_or_else(damaged)?;
+            self.entries += 1;
+            if self.spilled {
+                continue;
+            }
+            let (sk, row) = split_entry(rest)?;
             let c = kappa_state::decode_count(&v);
+            let p = self.parts.entry(Arc::from(part)).or_default();
             p.rows.insert((Arc::from(sk), Arc::from(row)), c);
             p.total += c;
-            self.entries += 1;
-        }
-        for (key, p) in &self.parts {
-            if let Some(b) = p.bound {
-                self.closing.entry(b).or_default().push(key.clone());
-            }
         }
         Ok(())
     }
@@ -737,7 +911,6 @@ mod tests {
 
     #[test]
     fn a_restored_top_n_continues_exactly() {
-        let input = schema("k:i64, v:i64, t:ts");
         let c = |l: &str| (0, changes("k:i64, v:i64, t:ts", l));
         let epochs = vec![
             (
@@ -749,36 +922,22 @@ mod tests {
             (vec![c("- 1 | 5 | 10\n+ 2 | 8 | 20")], Some(3 * S)),
             (vec![c("- 3 | 1 | 30\n+ 1 | 4 | 10")], Some(4 * S)),
         ];
-        let plain = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-            let mut tables = tables;
-            Box::new(op(RankFunc::Rank, 1, 2, true).with_checkpoints(tables.remove(0)))
+        let plain = |spill| {
+            move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                let mut tables = tables;
+                Box::new(op(RankFunc::Rank, 1, 2, true).with_checkpoints(tables.remove(0), spill))
+            }
         };
-        crate::testing::assert_restores_exactly(plain, 1, &epochs, 2);
+        // In memory or spilled, and across a restart that switches between the two.
+        for (before, after) in [(false, false), (true, true), (false, true), (true, false)] {
+            crate::testing::assert_restores_across(plain(before), plain(after), 1, &epochs, 2);
+        }
         // Partitions by the closing column, emitted on close: the closing index comes back.
-        let closing = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-            let mut tables = tables;
-            let spec = TopNSpec {
-                partition: vec![(
-                    col("t", &input).unwrap(),
-                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                )],
-                order: vec![(
-                    col("v", &input).unwrap(),
-                    DataType::Int64,
-                    SortOptions::default(),
-                )],
-                func: RankFunc::RowNumber,
-                lo: 1,
-                hi: 1,
-                emit_rank: false,
-            };
-            Box::new(
-                TopN::new(spec, &input, input.clone())
-                    .unwrap()
-                    .with_window_close(WatermarkCol { col: 0, offset: 0 }, true)
-                    .with_append_only_input()
-                    .with_checkpoints(tables.remove(0)),
-            )
+        let closing = |spill| {
+            move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                let mut tables = tables;
+                Box::new(closing_op(true).with_checkpoints(tables.remove(0), spill))
+            }
         };
         let epochs = vec![
             (
@@ -789,6 +948,86 @@ mod tests {
             (vec![c("+ 5 | 0 | 30")], Some(10 * S)),
             (vec![c("+ 6 | 9 | 10")], Some(25 * S)),
         ];
-        crate::testing::assert_restores_exactly(closing, 1, &epochs, 2);
+        for (before, after) in [(false, false), (true, true), (false, true), (true, false)] {
+            crate::testing::assert_restores_across(closing(before), closing(after), 1, &epochs, 2);
+        }
+    }
+
+    /// Top-1 per closing column `t` (append-only input), emitted on close or not.
+    fn closing_op(emit_on_close: bool) -> TopN {
+        let input = schema("k:i64, v:i64, t:ts");
+        let spec = TopNSpec {
+            partition: vec![(
+                col("t", &input).unwrap(),
+                DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
+            )],
+            order: vec![(
+                col("v", &input).unwrap(),
+                DataType::Int64,
+                SortOptions::default(),
+            )],
+            func: RankFunc::RowNumber,
+            lo: 1,
+            hi: 1,
+            emit_rank: false,
+        };
+        TopN::new(spec, &input, input.clone())
+            .unwrap()
+            .with_window_close(WatermarkCol { col: 0, offset: 0 }, emit_on_close)
+            .with_append_only_input()
+    }
+
+    /// The same random changes give the same output epoch by epoch whether the partitions
+    /// are in memory or spilled into their table.
+    #[test]
+    fn spilled_and_in_memory_agree_on_random_changes() {
+        let spilled =
+            |op: TopN| op.with_checkpoints(Box::new(kappa_state::MemStateTable::default()), true);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as i64
+        };
+        let mut ops: Vec<(TopN, TopN, bool)> = Vec::new();
+        for func in [RankFunc::RowNumber, RankFunc::Rank, RankFunc::DenseRank] {
+            for (lo, hi, emit_rank) in [(1, 2, true), (2, 3, false), (1, 1, false)] {
+                ops.push((
+                    op(func, lo, hi, emit_rank),
+                    spilled(op(func, lo, hi, emit_rank)),
+                    false,
+                ));
+                let append = || op(func, lo, hi, emit_rank).with_append_only_input();
+                ops.push((append(), spilled(append()), true));
+            }
+        }
+        for emit in [true, false] {
+            ops.push((closing_op(emit), spilled(closing_op(emit)), true));
+        }
+        for (mut mem, mut disk, append_only) in ops {
+            let mut present: Vec<(i64, i64, i64)> = Vec::new();
+            for e in 0..40 {
+                let mut lines = String::new();
+                for _ in 0..6 {
+                    if !append_only && !present.is_empty() && next(3) == 0 {
+                        let (k, v, t) = present.swap_remove(next(present.len() as u64) as usize);
+                        lines.push_str(&format!("- {k} | {v} | {t}\n"));
+                    } else {
+                        let row = (next(3), next(6), e / 4 + next(3));
+                        present.push(row);
+                        lines.push_str(&format!("+ {} | {} | {}\n", row.0, row.1, row.2));
+                    }
+                }
+                let wm = Some(e / 4);
+                assert_eq!(
+                    crate::testing::consolidate(&epoch(&mut disk, &lines, wm)),
+                    crate::testing::consolidate(&epoch(&mut mem, &lines, wm)),
+                    "epoch {e}: {lines}"
+                );
+                assert_eq!(disk.state_entries(), mem.state_entries());
+                assert_eq!(disk.late_rows(), mem.late_rows());
+            }
+        }
     }
 }

@@ -194,8 +194,10 @@ pub(crate) fn build_dataflow(
                     op = op.with_window_close(*c, *emit_on_window_close);
                 }
                 if store.checkpointed() {
-                    op =
-                        op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.top"))?);
+                    op = op.with_checkpoints(
+                        store.create_table(&format!("mv{relation}.n{i}.top"))?,
+                        store.spills(),
+                    );
                 }
                 Box::new(op)
             }

@@ -6,9 +6,9 @@ use common::Server;
 use kappa_sql_tests::query_text;
 
 /// KEYS distinct keys (default 400k; `KAPPA_SPILL_KEYS` for more) go into a table, a grouped
-/// view over it and the view's contents, and a join's stored rows (a LEFT JOIN of the table
-/// with a third of the keys) — four state tables of KEYS entries each, far more than the
-/// 16 MiB budget (`KAPPA_SPILL_MIB`) — and then half of them get a second row. With the
+/// view over it and the view's contents, a join's stored rows (a LEFT JOIN of the table
+/// with a third of the keys) and a top-N's partitions (the top row of each of 100) — five
+/// state tables of KEYS entries each, far more than the 16 MiB budget (`KAPPA_SPILL_MIB`) — and then half of them get a second row. With the
 /// state kept on disk, the views must hold exactly the rows worked out in closed form,
 /// answer point lookups, and come back after a restart without being loaded.
 ///
@@ -40,7 +40,13 @@ async fn state_kept_on_disk_is_exact_and_survives_a_restart() {
              CREATE MATERIALIZED VIEW g AS SELECT k, count(*) AS n, sum(v) AS s FROM t GROUP BY k;
              CREATE MATERIALIZED VIEW lj AS
                SELECT count(*) AS n, count(u.k) AS matched, sum(u.w) AS w
-               FROM t LEFT JOIN u ON t.k = u.k;",
+               FROM t LEFT JOIN u ON t.k = u.k;
+             CREATE MATERIALIZED VIEW top AS
+               SELECT p, k, v FROM (
+                 SELECT k % 100 AS p, k, v,
+                        row_number() OVER (PARTITION BY k % 100 ORDER BY v DESC, k DESC) AS rn
+                 FROM t) s
+               WHERE rn = 1;",
         )
         .await
         .expect("setup");
@@ -118,6 +124,24 @@ async fn state_kept_on_disk_is_exact_and_survives_a_restart() {
                 threes.map(|k| 2 * k * rows_of(k)).sum::<u64>().to_string(),
             ]]
         );
+        // Per k mod 100, the row with the largest v (100 for an even key's second row, else
+        // k mod 7), ties to the largest k.
+        let mut best = std::collections::BTreeMap::new();
+        for k in 1..=keys {
+            let v = if k.is_multiple_of(2) { 100 } else { k % 7 };
+            let e = best.entry(k % 100).or_insert((k, v));
+            if (v, k) > (e.1, e.0) {
+                *e = (k, v);
+            }
+        }
+        let want: Vec<Vec<String>> = best
+            .iter()
+            .map(|(p, (k, v))| vec![p.to_string(), k.to_string(), v.to_string()])
+            .collect();
+        let (r, _, _) = query_text(&c, "SELECT p, k, v FROM top ORDER BY p")
+            .await
+            .expect("top-N");
+        assert_eq!(r, want);
     };
 
     let dir = base.join("spill");
