@@ -28,6 +28,12 @@
 //! (`len ‖ partition ‖ time ‖ row` → count): a partition holds the rows of its open
 //! sessions only, so this costs what the changed sessions hold. A restart rebuilds the
 //! partitions and, from their sessions, the closing index.
+//!
+//! When the store spills (state larger than memory) the table is the state between
+//! barriers: a barrier loads the partitions it touches (changed, or with a session due to
+//! close), applies the same rules, writes the changed ones back and drops them from memory.
+//! Only the closing index stays in memory; a restart rebuilds it (and the entry count) in
+//! one scan of the table, one partition at a time.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -64,6 +70,8 @@ pub struct SessionWindow {
     late_rows: u64,
     /// With checkpoints: the table written at each, and the partitions changed since.
     checkpointed: Option<(Box<dyn kappa_state::StateTable>, hashbrown::HashSet<Bytes>)>,
+    /// `parts` holds only the partitions of the barrier running (see the module docs).
+    spilled: bool,
 }
 
 /// A partition's key in the checkpoint table: its length (4 bytes) ‖ the key.
@@ -76,6 +84,14 @@ fn part_prefix(key: &[u8]) -> Vec<u8> {
 /// Times as order-preserving bytes (sign bit flipped, big-endian).
 fn time_bytes(t: i64) -> [u8; 8] {
     ((t as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// A stored row's time and row, from its key after the partition's prefix.
+fn split_entry(rest: &[u8]) -> Result<(i64, &[u8])> {
+    let damaged = || kappa_state::codec::damaged("a session window");
+    let (t, row) = rest.split_at_checked(8).ok_or_else(damaged)?;
+    let t = u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63);
+    Ok((t as i64, row))
 }
 
 /// Rows to emit: row, weight, session bounds.
@@ -134,13 +150,99 @@ impl SessionWindow {
             entries: 0,
             late_rows: 0,
             checkpointed: None,
+            spilled: false,
         })
     }
 
-    /// Keeps the state in `table` at checkpoints.
-    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+    /// Keeps the state in `table` at checkpoints; with `spill`, there between barriers.
+    pub fn with_checkpoints(
+        mut self,
+        table: Box<dyn kappa_state::StateTable>,
+        spill: bool,
+    ) -> Self {
         self.checkpointed = Some((table, hashbrown::HashSet::new()));
+        self.spilled = spill;
         self
+    }
+
+    /// Spilled: loads partition `key` from the table unless it is loaded.
+    fn page_in(&mut self, key: &Bytes) -> Result<()> {
+        let Some((table, changed)) = &self.checkpointed else {
+            return Ok(());
+        };
+        // Changed this barrier: what memory holds is newer than the table (even if gone).
+        if !self.spilled || self.parts.contains_key(key) || changed.contains(key) {
+            return Ok(());
+        }
+        let prefix = part_prefix(key);
+        let mut part = Partition::new();
+        for (k, v) in table.scan_prefix(&prefix) {
+            let (t, row) = split_entry(&k[prefix.len()..])?;
+            part.entry(t)
+                .or_default()
+                .insert(Arc::from(row), kappa_state::decode_count(&v));
+        }
+        if !part.is_empty() {
+            self.parts.insert(key.clone(), part);
+        }
+        Ok(())
+    }
+
+    /// Reads the table one partition at a time (it is in partition order): each one's
+    /// sessions go into the closing index, and the partition into memory unless spilled.
+    fn restore_from(&mut self, table: &dyn kappa_state::StateTable) -> Result<()> {
+        let damaged = || kappa_state::codec::damaged("a session window");
+        self.parts.clear();
+        self.closing.clear();
+        self.entries = 0;
+        let mut current: Option<(Bytes, Partition)> = None;
+        let done = |this: &mut Self, (key, part): (Bytes, Partition)| {
+            for (_, end) in this.spec.sessions(part.keys().copied()) {
+                this.closing.entry(end).or_default().push(key.clone());
+            }
+            if !this.spilled {
+                this.parts.insert(key, part);
+            }
+        };
+        for (k, v) in table.scan_prefix(&[]) {
+            let (key, rest) = kappa_state::codec::split_len_prefixed(&k).ok_or_else(damaged)?;
+            let (t, row) = split_entry(rest)?;
+            if current.as_ref().is_some_and(|(c, _)| **c != *key)
+                && let Some(finished) = current.take()
+            {
+                done(self, finished);
+            }
+            let (_, part) = current.get_or_insert_with(|| (Arc::from(key), Partition::new()));
+            part.entry(t)
+                .or_default()
+                .insert(Arc::from(row), kappa_state::decode_count(&v));
+            self.entries += 1;
+        }
+        if let Some(finished) = current {
+            done(self, finished);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the partitions changed since the last call to the table.
+    fn write_changed(&mut self) {
+        if let Some((table, changed)) = &mut self.checkpointed {
+            for key in changed.drain() {
+                let prefix = part_prefix(&key);
+                let old: Vec<Bytes> = table.scan_prefix(&prefix).map(|(k, _)| k).collect();
+                for k in old {
+                    table.delete(&k);
+                }
+                for (t, rows) in self.parts.get(&key).into_iter().flatten() {
+                    for (row, c) in rows {
+                        let mut k = prefix.clone();
+                        k.extend_from_slice(&time_bytes(*t));
+                        k.extend_from_slice(row);
+                        table.put(Arc::from(k), kappa_state::encode_count(*c));
+                    }
+                }
+            }
+        }
     }
 
     fn changed(&mut self, key: &Bytes) {
@@ -338,6 +440,7 @@ impl Operator for SessionWindow {
     ) -> Result<()> {
         let mut emit = Emit::default();
         for (key, changes) in std::mem::take(&mut self.pending) {
+            self.page_in(&key)?;
             self.apply(&key, changes, &mut emit)?;
         }
         if let Some(b) = self.output(emit)? {
@@ -348,9 +451,14 @@ impl Operator for SessionWindow {
             let upto = wm.saturating_sub(k - 1);
             for (_, keys) in crate::take_closed(&mut self.closing, upto) {
                 for key in keys {
+                    self.page_in(&key)?;
                     self.free(&key, upto);
                 }
             }
+        }
+        if self.spilled {
+            self.write_changed();
+            self.parts.clear();
         }
         Ok(())
     }
@@ -364,22 +472,7 @@ impl Operator for SessionWindow {
     }
 
     fn checkpoint(&mut self) -> Result<Vec<u8>> {
-        if let Some((table, changed)) = &mut self.checkpointed {
-            for key in changed.drain() {
-                let prefix = part_prefix(&key);
-                while let Some((k, _)) = table.first_with_prefix(&prefix) {
-                    table.delete(&k);
-                }
-                for (t, rows) in self.parts.get(&key).into_iter().flatten() {
-                    for (row, c) in rows {
-                        let mut k = prefix.clone();
-                        k.extend_from_slice(&time_bytes(*t));
-                        k.extend_from_slice(row);
-                        table.put(Arc::from(k), kappa_state::encode_count(*c));
-                    }
-                }
-            }
-        }
+        self.write_changed();
         Ok(crate::save_progress(self.watermark, self.late_rows))
     }
 
@@ -390,34 +483,16 @@ impl Operator for SessionWindow {
         }
     }
 
-    /// Rebuilds the partitions, and the closing index from their sessions.
+    /// Rebuilds the closing index from the partitions' sessions and, in memory, the
+    /// partitions.
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
         (self.watermark, self.late_rows) = crate::restore_progress(saved, "a session window")?;
-        let Some((table, _)) = &self.checkpointed else {
+        let Some(checkpointed) = self.checkpointed.take() else {
             return Ok(());
         };
-        let damaged = || kappa_state::codec::damaged("a session window");
-        self.parts.clear();
-        self.closing.clear();
-        self.entries = 0;
-        for (k, v) in table.snapshot().iter() {
-            let (key, rest) = kappa_state::codec::split_len_prefixed(&k).ok_or_else(damaged)?;
-            let (t, row) = rest.split_at_checked(8).ok_or_else(damaged)?;
-            let t = u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63);
-            self.parts
-                .entry(Arc::from(key))
-                .or_default()
-                .entry(t as i64)
-                .or_default()
-                .insert(Arc::from(row), kappa_state::decode_count(&v));
-            self.entries += 1;
-        }
-        for (key, part) in &self.parts {
-            for (_, end) in self.spec.sessions(part.keys().copied()) {
-                self.closing.entry(end).or_default().push(key.clone());
-            }
-        }
-        Ok(())
+        let restored = self.restore_from(checkpointed.0.as_ref());
+        self.checkpointed = Some(checkpointed);
+        restored
     }
 
     fn state_entries(&self) -> usize {
@@ -458,7 +533,13 @@ mod tests {
 
     #[test]
     fn sessions_grow_merge_split_and_close() {
-        let mut op = op();
+        let spilled = op().with_checkpoints(Box::new(kappa_state::MemStateTable::default()), true);
+        for op in [op(), spilled] {
+            sessions_grow_merge_split_and_close_in(op);
+        }
+    }
+
+    fn sessions_grow_merge_split_and_close_in(mut op: SessionWindow) {
         let out = epoch(&mut op, "+ 1 | 0\n+ 1 | 5\n+ 2 | 3\n+ 2 | NULL", None);
         assert_changes(
             &out,
@@ -517,6 +598,46 @@ mod tests {
         assert_eq!(op.late_rows(), 1);
     }
 
+    /// The same random changes give the same output epoch by epoch whether the partitions
+    /// stay in memory or are loaded from their table at each barrier.
+    #[test]
+    fn spilled_and_in_memory_agree_on_random_changes() {
+        let mut mem = op();
+        let mut disk = op().with_checkpoints(Box::new(kappa_state::MemStateTable::default()), true);
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n) as i64
+        };
+        let mut present: Vec<(i64, i64)> = Vec::new();
+        for e in 0..60 {
+            let mut lines = String::new();
+            for _ in 0..5 {
+                if !present.is_empty() && next(3) == 0 {
+                    let (k, t) = present.swap_remove(next(present.len() as u64) as usize);
+                    lines.push_str(&format!("- {k} | {t}\n"));
+                } else {
+                    let row = (next(3), 2 * e + next(30));
+                    present.push(row);
+                    lines.push_str(&format!("+ {} | {}\n", row.0, row.1));
+                }
+            }
+            // The watermark trails; rows it has passed are late in both (and stay in
+            // `present`: deleting them later is late too).
+            let wm = Some(2 * e - 5);
+            assert_eq!(
+                crate::testing::consolidate(&epoch(&mut disk, &lines, wm)),
+                crate::testing::consolidate(&epoch(&mut mem, &lines, wm)),
+                "epoch {e}: {lines}"
+            );
+            assert_eq!(disk.state_entries(), mem.state_entries());
+            assert_eq!(disk.late_rows(), mem.late_rows());
+        }
+        assert!(mem.late_rows() > 0);
+    }
+
     #[test]
     fn a_restored_session_window_continues_exactly() {
         let c = |l: &str| (0, changes("k:i64, t:ts", l));
@@ -527,10 +648,15 @@ mod tests {
             (vec![c("+ 1 | 12\n- 1 | 40")], Some(14 * S)),
             (vec![c("- 1 | 5\n+ 2 | 35")], Some(100 * S)),
         ];
-        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-            let mut tables = tables;
-            Box::new(op().with_checkpoints(tables.remove(0)))
+        let make = |spill| {
+            move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                let mut tables = tables;
+                Box::new(op().with_checkpoints(tables.remove(0), spill))
+            }
         };
-        crate::testing::assert_restores_exactly(make, 1, &epochs, 2);
+        // In memory or spilled, and across a restart that switches between the two.
+        for (before, after) in [(false, false), (true, true), (false, true), (true, false)] {
+            crate::testing::assert_restores_across(make(before), make(after), 1, &epochs, 2);
+        }
     }
 }

@@ -17,7 +17,9 @@
 //! Changes waiting for `from` and changes to retract at `until`, each ordered by that time;
 //! both are freed as time passes. With checkpoints every such entry is also written through
 //! to a `StateTable` under a unique id (`w` or `e` ‖ time ‖ id → row, weight, until), from
-//! which a restart rebuilds both indexes.
+//! which a restart rebuilds both indexes. When the store spills (state larger than memory)
+//! that table is the only copy: a barrier reads the entries now due as a scan of each kind
+//! from its earliest time, and a restart reads nothing.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -54,6 +56,8 @@ pub struct TemporalFilter {
     next_id: u64,
     /// With checkpoints: every entry, written through.
     checkpointed: Option<Box<dyn kappa_state::StateTable>>,
+    /// The entries are only in the table (`waiting` and `expiring` stay empty).
+    spilled: bool,
 }
 
 const WAITING: u8 = b'w';
@@ -65,6 +69,41 @@ fn entry_key(kind: u8, time: i64, id: u64) -> [u8; 17] {
     k[1..9].copy_from_slice(&((time as u64) ^ (1 << 63)).to_be_bytes());
     k[9..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+/// An entry as the table holds it.
+struct Entry {
+    kind: u8,
+    time: i64,
+    id: u64,
+    row: Bytes,
+    weight: i64,
+    until: Option<i64>,
+}
+
+fn decode_entry(k: &[u8], v: &[u8]) -> Result<Entry> {
+    let damaged = || kappa_state::codec::damaged("a temporal filter");
+    let (kind, time, id) = match (k.first(), k.get(1..9), k.get(9..17)) {
+        (Some(&kind), Some(t), Some(id)) if k.len() == 17 => (
+            kind,
+            (u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63)) as i64,
+            u64::from_be_bytes(id.try_into().map_err(|_| damaged())?),
+        ),
+        _ => return Err(damaged()),
+    };
+    let mut d = kappa_state::codec::Decoder::new(v, "a temporal filter entry");
+    let row: Bytes = Arc::from(d.bytes()?);
+    let weight = d.i64()?;
+    let until = d.opt_i64()?;
+    d.end()?;
+    Ok(Entry {
+        kind,
+        time,
+        id,
+        row,
+        weight,
+        until,
+    })
 }
 
 impl TemporalFilter {
@@ -83,13 +122,42 @@ impl TemporalFilter {
             entries: 0,
             next_id: 0,
             checkpointed: None,
+            spilled: false,
         })
     }
 
-    /// Keeps the state in `table` at checkpoints.
-    pub fn with_checkpoints(mut self, table: Box<dyn kappa_state::StateTable>) -> Self {
+    /// Keeps the state in `table` at checkpoints; with `spill`, only there.
+    pub fn with_checkpoints(
+        mut self,
+        table: Box<dyn kappa_state::StateTable>,
+        spill: bool,
+    ) -> Self {
         self.checkpointed = Some(table);
+        self.spilled = spill;
         self
+    }
+
+    /// The spilled entries of `kind` due at `now` (time `<= now`), in order, removed from
+    /// the table.
+    fn take_due(&mut self, kind: u8) -> Result<Vec<Entry>> {
+        let Some(table) = &mut self.checkpointed else {
+            return Ok(Vec::new());
+        };
+        let mut due = Vec::new();
+        let mut keys = Vec::new();
+        for (k, v) in table.scan_prefix(&[kind]) {
+            let e = decode_entry(&k, &v)?;
+            if e.time > self.now {
+                break;
+            }
+            keys.push(k);
+            due.push(e);
+        }
+        for k in keys {
+            table.delete(&k);
+        }
+        self.entries -= due.len();
+        Ok(due)
     }
 
     /// Stores an entry (and writes it through); returns its id.
@@ -156,7 +224,9 @@ impl TemporalFilter {
 
     fn expire_at(&mut self, until: i64, row: Bytes, w: i64) {
         let id = self.store(EXPIRING, until, &row, w, None);
-        self.expiring.entry(until).or_default().push((row, w, id));
+        if !self.spilled {
+            self.expiring.entry(until).or_default().push((row, w, id));
+        }
     }
 }
 
@@ -197,10 +267,12 @@ impl Operator for TemporalFilter {
                     if until.is_none_or(|u| u > from) {
                         let (r, w) = (row(i)?, weights.value(i));
                         let id = self.store(WAITING, from, &r, w, until);
-                        self.waiting
-                            .entry(from)
-                            .or_default()
-                            .push((r, w, until, id));
+                        if !self.spilled {
+                            self.waiting
+                                .entry(from)
+                                .or_default()
+                                .push((r, w, until, id));
+                        }
                     }
                     false
                 }
@@ -228,6 +300,20 @@ impl Operator for TemporalFilter {
         out: &mut Vec<ChangeBatch>,
     ) -> Result<()> {
         let mut changes = vec![];
+        if self.spilled {
+            for e in self.take_due(WAITING)? {
+                if e.until.is_none_or(|u| u > self.now) {
+                    if let Some(u) = e.until {
+                        self.expire_at(u, e.row.clone(), e.weight);
+                    }
+                    changes.push((e.row, e.weight));
+                }
+            }
+            for e in self.take_due(EXPIRING)? {
+                changes.push((e.row, -e.weight));
+            }
+            return self.emit(changes, out);
+        }
         for (from, rows) in crate::take_closed(&mut self.waiting, self.now) {
             for (row, w, until, id) in rows {
                 self.forget(WAITING, from, id);
@@ -281,30 +367,24 @@ impl Operator for TemporalFilter {
         };
         self.waiting.clear();
         self.expiring.clear();
-        self.entries = 0;
-        for (k, v) in table.snapshot().iter() {
-            let (kind, time, id) = match (k.first(), k.get(1..9), k.get(9..17)) {
-                (Some(&kind), Some(t), Some(id)) if k.len() == 17 => (
-                    kind,
-                    (u64::from_be_bytes(t.try_into().unwrap_or_default()) ^ (1 << 63)) as i64,
-                    u64::from_be_bytes(id.try_into().unwrap_or_default()),
-                ),
-                _ => return Err(kappa_state::codec::damaged("a temporal filter")),
-            };
-            let mut d = kappa_state::codec::Decoder::new(&v, "a temporal filter entry");
-            let row: Bytes = Arc::from(d.bytes()?);
-            let w = d.i64()?;
-            let until = d.opt_i64()?;
-            d.end()?;
-            match kind {
+        self.entries = table.len();
+        if self.spilled {
+            return Ok(());
+        }
+        for (k, v) in table.scan_prefix(&[]) {
+            let e = decode_entry(&k, &v)?;
+            match e.kind {
                 WAITING => self
                     .waiting
-                    .entry(time)
+                    .entry(e.time)
                     .or_default()
-                    .push((row, w, until, id)),
-                _ => self.expiring.entry(time).or_default().push((row, w, id)),
+                    .push((e.row, e.weight, e.until, e.id)),
+                _ => self
+                    .expiring
+                    .entry(e.time)
+                    .or_default()
+                    .push((e.row, e.weight, e.id)),
             }
-            self.entries += 1;
         }
         Ok(())
     }
@@ -350,7 +430,13 @@ mod tests {
 
     #[test]
     fn rows_appear_and_expire_as_time_passes() {
-        let mut op = op();
+        let spilled = op().with_checkpoints(Box::new(kappa_state::MemStateTable::default()), true);
+        for op in [op(), spilled] {
+            rows_appear_and_expire(op);
+        }
+    }
+
+    fn rows_appear_and_expire(mut op: TemporalFilter) {
         // now 100: a (t 100) visible until 160; b (t 150) from 140; c (t 30) expired at 90;
         // d has no time: never visible.
         let out = epoch(&mut op, 100, "+ a | 100\n+ b | 150\n+ c | 30\n+ d | NULL");
@@ -382,10 +468,15 @@ mod tests {
             (vec![c("- e | 200")], Some(195 * S)),
             (vec![], Some(300 * S)),
         ];
-        let make = |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
-            let mut tables = tables;
-            Box::new(op().with_checkpoints(tables.remove(0)))
+        let make = |spill| {
+            move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
+                let mut tables = tables;
+                Box::new(op().with_checkpoints(tables.remove(0), spill))
+            }
         };
-        crate::testing::assert_restores_exactly(make, 1, &epochs, 2);
+        // In memory or spilled, and across a restart that switches between the two.
+        for (before, after) in [(false, false), (true, true), (false, true), (true, false)] {
+            crate::testing::assert_restores_across(make(before), make(after), 1, &epochs, 2);
+        }
     }
 }

@@ -78,7 +78,10 @@ pub(crate) fn build_dataflow(
                     .collect::<Result<Vec<_>>>()?;
                 let op = TemporalFilter::new(bounds, schema)?;
                 Box::new(if store.checkpointed() {
-                    op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.timed"))?)
+                    op.with_checkpoints(
+                        store.create_table(&format!("mv{relation}.n{i}.timed"))?,
+                        store.spills(),
+                    )
                 } else {
                     op
                 })
@@ -98,7 +101,10 @@ pub(crate) fn build_dataflow(
                     schema,
                 )?;
                 Box::new(if store.checkpointed() {
-                    op.with_checkpoints(store.create_table(&format!("mv{relation}.n{i}.sessions"))?)
+                    op.with_checkpoints(
+                        store.create_table(&format!("mv{relation}.n{i}.sessions"))?,
+                        store.spills(),
+                    )
                 } else {
                     op
                 })
