@@ -25,7 +25,9 @@
 //! row format, in hash maps, so a probe or an update costs one hash lookup (an ordered
 //! byte-keyed map costs a chain of cache-missing key comparisons per row, which made the
 //! join ten times slower). Rows whose key cannot match (NULL) are not stored: their output
-//! never changes, and a later change to them is computed alone.
+//! never changes, and a later change to them is computed alone. When the store spills, the
+//! same contents live in state tables instead (see `join_state.rs`), which are then the
+//! checkpoint: nothing is logged.
 //!
 //! # Checkpoints
 //! The state is a function of the inputs and the watermarks, in the order they came, so it
@@ -45,7 +47,7 @@
 //! inputs) can never match a future row of the other side. E.g. for
 //! `b.ts BETWEEN a.ts AND a.ts + INTERVAL '1' HOUR` a stored `a` row expires once
 //! `a.ts + 1 h < W`, and in a window join a stored row expires once its `window_end <= W`.
-//! Expired rows are deleted at the barrier (an in-memory index orders them by expiry time);
+//! Expired rows are deleted at the barrier (an index orders them by expiry time);
 //! their output stays as it is, final. A change that arrives for a row already expired is
 //! still joined with the other side's state (which holds everything it could match), but
 //! not stored: nothing could probe it.
