@@ -8,7 +8,8 @@
 //!
 //! Usage: `nexmark QUERY [EVENTS] [WORKERS]` (defaults: 10000000 events, all cores for the
 //! generator). `nexmark list` prints the queries. With `KAPPA_DATA_DIR=DIR` the server
-//! keeps its history there (durable, as `kappa serve --data-dir DIR`), else in memory.
+//! keeps its history there (durable, as `kappa serve --data-dir DIR`), else in memory; with
+//! `KAPPA_STATE_MEMORY_MB=N` as well, its state spills (`--state-memory-mb N`).
 
 use std::time::{Duration, Instant};
 
@@ -242,6 +243,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Some(ms) => Some(Duration::from_millis(ms)),
             None => kappa_engine::EngineConfig::default().checkpoint_interval,
         },
+        // KAPPA_STATE_MEMORY_MB=N (with KAPPA_DATA_DIR): spilled state, as
+        // `kappa serve --state-memory-mb N`.
+        state_memory: std::env::var("KAPPA_STATE_MEMORY_MB")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|mb| mb << 20),
         ..Default::default()
     };
     let addr = kappa_sql_tests::start_kappa_with(config).await;
