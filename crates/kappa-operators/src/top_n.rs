@@ -872,29 +872,7 @@ mod tests {
 
     #[test]
     fn closed_partitions_are_freed_or_emitted_once() {
-        // Partition column t (offset 0): closes when the watermark reaches it.
-        let input = schema("k:i64, v:i64, t:ts");
-        let make = |emit| {
-            let spec = TopNSpec {
-                partition: vec![(
-                    col("t", &input).unwrap(),
-                    DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, None),
-                )],
-                order: vec![(
-                    col("v", &input).unwrap(),
-                    DataType::Int64,
-                    SortOptions::default(),
-                )],
-                func: RankFunc::RowNumber,
-                lo: 1,
-                hi: 1,
-                emit_rank: false,
-            };
-            TopN::new(spec, &input, input.clone())
-                .unwrap()
-                .with_window_close(WatermarkCol { col: 0, offset: 0 }, emit)
-        };
-        let mut op = make(true);
+        let mut op = closing_op(true);
         assert!(epoch(&mut op, "+ 1 | 7 | 10\n+ 2 | 3 | 10\n+ 3 | 1 | 20", Some(5)).is_empty());
         let out = epoch(&mut op, "- 2 | 3 | 10", Some(10));
         assert_changes(&out, "+ 1 | 7 | 1970-01-01T00:00:10");
@@ -902,7 +880,7 @@ mod tests {
         assert!(epoch(&mut op, "+ 4 | 0 | 10", Some(10)).is_empty());
         assert_eq!(op.late_rows(), 1);
 
-        let mut op = make(false);
+        let mut op = closing_op(false);
         let out = epoch(&mut op, "+ 1 | 7 | 10\n+ 2 | 3 | 10", Some(5));
         assert_changes(&out, "+ 2 | 3 | 1970-01-01T00:00:10");
         assert!(epoch(&mut op, "", Some(10)).is_empty());
@@ -936,7 +914,8 @@ mod tests {
         let closing = |spill| {
             move |tables: Vec<Box<dyn kappa_state::StateTable>>| -> Box<dyn Operator> {
                 let mut tables = tables;
-                Box::new(closing_op(true).with_checkpoints(tables.remove(0), spill))
+                let op = closing_op(true).with_append_only_input();
+                Box::new(op.with_checkpoints(tables.remove(0), spill))
             }
         };
         let epochs = vec![
@@ -953,7 +932,8 @@ mod tests {
         }
     }
 
-    /// Top-1 per closing column `t` (append-only input), emitted on close or not.
+    /// Top-1 per partition column `t`, which closes (offset 0) when the watermark reaches
+    /// it, emitted on close or not.
     fn closing_op(emit_on_close: bool) -> TopN {
         let input = schema("k:i64, v:i64, t:ts");
         let spec = TopNSpec {
@@ -974,7 +954,6 @@ mod tests {
         TopN::new(spec, &input, input.clone())
             .unwrap()
             .with_window_close(WatermarkCol { col: 0, offset: 0 }, emit_on_close)
-            .with_append_only_input()
     }
 
     /// The same random changes give the same output epoch by epoch whether the partitions
@@ -1003,7 +982,8 @@ mod tests {
             }
         }
         for emit in [true, false] {
-            ops.push((closing_op(emit), spilled(closing_op(emit)), true));
+            let closing = || closing_op(emit).with_append_only_input();
+            ops.push((closing(), spilled(closing()), true));
         }
         for (mut mem, mut disk, append_only) in ops {
             let mut present: Vec<(i64, i64, i64)> = Vec::new();
