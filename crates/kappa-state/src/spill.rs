@@ -105,6 +105,7 @@ impl StateStore for SpillStore {
             taken: None,
             link: Arc::default(),
             preimages: None,
+            last_base_read: Mutex::new(None),
         }))
     }
 
@@ -148,6 +149,11 @@ pub struct SpillTable {
     /// The base values the checkpoint about to be written overwrites, if an older snapshot
     /// needs them.
     preimages: Option<Overlay>,
+    /// The last key read from the base and whether it was there: a write right after a
+    /// read of the same key (read-modify-write, as counts are kept) need not read it again
+    /// to keep `len`. The base changes only when a checkpoint is written, and only at keys
+    /// the overlay holds, which are never read from the base; it is cleared then anyway.
+    last_base_read: Mutex<Option<(Bytes, bool)>>,
 }
 
 /// One step of the chain of overwritten values (see the module docs).
@@ -164,10 +170,16 @@ fn entry_bytes(k: &Bytes, v: &Option<Bytes>) -> u64 {
 
 impl SpillTable {
     fn exists(&self, key: &[u8]) -> bool {
-        match self.overlay.get(key) {
-            Some(v) => v.is_some(),
-            None => self.shared.get(&self.name, key).is_some(),
+        if let Some(v) = self.overlay.get(key) {
+            return v.is_some();
         }
+        if let Ok(last) = self.last_base_read.lock()
+            && let Some((k, there)) = &*last
+            && **k == *key
+        {
+            return *there;
+        }
+        self.shared.get(&self.name, key).is_some()
     }
 
     fn set(&mut self, key: Bytes, value: Option<Bytes>) {
@@ -195,7 +207,14 @@ impl SpillTable {
 
 impl StateTable for SpillTable {
     fn get(&self, key: &[u8]) -> Option<Bytes> {
-        self.view().get(key)
+        if let Some(v) = self.overlay.get(key) {
+            return v.clone();
+        }
+        let v = self.shared.get(&self.name, key);
+        if let Ok(mut last) = self.last_base_read.lock() {
+            *last = Some((Bytes::from(key), v.is_some()));
+        }
+        v
     }
 
     fn put(&mut self, key: Bytes, value: Bytes) {
@@ -264,6 +283,9 @@ impl StateTable for SpillTable {
     }
 
     fn checkpoint_done(&mut self, written: bool) {
+        if let Ok(mut last) = self.last_base_read.lock() {
+            *last = None;
+        }
         let preimages = self.preimages.take();
         let Some((taken, _)) = self.taken.take() else {
             return;
