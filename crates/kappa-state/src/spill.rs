@@ -624,6 +624,39 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Writes that follow a read of the same key keep the count without reading the base
+    /// again; what they remember of the base is forgotten once a checkpoint rewrites it.
+    #[test]
+    fn read_then_write_keeps_the_count_across_checkpoints() {
+        let dir = std::env::temp_dir().join(format!("kappa-rmw-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let h = Arc::new(History::open(&dir, HistoryOptions::default()).unwrap());
+        let store = SpillStore::new(h.clone(), 1 << 20);
+        let mut t = store.create_table("t").unwrap();
+        t.put(b(b"a"), b(b"1"));
+        assert!(checkpoint(&h, t.as_mut(), 1));
+        // In the base: read, then overwritten (no new entry) and deleted (one fewer).
+        assert!(t.get(b"a").is_some());
+        t.put(b(b"a"), b(b"2"));
+        assert_eq!(t.len(), 1);
+        // Absent: read, then written (one more).
+        assert!(t.get(b"b").is_none());
+        t.put(b(b"b"), b(b"1"));
+        assert_eq!(t.len(), 2);
+        assert!(checkpoint(&h, t.as_mut(), 2));
+        // "b" was last read as absent from the base; the checkpoint wrote it there.
+        t.delete(b"b");
+        t.delete(b"b");
+        assert_eq!(t.len(), 1);
+        assert!(t.get(b"a").is_some());
+        t.delete(b"a");
+        assert_eq!(t.len(), 0);
+        assert!(checkpoint(&h, t.as_mut(), 3));
+        assert_eq!(store.create_table("t").unwrap().len(), 0);
+        drop((t, store));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A restart may switch between keeping state in memory and spilling it: each store
     /// finds the entries and their count as the other wrote them.
     #[test]
