@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 use kappa_common::{KappaError, Result};
 use kappa_state::StateTable;
-use kappa_state::codec::{damaged, len_prefixed, split_len_prefixed};
+use kappa_state::codec::{
+    damaged, len_prefix, len_prefixed, ordered_i64, split_len_prefixed, split_ordered_i64,
+};
 
 type Bytes = Arc<[u8]>;
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -79,13 +81,6 @@ pub(crate) struct MemRows {
     expiring: BTreeMap<i64, Vec<(Bytes, Bytes)>>,
 }
 
-/// `len(key) ‖ key`: the prefix of a key's rows in the rows table.
-fn bucket_prefix(key: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(4 + key.len());
-    len_prefixed(&mut p, key);
-    p
-}
-
 fn row_key(key: &[u8], row: &[u8]) -> Bytes {
     let mut k = Vec::with_capacity(4 + key.len() + row.len());
     len_prefixed(&mut k, key);
@@ -93,17 +88,9 @@ fn row_key(key: &[u8], row: &[u8]) -> Bytes {
     Arc::from(k)
 }
 
-/// Event times as bytes that sort like the times.
-fn encode_time(t: i64) -> [u8; 8] {
-    ((t as u64) ^ (1 << 63)).to_be_bytes()
-}
-
-fn decode_time(k: &[u8]) -> Result<i64> {
-    let b: [u8; 8] = k
-        .get(..8)
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| damaged("a join"))?;
-    Ok((u64::from_be_bytes(b) ^ (1 << 63)) as i64)
+/// An expiry index key's time and the rows table key after it.
+fn split_index_key(k: &[u8]) -> Result<(i64, &[u8])> {
+    split_ordered_i64(k).ok_or_else(|| damaged("a join"))
 }
 
 impl SideRows {
@@ -118,7 +105,8 @@ impl SideRows {
                 }
             }
             SideRows::Tables(t) => {
-                let prefix = bucket_prefix(key);
+                // `len(key) ‖ key`: the prefix of the key's rows.
+                let prefix = len_prefix(key);
                 for (k, v) in t.rows.scan_prefix(&prefix) {
                     let row = k.get(prefix.len()..).unwrap_or_default();
                     f(Arc::from(row), Entry::decode(&v)?.count);
@@ -197,7 +185,7 @@ impl SideRows {
                     && let Some(time) = expires
                 {
                     let mut ik = Vec::with_capacity(8 + k.len());
-                    ik.extend_from_slice(&encode_time(time));
+                    ik.extend_from_slice(&ordered_i64(time));
                     ik.extend_from_slice(&k);
                     t.expiring.put(Arc::from(ik), Arc::from(&[][..]));
                 }
@@ -220,13 +208,13 @@ impl SideRows {
             SideRows::Tables(t) => {
                 let mut closed = Vec::new();
                 for (k, _) in t.expiring.scan_prefix(&[]) {
-                    if decode_time(&k)? > w {
+                    if split_index_key(&k)?.0 > w {
                         break;
                     }
                     closed.push(k);
                 }
                 for k in closed {
-                    t.rows.delete(&k[8..]);
+                    t.rows.delete(split_index_key(&k)?.1);
                     t.expiring.delete(&k);
                 }
             }
@@ -280,7 +268,8 @@ impl SideTables {
         let mut times: HashMap<Bytes, i64> = HashMap::default();
         let index: Vec<Bytes> = self.expiring.scan_prefix(&[]).map(|(k, _)| k).collect();
         for k in index {
-            times.insert(Arc::from(&k[8..]), decode_time(&k)?);
+            let (time, row_key) = split_index_key(&k)?;
+            times.insert(Arc::from(row_key), time);
             self.expiring.delete(&k);
         }
         let rows: Vec<(Bytes, Bytes)> = self.rows.scan_prefix(&[]).collect();

@@ -76,22 +76,13 @@ pub struct SessionWindow {
 
 /// A partition's key in the checkpoint table: its length (4 bytes) ‖ the key.
 fn part_prefix(key: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + key.len() + 8);
-    kappa_state::codec::len_prefixed(&mut k, key);
-    k
-}
-
-/// Times as order-preserving bytes (sign bit flipped, big-endian).
-fn time_bytes(t: i64) -> [u8; 8] {
-    ((t as u64) ^ (1 << 63)).to_be_bytes()
+    kappa_state::codec::len_prefix(key)
 }
 
 /// A stored row's time and row, from its key after the partition's prefix.
 fn split_entry(rest: &[u8]) -> Result<(i64, &[u8])> {
-    let damaged = || kappa_state::codec::damaged("a session window");
-    let (t, row) = rest.split_at_checked(8).ok_or_else(damaged)?;
-    let t = u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63);
-    Ok((t as i64, row))
+    kappa_state::codec::split_ordered_i64(rest)
+        .ok_or_else(|| kappa_state::codec::damaged("a session window"))
 }
 
 /// Rows to emit: row, weight, session bounds.
@@ -236,7 +227,7 @@ impl SessionWindow {
                 for (t, rows) in self.parts.get(&key).into_iter().flatten() {
                     for (row, c) in rows {
                         let mut k = prefix.clone();
-                        k.extend_from_slice(&time_bytes(*t));
+                        k.extend_from_slice(&kappa_state::codec::ordered_i64(*t));
                         k.extend_from_slice(row);
                         table.put(Arc::from(k), kappa_state::encode_count(*c));
                     }

@@ -66,7 +66,7 @@ const EXPIRING: u8 = b'e';
 /// An entry's key in the checkpoint table: kind ‖ time (order-preserving) ‖ id.
 fn entry_key(kind: u8, time: i64, id: u64) -> [u8; 17] {
     let mut k = [kind; 17];
-    k[1..9].copy_from_slice(&((time as u64) ^ (1 << 63)).to_be_bytes());
+    k[1..9].copy_from_slice(&kappa_state::codec::ordered_i64(time));
     k[9..].copy_from_slice(&id.to_be_bytes());
     k
 }
@@ -83,12 +83,12 @@ struct Entry {
 
 fn decode_entry(k: &[u8], v: &[u8]) -> Result<Entry> {
     let damaged = || kappa_state::codec::damaged("a temporal filter");
-    let (kind, time, id) = match (k.first(), k.get(1..9), k.get(9..17)) {
-        (Some(&kind), Some(t), Some(id)) if k.len() == 17 => (
-            kind,
-            (u64::from_be_bytes(t.try_into().map_err(|_| damaged())?) ^ (1 << 63)) as i64,
-            u64::from_be_bytes(id.try_into().map_err(|_| damaged())?),
-        ),
+    let (kind, time, id) = match k.split_first() {
+        Some((&kind, rest)) if k.len() == 17 => {
+            let (time, id) = kappa_state::codec::split_ordered_i64(rest).ok_or_else(damaged)?;
+            let id = u64::from_be_bytes(id.try_into().map_err(|_| damaged())?);
+            (kind, time, id)
+        }
         _ => return Err(damaged()),
     };
     let mut d = kappa_state::codec::Decoder::new(v, "a temporal filter entry");

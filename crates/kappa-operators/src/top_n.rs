@@ -163,9 +163,7 @@ fn mem_entries(part: &Partition) -> impl Iterator<Item = Result<PartEntry>> + '_
 
 /// `len ‖ partition`: a partition's header key, and the prefix of its entries' keys.
 fn part_prefix(part: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + part.len());
-    len_prefixed(&mut k, part);
-    k
+    kappa_state::codec::len_prefix(part)
 }
 
 /// `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)`: an entry's key.

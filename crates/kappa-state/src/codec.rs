@@ -44,6 +44,27 @@ pub fn len_prefixed(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(b);
 }
 
+/// A key that starts with field `b`, length in front (see [`len_prefixed`]): the prefix of
+/// every key whose first field is `b`.
+pub fn len_prefix(b: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + b.len());
+    len_prefixed(&mut k, b);
+    k
+}
+
+/// An `i64` (an event time) as 8 bytes that sort like the numbers: sign bit flipped,
+/// big-endian.
+pub fn ordered_i64(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Splits an [`ordered_i64`] off the front of `b`: (value, rest). `None` if `b` is too
+/// short (a damaged key).
+pub fn split_ordered_i64(b: &[u8]) -> Option<(i64, &[u8])> {
+    let (v, rest) = b.split_first_chunk::<8>()?;
+    Some(((u64::from_be_bytes(*v) ^ (1 << 63)) as i64, rest))
+}
+
 /// Splits a field [`len_prefixed`] wrote off the front of `b`: (field, rest). `None` if `b`
 /// is too short (a damaged key).
 pub fn split_len_prefixed(b: &[u8]) -> Option<(&[u8], &[u8])> {
