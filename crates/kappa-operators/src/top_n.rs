@@ -54,7 +54,10 @@ use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{RankFunc, WatermarkCol};
 
 use crate::Operator;
+use crate::partition_rows::{PartEntry, entry_key, part_prefix, split_entry, table_entries};
 use kappa_state::codec::{len_prefixed, split_len_prefixed};
+
+const WHAT: &str = "a top-N";
 
 type Bytes = Arc<[u8]>;
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -143,9 +146,6 @@ type Pending = (Option<i64>, Vec<(Bytes, Bytes, i64)>);
 /// not emitted) and multiplicity. Ordered by (sort key, row, rank).
 type Visible = Vec<(Bytes, Bytes, u64, i64)>;
 
-/// A partition's entry: sort key, row, multiplicity.
-type PartEntry = (Bytes, Bytes, i64);
-
 /// What `TopN::visible` finds: the visible rows, the first entry ranked beyond `hi`, and how
 /// many copies of the entry straddling `hi` fit (ROW_NUMBER).
 type VisibleRows = (Visible, Option<(Bytes, Bytes)>, Option<i64>);
@@ -159,45 +159,6 @@ fn mem_entries(part: &Partition) -> impl Iterator<Item = Result<PartEntry>> + '_
     part.rows
         .iter()
         .map(|((sk, row), &c)| Ok((sk.clone(), row.clone(), c)))
-}
-
-/// `len ‖ partition`: a partition's header key, and the prefix of its entries' keys.
-fn part_prefix(part: &[u8]) -> Vec<u8> {
-    kappa_state::codec::len_prefix(part)
-}
-
-/// `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)`: an entry's key.
-fn entry_key(prefix: &[u8], sk: &[u8], row: &[u8]) -> Bytes {
-    let mut k = Vec::with_capacity(prefix.len() + sk.len() + row.len() + 4);
-    k.extend_from_slice(prefix);
-    k.extend_from_slice(sk);
-    k.extend_from_slice(row);
-    k.extend_from_slice(&(sk.len() as u32).to_be_bytes());
-    Arc::from(k)
-}
-
-/// An entry's sort key and row, from its key after the partition's prefix.
-fn split_entry(rest: &[u8]) -> Result<(&[u8], &[u8])> {
-    let damaged = || kappa_state::codec::damaged("a top-N");
-    let (pair, len) = rest
-        .split_at_checked(rest.len().wrapping_sub(4))
-        .ok_or_else(damaged)?;
-    let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged())?) as usize;
-    pair.split_at_checked(len).ok_or_else(damaged)
-}
-
-/// A stored partition's entries (after its header), in rank order.
-fn table_entries<'a>(
-    table: &'a dyn kappa_state::StateTable,
-    prefix: &'a [u8],
-) -> impl Iterator<Item = Result<PartEntry>> + 'a {
-    table
-        .scan_prefix(prefix)
-        .filter(move |(k, _)| k.len() > prefix.len())
-        .map(move |(k, v)| {
-            let (sk, row) = split_entry(&k[prefix.len()..])?;
-            Ok((Arc::from(sk), Arc::from(row), kappa_state::decode_count(&v)))
-        })
 }
 
 /// Appends `after - before` (both in their common order) as (row, rank, weight) changes.
@@ -439,7 +400,7 @@ impl TopN {
         let before = if self.emit_on_close {
             Vec::new()
         } else {
-            self.spec.visible(table_entries(table, &prefix))?.0
+            self.spec.visible(table_entries(table, &prefix, WHAT))?.0
         };
         for (sk, row, w) in changes {
             let k = entry_key(&prefix, &sk, &row);
@@ -450,7 +411,7 @@ impl TopN {
                 self.entries += 1;
             }
         }
-        let (after, beyond, fit) = self.spec.visible(table_entries(table, &prefix))?;
+        let (after, beyond, fit) = self.spec.visible(table_entries(table, &prefix, WHAT))?;
         if self.append_only_input {
             if let Some((sk, row)) = beyond {
                 // What an append-only partition holds beyond `hi` is this epoch's rows.
@@ -475,7 +436,7 @@ impl TopN {
         if !self.emit_on_close {
             diff_into(before, after, diff);
         }
-        if bound.is_none() && table_entries(table, &prefix).next().is_none() {
+        if bound.is_none() && table_entries(table, &prefix, WHAT).next().is_none() {
             table.delete(&prefix);
         }
         Ok(())
@@ -499,7 +460,10 @@ impl TopN {
         };
         let prefix = part_prefix(key);
         if self.emit_on_close {
-            let shown = self.spec.visible(table_entries(table.as_ref(), &prefix))?.0;
+            let shown = self
+                .spec
+                .visible(table_entries(table.as_ref(), &prefix, WHAT))?
+                .0;
             diff_into(Vec::new(), shown, diff);
         }
         let keys: Vec<Bytes> = table.scan_prefix(&prefix).map(|(k, _)| k).collect();
@@ -716,7 +680,7 @@ impl Operator for TopN {
             if self.spilled {
                 continue;
             }
-            let (sk, row) = split_entry(rest)?;
+            let (sk, row) = split_entry(rest, WHAT)?;
             let c = kappa_state::decode_count(&v);
             let p = self.parts.entry(Arc::from(part)).or_default();
             p.rows.insert((Arc::from(sk), Arc::from(row)), c);

@@ -160,6 +160,17 @@ pub enum NodeKind {
         window_close: Option<WatermarkCol>,
         emit_on_window_close: bool,
     },
+    /// Window functions (`OVER`) on a changelog: every input row, with one column appended
+    /// per function in `funcs` (DataFusion window expressions over the input, all with
+    /// these `partition_by` and `order_by`). Within a partition, rows are ordered by
+    /// `order_by` and then by the whole row, so ties are broken the same way every time
+    /// (one of the orders a batch engine may pick). A change anywhere in a partition
+    /// retracts and re-emits the rows whose function values it changes.
+    Over {
+        partition_by: Vec<Expr>,
+        order_by: Vec<SortExpr>,
+        funcs: Vec<Expr>,
+    },
     /// The multiset sum of all inputs (UNION ALL).
     Union,
     /// Join of its two inputs. `on` pairs a key expression over the left input with one
@@ -469,6 +480,34 @@ impl StreamGraph {
                     None => {}
                 }
                 s
+            }
+            NodeKind::Over {
+                partition_by,
+                order_by,
+                funcs,
+            } => {
+                let order: Vec<String> = order_by.iter().map(|s| s.to_string()).collect();
+                // Each function with its arguments, and an aggregate's frame.
+                let funcs: Vec<String> = funcs
+                    .iter()
+                    .map(|e| match e.clone().unalias() {
+                        Expr::WindowFunction(f) => {
+                            let p = &f.params;
+                            let mut s = format!("{}({})", f.fun.name(), list(&p.args));
+                            if let datafusion::logical_expr::expr::WindowFunctionDefinition::AggregateUDF(_) = &f.fun {
+                                s.push_str(&format!(" {}", p.window_frame));
+                            }
+                            s
+                        }
+                        e => e.to_string(),
+                    })
+                    .collect();
+                format!(
+                    "StreamOver: partition_by=[{}], order_by=[{}], funcs=[{}]",
+                    list(partition_by),
+                    order.join(", "),
+                    funcs.join(", ")
+                )
             }
             NodeKind::Union => "StreamUnion".to_string(),
             NodeKind::Join {

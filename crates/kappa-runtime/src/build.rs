@@ -2,16 +2,17 @@
 
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::common::DFSchema;
-use datafusion::logical_expr::{Expr, ExprSchemable};
+use datafusion::logical_expr::{Expr, ExprSchemable, SortExpr};
 use datafusion::physical_expr::PhysicalExpr;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
-    AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Project,
-    SessionWindow, SideTables, SourceScan, TemporalFilter, TopN, TopNSpec, Union, ViewContents,
-    WindowExpand,
+    AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Over, OverSpec,
+    Project, SessionWindow, SideTables, SourceScan, TemporalFilter, TopN, TopNSpec, Union,
+    ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -24,6 +25,33 @@ fn arrow_schema(s: &DFSchema) -> SchemaRef {
 
 fn compile(ctx: &SessionContext, e: &Expr, input: &DFSchema) -> Result<Arc<dyn PhysicalExpr>> {
     Ok(ctx.create_physical_expr(e.clone(), input)?)
+}
+
+type Typed = (Arc<dyn PhysicalExpr>, DataType);
+
+/// Expressions compiled, each with its type.
+fn compile_typed(ctx: &SessionContext, es: &[Expr], input: &DFSchema) -> Result<Vec<Typed>> {
+    es.iter()
+        .map(|e| Ok((compile(ctx, e, input)?, e.get_type(input)?)))
+        .collect()
+}
+
+/// ORDER BY keys compiled: expression, type, direction and null placement.
+fn compile_order(
+    ctx: &SessionContext,
+    order_by: &[SortExpr],
+    input: &DFSchema,
+) -> Result<Vec<(Arc<dyn PhysicalExpr>, DataType, SortOptions)>> {
+    order_by
+        .iter()
+        .map(|s| {
+            let opts = SortOptions {
+                descending: !s.asc,
+                nulls_first: s.nulls_first,
+            };
+            Ok((compile(ctx, &s.expr, input)?, s.expr.get_type(input)?, opts))
+        })
+        .collect()
 }
 
 pub(crate) fn build_dataflow(
@@ -172,21 +200,9 @@ pub(crate) fn build_dataflow(
                 emit_on_window_close,
             } => {
                 let input = input()?;
-                let typed =
-                    |e: &Expr| -> Result<_> { Ok((compile(ctx, e, input)?, e.get_type(input)?)) };
                 let spec = TopNSpec {
-                    partition: partition_by.iter().map(typed).collect::<Result<_>>()?,
-                    order: order_by
-                        .iter()
-                        .map(|s| {
-                            let (e, t) = typed(&s.expr)?;
-                            let opts = datafusion::arrow::compute::SortOptions {
-                                descending: !s.asc,
-                                nulls_first: s.nulls_first,
-                            };
-                            Ok((e, t, opts))
-                        })
-                        .collect::<Result<_>>()?,
+                    partition: compile_typed(ctx, partition_by, input)?,
+                    order: compile_order(ctx, order_by, input)?,
                     func: *func,
                     lo: *lo,
                     hi: *hi,
@@ -206,6 +222,32 @@ pub(crate) fn build_dataflow(
                     );
                 }
                 Box::new(op)
+            }
+            NodeKind::Over {
+                partition_by,
+                order_by,
+                funcs,
+            } => {
+                let input = input()?;
+                let state = ctx.state();
+                let funcs = funcs
+                    .iter()
+                    .map(|e| {
+                        Ok(datafusion::physical_planner::create_window_expr(
+                            e,
+                            input,
+                            state.execution_props(),
+                            &Default::default(),
+                        )?)
+                    })
+                    .collect::<Result<_>>()?;
+                let spec = OverSpec {
+                    partition: compile_typed(ctx, partition_by, input)?,
+                    order: compile_order(ctx, order_by, input)?,
+                    funcs,
+                };
+                let table = store.create_table(&format!("mv{relation}.n{i}.over"))?;
+                Box::new(Over::new(spec, arrow_schema(input), schema, table)?)
             }
             NodeKind::Union => Box::new(Union::new(schema)),
             NodeKind::Join {

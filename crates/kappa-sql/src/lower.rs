@@ -185,6 +185,7 @@ impl Lowering<'_> {
             NodeKind::Source { .. }
             | NodeKind::Materialize { .. }
             | NodeKind::Join { .. }
+            | NodeKind::Over { .. }
             | NodeKind::TemporalFilter { .. } => vec![],
             NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
             NodeKind::Project { exprs } => self.bounded_cols(inputs[0], exprs),
@@ -474,6 +475,54 @@ impl Lowering<'_> {
     }
 
     /// `ORDER BY … LIMIT fetch OFFSET skip`: the rows ranked `skip + 1 ..= skip + fetch`.
+    /// A `Window` node (OVER functions not bounded as a top-N) as one `Over` node: every
+    /// function must share the node's PARTITION BY and ORDER BY.
+    fn lower_over(&mut self, w: &datafusion::logical_expr::Window) -> Result<NodeId> {
+        if self.emit_on_window_close {
+            return Err(KappaError::not_supported(
+                "window functions (OVER) in an EMIT ON WINDOW CLOSE view (a later row can change an earlier row's value, so the output is not final)",
+            ));
+        }
+        let mut spec: Option<(Vec<Expr>, Vec<SortExpr>)> = None;
+        for e in &w.window_expr {
+            let Expr::WindowFunction(f) = e.clone().unalias() else {
+                return Err(KappaError::not_supported(format!(
+                    "the window expression {e} in a materialized view"
+                )));
+            };
+            let p = &f.params;
+            check_exprs(
+                p.args
+                    .iter()
+                    .chain(&p.partition_by)
+                    .chain(p.filter.as_deref()),
+            )?;
+            check_exprs(p.order_by.iter().map(|s| &s.expr))?;
+            match &spec {
+                None => spec = Some((p.partition_by.clone(), p.order_by.clone())),
+                Some((part, order)) if *part == p.partition_by && *order == p.order_by => {}
+                Some(_) => {
+                    return Err(KappaError::not_supported(
+                        "window functions with different PARTITION BY in one query level of a materialized view (use a subquery per window)",
+                    ));
+                }
+            }
+        }
+        let Some((partition_by, order_by)) = spec else {
+            return Err(KappaError::internal("a window node without functions"));
+        };
+        let input = self.lower(&w.input)?;
+        Ok(self.push(
+            NodeKind::Over {
+                partition_by,
+                order_by,
+                funcs: w.window_expr.clone(),
+            },
+            vec![input],
+            w.schema.clone(),
+        ))
+    }
+
     fn lower_limit(&mut self, sort: &Sort, skip: usize, fetch: Option<usize>) -> Result<NodeId> {
         let input = self.lower(&sort.input)?;
         let schema = self.nodes[input].schema.clone();
@@ -795,9 +844,7 @@ impl Lowering<'_> {
                 }
             }
             LogicalPlan::Join(j) => self.lower_join(j),
-            LogicalPlan::Window(_) => Err(KappaError::not_supported(
-                "window functions (OVER) in a materialized view, other than ROW_NUMBER, RANK or DENSE_RANK bounded by a WHERE condition (top-N)",
-            )),
+            LogicalPlan::Window(w) => self.lower_over(w),
             LogicalPlan::Distinct(datafusion::logical_expr::Distinct::On(_)) => Err(
                 KappaError::not_supported("this form of DISTINCT ON in a materialized view"),
             ),

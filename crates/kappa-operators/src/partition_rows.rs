@@ -1,0 +1,59 @@
+//! A partition's rows in a state table, in rank order (top-N, OVER).
+//!
+//! Per partition, entries `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)` → multiplicity
+//! (8-byte count). Sort keys and rows are in Arrow's row format, whose encodings are
+//! self-delimiting (none is a prefix of another), so the bytes of `sort key ‖ row` compare
+//! like the pair and a partition's entries are one prefix range in rank order; the length
+//! at the end only splits them. An operator may keep other keys under the bare prefix
+//! (top-N keeps a header there); [`table_entries`] skips it.
+
+use std::sync::Arc;
+
+use kappa_common::Result;
+use kappa_state::StateTable;
+
+type Bytes = Arc<[u8]>;
+
+/// A partition's entry: sort key, row, multiplicity.
+pub(crate) type PartEntry = (Bytes, Bytes, i64);
+
+/// `len ‖ partition`: the prefix of a partition's entries' keys.
+pub(crate) fn part_prefix(part: &[u8]) -> Vec<u8> {
+    kappa_state::codec::len_prefix(part)
+}
+
+/// `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)`: an entry's key.
+pub(crate) fn entry_key(prefix: &[u8], sk: &[u8], row: &[u8]) -> Bytes {
+    let mut k = Vec::with_capacity(prefix.len() + sk.len() + row.len() + 4);
+    k.extend_from_slice(prefix);
+    k.extend_from_slice(sk);
+    k.extend_from_slice(row);
+    k.extend_from_slice(&(sk.len() as u32).to_be_bytes());
+    Arc::from(k)
+}
+
+/// An entry's sort key and row, from its key after the partition's prefix; `what` names
+/// the operator when the key is damaged.
+pub(crate) fn split_entry<'k>(rest: &'k [u8], what: &str) -> Result<(&'k [u8], &'k [u8])> {
+    let damaged = || kappa_state::codec::damaged(what);
+    let (pair, len) = rest
+        .split_at_checked(rest.len().wrapping_sub(4))
+        .ok_or_else(damaged)?;
+    let len = u32::from_be_bytes(len.try_into().map_err(|_| damaged())?) as usize;
+    pair.split_at_checked(len).ok_or_else(damaged)
+}
+
+/// A stored partition's entries (after whatever sits under the bare prefix), in rank order.
+pub(crate) fn table_entries<'a>(
+    table: &'a dyn StateTable,
+    prefix: &'a [u8],
+    what: &'a str,
+) -> impl Iterator<Item = Result<PartEntry>> + 'a {
+    table
+        .scan_prefix(prefix)
+        .filter(move |(k, _)| k.len() > prefix.len())
+        .map(move |(k, v)| {
+            let (sk, row) = split_entry(&k[prefix.len()..], what)?;
+            Ok((Arc::from(sk), Arc::from(row), kappa_state::decode_count(&v)))
+        })
+}
