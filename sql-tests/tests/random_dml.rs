@@ -6,7 +6,7 @@
 //! Two modes: single-row statements with a FLUSH after each (every epoch holds one change),
 //! and multi-row statements with epochs cut by the barrier timer. A third test drives a
 //! second table as well, through joins (inner, outer, semi, anti) and top-N views, and
-//! checks after every epoch.
+//! checks after every epoch; a fourth does the same through window functions (OVER).
 
 use std::collections::BTreeMap;
 
@@ -71,6 +71,32 @@ const JOIN_TOP_N_VIEWS: &[(&str, &str)] = &[
     (
         "top_join",
         "SELECT uid, id, w FROM (SELECT u.id AS uid, t.id, t.w, ROW_NUMBER() OVER (PARTITION BY u.id ORDER BY t.w DESC, t.id) AS rn FROM u JOIN t ON u.g = t.g) s WHERE rn = 1",
+    ),
+];
+
+/// Window functions (OVER) over `t` and over an aggregate. Every ROWS frame and every
+/// LAG/LEAD orders by a unique key (ending in `id`), so both engines see one order; RANGE
+/// frames and ranks order by `h` alone, whose ties they treat alike.
+const OVER_VIEWS: &[(&str, &str)] = &[
+    (
+        "o_lag",
+        "SELECT id, g, LAG(w) OVER (PARTITION BY g ORDER BY h, id) AS pw, LEAD(id, 2) OVER (PARTITION BY g ORDER BY h, id) AS n2 FROM t",
+    ),
+    (
+        "o_frames",
+        "SELECT id, sum(w) OVER (PARTITION BY g ORDER BY h, id ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS rs, max(v) OVER (PARTITION BY g ORDER BY h, id ROWS BETWEEN 2 PRECEDING AND 1 FOLLOWING) AS mv, min(w) OVER (PARTITION BY g ORDER BY h, id ROWS BETWEEN 1 FOLLOWING AND UNBOUNDED FOLLOWING) AS rest FROM t",
+    ),
+    (
+        "o_range",
+        "SELECT id, count(w) OVER (PARTITION BY g ORDER BY h RANGE BETWEEN 1 PRECEDING AND 1 FOLLOWING) AS near, sum(h) OVER (PARTITION BY g ORDER BY h) AS upto, RANK() OVER (PARTITION BY g ORDER BY h) AS r, DENSE_RANK() OVER (PARTITION BY g ORDER BY h DESC) AS d FROM t",
+    ),
+    (
+        "o_global",
+        "SELECT id, ROW_NUMBER() OVER (ORDER BY w, id) AS rn, sum(w) OVER (PARTITION BY g) AS gs, avg(w) OVER (PARTITION BY g ORDER BY id ROWS BETWEEN 1 PRECEDING AND 1 FOLLOWING) AS a3 FROM t",
+    ),
+    (
+        "o_over_agg",
+        "SELECT g, n, LAG(n) OVER (ORDER BY g) AS pn, sum(n) OVER (ORDER BY g) AS cn FROM (SELECT g, count(*) AS n FROM t GROUP BY g) s",
     ),
 ];
 
@@ -264,6 +290,12 @@ const JOINS_AND_TOP_N: Suite = Suite {
     check_every: 1,
 };
 
+const OVER: Suite = Suite {
+    tables: &[TABLE],
+    views: OVER_VIEWS,
+    check_every: 1,
+};
+
 async fn run(suite: &Suite, seed: u64, statements: usize, multi_row: bool) {
     let Some(pg_server) = Postgres::start() else {
         panic!("PostgreSQL 15 is required for the oracle test (scripts/setup.sh installs it)");
@@ -346,4 +378,11 @@ async fn random_dml_batched_epochs() {
 async fn random_dml_through_joins_and_top_n() {
     run(&JOINS_AND_TOP_N, 23, 400, false).await;
     run(&JOINS_AND_TOP_N, 29, 300, true).await;
+}
+
+/// Window functions, checked against PostgreSQL after every epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_dml_through_over() {
+    run(&OVER, 31, 300, false).await;
+    run(&OVER, 37, 200, true).await;
 }
