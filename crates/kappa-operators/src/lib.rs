@@ -39,6 +39,13 @@ pub use top_n::{TopN, TopNSpec};
 pub use union::Union;
 pub use window::WindowExpand;
 
+/// An ORDER BY key compiled: expression, type, direction and null placement.
+pub type SortKey = (
+    std::sync::Arc<dyn datafusion::physical_expr::PhysicalExpr>,
+    datafusion::arrow::datatypes::DataType,
+    datafusion::arrow::compute::SortOptions,
+);
+
 /// A batch of `rows` rows over `columns`; also valid with no columns at all (e.g. the input
 /// of `count(*)`, where the planner prunes every column).
 pub(crate) fn batch_with_rows(

@@ -32,7 +32,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, UInt32Array};
-use datafusion::arrow::compute::{SortOptions, concat, take};
+use datafusion::arrow::compute::{concat, take};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -53,7 +53,7 @@ pub struct OverSpec {
     /// PARTITION BY expressions with their types.
     pub partition: Vec<(Arc<dyn PhysicalExpr>, DataType)>,
     /// ORDER BY keys: expression, type, direction and null placement.
-    pub order: Vec<(Arc<dyn PhysicalExpr>, DataType, SortOptions)>,
+    pub order: Vec<crate::SortKey>,
     /// DataFusion's window expressions over the input; each is evaluated over one
     /// partition's rows in order.
     pub funcs: Vec<Arc<dyn WindowExpr>>,
@@ -388,5 +388,190 @@ impl Operator for Over {
 
     fn state_tables(&mut self) -> Vec<&mut dyn StateTable> {
         vec![self.table.as_mut()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{
+        TestEpoch, assert_changes, assert_restores_exactly, changes, df_schema, schema,
+    };
+    use datafusion::arrow::compute::SortOptions;
+    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::execution::context::ExecutionProps;
+    use datafusion::functions_aggregate::sum::sum_udaf;
+    use datafusion::functions_window::expr_fn::{lag, lead};
+    use datafusion::logical_expr::expr::{WindowFunction, WindowFunctionDefinition};
+    use datafusion::logical_expr::{
+        Expr, ExprFunctionExt, WindowFrame, WindowFrameBound, WindowFrameUnits,
+    };
+    use datafusion::physical_expr::expressions::col as pcol;
+    use datafusion::prelude::col;
+
+    const INPUT: &str = "k:i64, t:i64, v:i64";
+
+    /// Over `k, t, v` partitioned by k, ordered by t: `lag(v)`, `lead(v)` and the sum of v
+    /// over the row and the one before it.
+    fn op(table: Box<dyn StateTable>) -> Over {
+        let input = schema(INPUT);
+        let logical = df_schema(INPUT);
+        let window = |e: Expr| -> Arc<dyn WindowExpr> {
+            datafusion::physical_planner::create_window_expr(
+                &e,
+                &logical,
+                &ExecutionProps::new(),
+                &Default::default(),
+            )
+            .unwrap()
+        };
+        let spec = |e: Expr| {
+            e.partition_by(vec![col("k")])
+                .order_by(vec![col("t").sort(true, false)])
+        };
+        let pair = WindowFrame::new_bounds(
+            WindowFrameUnits::Rows,
+            WindowFrameBound::Preceding(datafusion::scalar::ScalarValue::UInt64(Some(1))),
+            WindowFrameBound::CurrentRow,
+        );
+        let funcs = vec![
+            window(spec(lag(col("v"), Some(1), None)).build().unwrap()),
+            window(spec(lead(col("v"), Some(1), None)).build().unwrap()),
+            window(
+                spec(Expr::from(WindowFunction::new(
+                    WindowFunctionDefinition::AggregateUDF(sum_udaf()),
+                    vec![col("v")],
+                )))
+                .window_frame(pair)
+                .build()
+                .unwrap(),
+            ),
+        ];
+        let mut fields: Vec<Field> = input.fields().iter().map(|f| (**f).clone()).collect();
+        for name in ["prev", "next", "pair"] {
+            fields.push(Field::new(name, DataType::Int64, true));
+        }
+        let spec = OverSpec {
+            partition: vec![(pcol("k", &input).unwrap(), DataType::Int64)],
+            order: vec![(
+                pcol("t", &input).unwrap(),
+                DataType::Int64,
+                SortOptions::default(),
+            )],
+            funcs,
+        };
+        Over::new(spec, input, Arc::new(Schema::new(fields)), table).unwrap()
+    }
+
+    fn table() -> Box<dyn StateTable> {
+        Box::new(kappa_state::MemStateTable::default())
+    }
+
+    fn epoch(op: &mut Over, lines: &str) -> Vec<ChangeBatch> {
+        let mut out = vec![];
+        op.process(0, changes(INPUT, lines), &mut out).unwrap();
+        op.on_barrier(0, None, &mut out).unwrap();
+        out
+    }
+
+    fn emitted(out: &[ChangeBatch]) -> usize {
+        out.iter().map(|b| b.num_rows()).sum()
+    }
+
+    #[test]
+    fn an_append_re_emits_only_the_rows_whose_values_it_changes() {
+        let mut op = op(table());
+        let out = epoch(&mut op, "+ 1 | 1 | 10\n+ 1 | 2 | 20\n+ 2 | 1 | 5");
+        assert_changes(
+            &out,
+            "+ 1 | 1 | 10 | NULL | 20 | 10
+             + 1 | 2 | 20 | 10 | NULL | 30
+             + 2 | 1 | 5 | NULL | NULL | 5",
+        );
+        // t = 3 at the end of partition 1: only the row before it (its `next`) changes.
+        let out = epoch(&mut op, "+ 1 | 3 | 30");
+        assert_changes(
+            &out,
+            "- 1 | 2 | 20 | 10 | NULL | 30
+             + 1 | 2 | 20 | 10 | 30 | 30
+             + 1 | 3 | 30 | 20 | NULL | 50",
+        );
+        assert_eq!(emitted(&out), 3);
+        assert_eq!(op.state_entries(), 4);
+    }
+
+    #[test]
+    fn an_insert_in_the_middle_changes_its_neighbours_only() {
+        let mut op = op(table());
+        epoch(
+            &mut op,
+            "+ 1 | 1 | 1\n+ 1 | 2 | 2\n+ 1 | 4 | 4\n+ 1 | 5 | 5\n+ 1 | 6 | 6",
+        );
+        let out = epoch(&mut op, "+ 1 | 3 | 3");
+        assert_changes(
+            &out,
+            "- 1 | 2 | 2 | 1 | 4 | 3
+             + 1 | 2 | 2 | 1 | 3 | 3
+             + 1 | 3 | 3 | 2 | 4 | 5
+             - 1 | 4 | 4 | 2 | 5 | 6
+             + 1 | 4 | 4 | 3 | 5 | 7",
+        );
+        // Rows 1, 5 and 6 are aligned before and after and unchanged: not emitted.
+        assert_eq!(emitted(&out), 5);
+    }
+
+    #[test]
+    fn duplicates_take_one_position_each_and_deletes_close_the_gap() {
+        let mut op = op(table());
+        let out = epoch(&mut op, "+2 1 | 1 | 7\n+ 1 | 2 | 8");
+        assert_changes(
+            &out,
+            "+ 1 | 1 | 7 | NULL | 7 | 7
+             + 1 | 1 | 7 | 7 | 8 | 14
+             + 1 | 2 | 8 | 7 | NULL | 15",
+        );
+        let out = epoch(&mut op, "- 1 | 1 | 7");
+        assert_changes(
+            &out,
+            "- 1 | 1 | 7 | NULL | 7 | 7
+             - 1 | 1 | 7 | 7 | 8 | 14
+             + 1 | 1 | 7 | NULL | 8 | 7
+             - 1 | 2 | 8 | 7 | NULL | 15
+             + 1 | 2 | 8 | 7 | NULL | 15",
+        );
+        // A retraction and re-insertion of the same row in one epoch changes nothing.
+        assert!(epoch(&mut op, "- 1 | 2 | 8\n+ 1 | 2 | 8").is_empty());
+        let out = epoch(&mut op, "- 1 | 1 | 7\n- 1 | 2 | 8");
+        assert_changes(
+            &out,
+            "- 1 | 1 | 7 | NULL | 8 | 7
+             - 1 | 2 | 8 | 7 | NULL | 15",
+        );
+        assert_eq!(op.state_entries(), 0);
+    }
+
+    #[test]
+    fn a_retraction_of_a_row_never_stored_is_an_error() {
+        let mut op = op(table());
+        let mut out = vec![];
+        op.process(0, changes(INPUT, "- 1 | 1 | 1"), &mut out)
+            .unwrap();
+        assert!(op.on_barrier(0, None, &mut out).is_err());
+    }
+
+    #[test]
+    fn restores_from_its_table() {
+        let epochs: Vec<TestEpoch> = [
+            "+ 1 | 1 | 10\n+ 1 | 3 | 30\n+ 2 | 1 | 1",
+            "+ 1 | 2 | 20\n- 2 | 1 | 1",
+            "+ 1 | 4 | 40\n+ 2 | 5 | 5\n- 1 | 1 | 10",
+            "+ 2 | 6 | 6\n+2 1 | 5 | 50",
+        ]
+        .iter()
+        .map(|l| (vec![(0, changes(INPUT, l))], None))
+        .collect();
+        for at in 1..epochs.len() {
+            assert_restores_exactly(|mut t| Box::new(op(t.remove(0))), 1, &epochs, at);
+        }
     }
 }

@@ -46,7 +46,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
-use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -67,7 +66,7 @@ pub struct TopNSpec {
     /// Partition expressions with their types.
     pub partition: Vec<(Arc<dyn PhysicalExpr>, DataType)>,
     /// Sort keys: expression, type, direction and null placement.
-    pub order: Vec<(Arc<dyn PhysicalExpr>, DataType, SortOptions)>,
+    pub order: Vec<crate::SortKey>,
     pub func: RankFunc,
     pub lo: u64,
     pub hi: u64,
@@ -702,6 +701,7 @@ impl Operator for TopN {
 mod tests {
     use super::*;
     use crate::testing::{assert_changes, changes, schema};
+    use datafusion::arrow::compute::SortOptions;
     use datafusion::physical_expr::expressions::col;
 
     const S: i64 = 1_000_000;

@@ -11,7 +11,7 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Over, OverSpec,
-    Project, SessionWindow, SideTables, SourceScan, TemporalFilter, TopN, TopNSpec, Union,
+    Project, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter, TopN, TopNSpec, Union,
     ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
@@ -41,7 +41,7 @@ fn compile_order(
     ctx: &SessionContext,
     order_by: &[SortExpr],
     input: &DFSchema,
-) -> Result<Vec<(Arc<dyn PhysicalExpr>, DataType, SortOptions)>> {
+) -> Result<Vec<SortKey>> {
     order_by
         .iter()
         .map(|s| {
