@@ -102,6 +102,18 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         "average closing price per category (interval join, two aggregates)",
     ),
     (
+        "q6",
+        &["auction", "bid"],
+        "SELECT Q.seller, AVG(Q.final) OVER ( \
+           PARTITION BY Q.seller ORDER BY Q.date_time, Q.id ROWS BETWEEN 10 PRECEDING AND CURRENT ROW) AS avg \
+         FROM ( \
+           SELECT MAX(B.price) AS final, A.id, A.seller, A.expires AS date_time \
+           FROM auction AS A, bid AS B \
+           WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires \
+           GROUP BY A.id, A.seller, A.expires) AS Q",
+        "average selling price per seller over their last 10 auctions (interval join, max, OVER ROWS frame)",
+    ),
+    (
         "q9",
         &["auction", "bid"],
         "SELECT id, item_name, description, initial_bid, reserve, date_time, expires, seller, category, extra, \

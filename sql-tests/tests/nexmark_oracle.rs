@@ -10,7 +10,12 @@
 //! with `*` (the streams here carry the columns the queries read, not `extra`) and q3's
 //! states, which the reference generator writes in capitals. q11 spells Flink's group
 //! window `SESSION(...)` as the SESSION table function; q17 uses `to_char`'s chrono pattern
-//! `%Y-%m-%d` (DataFusion's `to_char`), where RisingWave writes `YYYY-MM-DD`.
+//! `%Y-%m-%d` (DataFusion's `to_char`), where RisingWave writes `YYYY-MM-DD`. q6 as
+//! published selects `B.date_time` without grouping by it, which no SQL engine accepts: here
+//! an auction's time is its `expires` (when its final price is known), and the window
+//! orders by `(date_time, id)` so that two auctions of a seller closing at the same time
+//! are in one order in both engines (a ROWS frame depends on it); the read-out adds the
+//! auction id to tell a seller's rows apart.
 //!
 //! Top-N read-outs select columns that ties cannot change (q18: the latest time per
 //! bidder and auction; q19: the prices at each rank), since a batch engine breaks ties
@@ -149,6 +154,24 @@ const QUERIES: &[(&str, &str, &str, &str)] = &[
            WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires
            GROUP BY A.id, A.category) Q
          GROUP BY Q.category",
+    ),
+    (
+        "q6",
+        "SELECT Q.seller, Q.id, AVG(Q.final) OVER (
+           PARTITION BY Q.seller ORDER BY Q.date_time, Q.id ROWS BETWEEN 10 PRECEDING AND CURRENT ROW) AS avg
+         FROM (
+           SELECT MAX(B.price) AS final, A.id, A.seller, A.expires AS date_time
+           FROM auction AS A, bid AS B
+           WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires
+           GROUP BY A.id, A.seller, A.expires) AS Q",
+        "SELECT seller, id, CAST(round(avg * 1000) AS BIGINT) FROM q6",
+        "SELECT Q.seller, Q.id, CAST(round(AVG(Q.final) OVER (
+           PARTITION BY Q.seller ORDER BY Q.date_time, Q.id ROWS BETWEEN 10 PRECEDING AND CURRENT ROW) * 1000) AS BIGINT)
+         FROM (
+           SELECT MAX(B.price) AS final, A.id, A.seller, A.expires AS date_time
+           FROM auction AS A, bid AS B
+           WHERE A.id = B.auction AND B.date_time BETWEEN A.date_time AND A.expires
+           GROUP BY A.id, A.seller, A.expires) AS Q",
     ),
     (
         "q9",
