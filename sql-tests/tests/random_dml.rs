@@ -128,6 +128,10 @@ const VIEWS: &[(&str, &str)] = &[
         "v_count_distinct",
         "SELECT g, count(DISTINCT h) AS dh, sum(DISTINCT w) AS dw, avg(DISTINCT v) AS dv, count(DISTINCT w) FILTER (WHERE h > 2) AS fw FROM t GROUP BY g",
     ),
+    (
+        "v_recomputed",
+        "SELECT g, string_agg(CAST(h AS TEXT), ',' ORDER BY h) AS sh, array_to_string(array_agg(w ORDER BY w), ',') AS aw, percentile_cont(0.5) WITHIN GROUP (ORDER BY v) AS pv, var_pop(w) AS vw, bool_and(v > 0) AS allpos, string_agg(DISTINCT g, ';') FILTER (WHERE w > 3) AS dg FROM t GROUP BY g",
+    ),
 ];
 
 fn normalize(cell: &str) -> String {

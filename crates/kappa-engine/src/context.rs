@@ -89,6 +89,13 @@ fn make_context(sources: Sources) -> SessionContext {
         .with_extension(sources.catalog.clone());
     let planning_only = sources.planning_only;
     let ctx = SessionContext::new_with_config(config);
+    // The name the SQL world (Spark, Flink, RisingWave) uses for DataFusion's
+    // approx_distinct (a HyperLogLog count).
+    let approx = datafusion::functions_aggregate::approx_distinct::approx_distinct_udaf();
+    ctx.register_udaf(
+        datafusion::logical_expr::AggregateUDF::clone(&approx)
+            .with_aliases(["approx_count_distinct"]),
+    );
     if planning_only {
         // A view's now() is the processing time of each epoch (temporal filters), not a
         // constant folded in at creation.

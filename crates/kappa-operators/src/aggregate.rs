@@ -43,6 +43,7 @@ use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
+use datafusion::physical_expr::aggregate::AggregateFunctionExpr;
 use datafusion::scalar::ScalarValue;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{AggFunc, WatermarkCol};
@@ -63,6 +64,18 @@ pub struct AggSpec {
     pub filter: Option<Arc<dyn PhysicalExpr>>,
     pub input_type: DataType,
     pub output_type: DataType,
+    /// For `AggFunc::Other`: how to compute it.
+    pub recompute: Option<Recompute>,
+}
+
+/// An aggregate computed by DataFusion's own accumulator over the group's multiset of input
+/// rows (`AggFunc::Other`).
+pub struct Recompute {
+    pub aggregate: Arc<AggregateFunctionExpr>,
+    /// What an input row contributes, in the order the accumulator takes it: the
+    /// arguments, then the aggregate's ORDER BY keys.
+    pub inputs: Vec<Arc<dyn PhysicalExpr>>,
+    pub input_types: Vec<DataType>,
 }
 
 /// How an aggregate accumulates, chosen from its function and argument type.
@@ -83,6 +96,8 @@ enum Kind {
     Best {
         max: bool,
     },
+    /// Any other function: recomputed from the multiset of the group's input rows.
+    Recompute,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -149,6 +164,7 @@ fn kind_of(spec: &AggSpec) -> Result<Kind> {
         AggFunc::Count => Kind::Count,
         AggFunc::Min => Kind::Extreme { max: false },
         AggFunc::Max => Kind::Extreme { max: true },
+        AggFunc::Other => Kind::Recompute,
         AggFunc::Sum if int_like => Kind::SumInt {
             scale: match t {
                 DataType::Decimal128(_, s) => *s,
@@ -187,15 +203,33 @@ impl HashAggregate {
         let value_converters = aggs
             .iter()
             .zip(&kinds)
-            .map(|(a, k)| {
-                if a.distinct || matches!(k, Kind::Extreme { .. } | Kind::Best { .. }) {
-                    RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
-                } else {
-                    Ok(None)
+            .map(|(a, k)| match (k, &a.recompute) {
+                (Kind::Recompute, Some(r)) => {
+                    RowConverter::new(r.input_types.iter().cloned().map(SortField::new).collect())
+                        .map(Some)
                 }
+                (Kind::Recompute, None) => Ok(None),
+                _ if a.distinct || matches!(k, Kind::Extreme { .. } | Kind::Best { .. }) => {
+                    RowConverter::new(vec![SortField::new(a.input_type.clone())]).map(Some)
+                }
+                _ => Ok(None),
             })
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let distinct = aggs.iter().map(|a| a.distinct).collect();
+        if aggs
+            .iter()
+            .zip(&kinds)
+            .any(|(a, k)| (*k == Kind::Recompute) != a.recompute.is_some())
+        {
+            return Err(KappaError::internal(
+                "an aggregate to recompute without its accumulator, or the reverse",
+            ));
+        }
+        // A recomputed DISTINCT aggregate's accumulator removes duplicates itself.
+        let distinct = aggs
+            .iter()
+            .zip(&kinds)
+            .map(|(a, k)| a.distinct && *k != Kind::Recompute)
+            .collect();
         Ok(Self {
             group_exprs,
             group_converter,
@@ -242,7 +276,7 @@ impl HashAggregate {
         self.groups.delete(group);
         let mut prefix = Vec::new();
         for (i, k) in self.kinds.iter().enumerate() {
-            if matches!(k, Kind::Extreme { .. }) || self.distinct[i] {
+            if Self::keeps_multiset(*k) || self.distinct[i] {
                 Self::extreme_prefix(&mut prefix, i, group);
                 while let Some((key, _)) = self.extremes.first_with_prefix(&prefix) {
                     self.extremes.delete(&key);
@@ -279,6 +313,48 @@ impl HashAggregate {
         Ok(())
     }
 
+    /// Whether the aggregate keeps its values in `extremes` (besides DISTINCT ones).
+    fn keeps_multiset(k: Kind) -> bool {
+        matches!(k, Kind::Extreme { .. } | Kind::Recompute)
+    }
+
+    /// A recomputed aggregate's value over the group's input rows in `extremes` (as of the
+    /// epoch's start until the barrier applies the epoch's changes).
+    fn recompute(&self, agg: usize, group: &[u8]) -> Result<ScalarValue> {
+        let (Some(r), Some(conv)) = (&self.aggs[agg].recompute, &self.value_converters[agg]) else {
+            return Err(KappaError::internal(
+                "an aggregate to recompute without its accumulator",
+            ));
+        };
+        let mut prefix = Vec::new();
+        Self::extreme_prefix(&mut prefix, agg, group);
+        let (mut rows, mut copies) = (Vec::new(), Vec::new());
+        for (i, (k, c)) in self.extremes.scan_prefix(&prefix).enumerate() {
+            copies.extend(std::iter::repeat_n(
+                i as u32,
+                kappa_state::decode_count(&c) as usize,
+            ));
+            rows.push(k);
+        }
+        let mut acc = r.aggregate.create_accumulator()?;
+        if !rows.is_empty() {
+            let columns = kappa_state::decode_rows(conv, rows.iter().map(|k| &k[prefix.len()..]))?;
+            let idx = datafusion::arrow::array::UInt32Array::from(copies);
+            let columns = columns
+                .iter()
+                .map(|c| datafusion::arrow::compute::take(c.as_ref(), &idx, None))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            acc.update_batch(&columns)?;
+        }
+        let v = acc.evaluate()?;
+        let t = &self.aggs[agg].output_type;
+        Ok(if v.data_type() == *t {
+            v
+        } else {
+            v.cast_to(t)?
+        })
+    }
+
     fn is_scalar(&self) -> bool {
         self.group_converter.is_none()
     }
@@ -297,7 +373,7 @@ impl HashAggregate {
                         comp: 0.0,
                         n: 0,
                     },
-                    Kind::Extreme { .. } => Acc::None,
+                    Kind::Extreme { .. } | Kind::Recompute => Acc::None,
                     Kind::Best { .. } => Acc::Best(None),
                 })
                 .collect(),
@@ -351,6 +427,7 @@ impl HashAggregate {
                         ScalarValue::Float64(Some((sum + comp) / n as f64))
                     }
                 }
+                (Kind::Recompute, _) => self.recompute(i, group)?,
                 (Kind::Extreme { max }, _) => {
                     Self::extreme_prefix(&mut prefix, i, group);
                     let entry = if *max {
@@ -436,7 +513,7 @@ impl HashAggregate {
                     comp: f64::from_le_bytes(arr8(take(8)?)),
                     n: i64::from_le_bytes(arr8(take(8)?)),
                 },
-                Kind::Extreme { .. } => Acc::None,
+                Kind::Extreme { .. } | Kind::Recompute => Acc::None,
                 Kind::Best { .. } => {
                     let len = u32::from_le_bytes(take(4)?.try_into().unwrap_or([0; 4]));
                     Acc::Best(match len {
@@ -528,6 +605,8 @@ enum ArgValues {
     Int(ArrayRef),
     Float(ArrayRef),
     Rows(ArrayRef, Rows),
+    /// Whole input rows of a recomputed aggregate (NULLs included: the function decides).
+    Inputs(Rows),
 }
 
 /// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
@@ -580,6 +659,19 @@ impl Operator for HashAggregate {
         let mut args = Vec::with_capacity(self.aggs.len());
         let mut filters: Vec<Option<BooleanArray>> = Vec::with_capacity(self.aggs.len());
         for (i, spec) in self.aggs.iter().enumerate() {
+            if let (Some(r), Some(conv)) = (&spec.recompute, &self.value_converters[i]) {
+                let cols = r
+                    .inputs
+                    .iter()
+                    .map(|e| e.evaluate(data)?.into_array(n))
+                    .collect::<datafusion::error::Result<Vec<_>>>()?;
+                args.push(ArgValues::Inputs(conv.convert_columns(&cols)?));
+                filters.push(match &spec.filter {
+                    Some(f) => Some(f.evaluate(data)?.into_array(n)?.as_boolean().clone()),
+                    None => None,
+                });
+                continue;
+            }
             let arr = match &spec.arg {
                 Some(e) => Some(e.evaluate(data)?.into_array(n)?),
                 None => None,
@@ -600,6 +692,11 @@ impl Operator for HashAggregate {
                 },
                 (Some(a), Kind::SumFloat | Kind::AvgFloat) => {
                     ArgValues::Float(cast(&a, &DataType::Float64)?)
+                }
+                (Some(_), Kind::Recompute) => {
+                    return Err(KappaError::internal(
+                        "an aggregate to recompute without its accumulator",
+                    ));
                 }
                 (Some(a), Kind::Extreme { .. } | Kind::Best { .. }) => {
                     let conv = self.value_converters[i]
@@ -718,12 +815,13 @@ impl Operator for HashAggregate {
                                 extreme_updates.push((i, row));
                             }
                         }
+                        (ArgValues::Inputs(_), Acc::None) => extreme_updates.push((i, row)),
                         _ => return Err(KappaError::internal("aggregate argument mismatch")),
                     }
                 }
             }
             for &(i, r) in &extreme_updates {
-                let ArgValues::Rows(_, rows) = &args[i] else {
+                let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {
                     continue;
                 };
                 Self::extreme_prefix(&mut key_buf, i, group);
@@ -913,6 +1011,7 @@ mod tests {
                 } else {
                     DataType::Int64
                 },
+                recompute: None,
             })
             .collect();
         let (g, t) = if grouped {
@@ -1063,6 +1162,7 @@ mod tests {
                     filter: None,
                     input_type: DataType::Int64,
                     output_type: DataType::Int64,
+                    recompute: None,
                 })
                 .collect();
             Box::new(
@@ -1106,6 +1206,7 @@ mod tests {
                 filter: None,
                 input_type: DataType::Int64,
                 output_type: DataType::Int64,
+                recompute: None,
             };
             Box::new(
                 HashAggregate::new(

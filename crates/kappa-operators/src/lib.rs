@@ -25,7 +25,7 @@ mod window;
 
 use kappa_common::{ChangeBatch, Epoch, Result};
 
-pub use aggregate::{AggSpec, HashAggregate};
+pub use aggregate::{AggSpec, HashAggregate, Recompute};
 pub use filter::Filter;
 pub use join::{HashJoin, JoinSide};
 pub use join_state::SideTables;

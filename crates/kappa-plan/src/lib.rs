@@ -294,6 +294,12 @@ pub enum AggFunc {
     Avg,
     Min,
     Max,
+    /// Any other aggregate function DataFusion knows (`string_agg`, `array_agg`, `median`,
+    /// `percentile_cont`, `approx_distinct`, `stddev`, `bool_and`, …): computed by
+    /// DataFusion's own accumulator over the group's multiset of input rows whenever the
+    /// group changes, so it is exact (as DataFusion computes it in batch) and retractions
+    /// are safe, at a cost per change of the group's size (see [`AggCall::call`]).
+    Other,
 }
 
 impl AggFunc {
@@ -315,6 +321,7 @@ impl AggFunc {
             Self::Avg => "avg",
             Self::Min => "min",
             Self::Max => "max",
+            Self::Other => "other",
         }
     }
 }
@@ -333,6 +340,9 @@ pub struct AggCall {
     pub input_type: DataType,
     /// Type of the aggregate's output column, as DataFusion's batch plan types it.
     pub output_type: DataType,
+    /// The whole call as DataFusion planned it (with its DISTINCT, FILTER and ORDER BY),
+    /// from which the runtime builds the accumulator of an `Other` function.
+    pub call: Expr,
 }
 
 impl StreamGraph {
@@ -418,6 +428,9 @@ impl StreamGraph {
                 let aggs: Vec<String> = aggregates
                     .iter()
                     .map(|a| {
+                        if a.func == AggFunc::Other {
+                            return a.call.to_string();
+                        }
                         let distinct = if a.distinct { "DISTINCT " } else { "" };
                         let mut s = format!("{}({distinct}{})", a.func.name(), list(&a.args));
                         if let Some(fl) = &a.filter {

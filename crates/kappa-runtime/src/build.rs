@@ -11,8 +11,8 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Over, OverSpec,
-    Project, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter, TopN, TopNSpec, Union,
-    ViewContents, WindowExpand,
+    Project, Recompute, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter, TopN,
+    TopNSpec, Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -52,6 +52,32 @@ fn compile_order(
             Ok((compile(ctx, &s.expr, input)?, s.expr.get_type(input)?, opts))
         })
         .collect()
+}
+
+/// DataFusion's accumulator for an aggregate call it knows and the runtime does not: the
+/// call's arguments and ORDER BY keys are what each input row contributes.
+fn recompute(ctx: &SessionContext, call: &Expr, input: &DFSchema) -> Result<Recompute> {
+    let state = ctx.state();
+    let lowered = datafusion::physical_expr::aggregate::LoweredAggregateBuilder::new(
+        call,
+        input,
+        input.as_arrow(),
+        state.execution_props(),
+        &Default::default(),
+    )
+    .build()?;
+    let aggregate = lowered.aggregate;
+    let mut inputs = aggregate.expressions();
+    inputs.extend(aggregate.order_bys().iter().map(|s| s.expr.clone()));
+    let input_types = inputs
+        .iter()
+        .map(|e| Ok(e.data_type(input.as_arrow())?))
+        .collect::<Result<_>>()?;
+    Ok(Recompute {
+        aggregate,
+        inputs,
+        input_types,
+    })
 }
 
 pub(crate) fn build_dataflow(
@@ -168,6 +194,10 @@ pub(crate) fn build_dataflow(
                             },
                             input_type: a.input_type.clone(),
                             output_type: a.output_type.clone(),
+                            recompute: match a.func {
+                                kappa_plan::AggFunc::Other => Some(recompute(ctx, &a.call, input)?),
+                                _ => None,
+                            },
                         })
                     })
                     .collect::<Result<Vec<_>>>()?;

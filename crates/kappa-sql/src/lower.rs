@@ -734,12 +734,17 @@ impl Lowering<'_> {
                         return Err(KappaError::internal(format!("not an aggregate: {e}")));
                     };
                     let name = f.func.name().to_lowercase();
-                    let func = AggFunc::from_name(&name).ok_or_else(|| {
-                        KappaError::not_supported(format!(
-                            "the aggregate function {name} in a materialized view"
-                        ))
-                    })?;
-                    if f.params.distinct && f.params.args.len() != 1 {
+                    let func = match AggFunc::from_name(&name) {
+                        Some(func) => func,
+                        None if name == "grouping" => {
+                            return Err(KappaError::not_supported(format!(
+                                "the aggregate function {name} in a materialized view"
+                            )));
+                        }
+                        None => AggFunc::Other,
+                    };
+                    check_exprs(f.params.order_by.iter().map(|s| &s.expr))?;
+                    if func != AggFunc::Other && f.params.distinct && f.params.args.len() != 1 {
                         return Err(KappaError::not_supported(format!(
                             "{name}(DISTINCT …) of several arguments in a materialized view"
                         )));
@@ -760,6 +765,7 @@ impl Lowering<'_> {
                         filter: f.params.filter.as_deref().cloned(),
                         input_type,
                         output_type,
+                        call: e.clone().unalias(),
                     });
                 }
                 let input = self.lower(&a.input)?;
