@@ -296,24 +296,21 @@ impl Operator for Over {
         if n == 0 {
             return Ok(());
         }
-        let eval = |e: &Arc<dyn PhysicalExpr>| -> Result<ArrayRef> {
-            Ok(e.evaluate(batch.data())?.into_array(n)?)
-        };
-        let part_cols = self
-            .spec
-            .partition
-            .iter()
-            .map(|(e, _)| eval(e))
-            .collect::<Result<Vec<_>>>()?;
-        let sort_cols = self
-            .spec
-            .order
-            .iter()
-            .map(|(e, _, _)| eval(e))
-            .collect::<Result<Vec<_>>>()?;
-        let part_keys = kappa_state::KeyRows::new(&self.part_keys, &part_cols)?;
-        let sort_keys = kappa_state::KeyRows::new(&self.sort_keys, &sort_cols)?;
-        let rows = self.rows.convert_columns(batch.columns())?;
+        let crate::partition_rows::KeyedBatch {
+            part_cols: _,
+            part_keys,
+            sort_keys,
+            rows,
+        } = crate::partition_rows::key_batch(
+            &batch,
+            &self.spec.partition,
+            &self.spec.order,
+            crate::partition_rows::KeyConverters {
+                part_keys: &self.part_keys,
+                sort_keys: &self.sort_keys,
+                rows: &self.rows,
+            },
+        )?;
         let weights = batch.weights();
         for i in 0..n {
             let w = weights.value(i);

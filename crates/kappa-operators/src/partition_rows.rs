@@ -1,4 +1,5 @@
-//! A partition's rows in a state table, in rank order (top-N, OVER).
+//! A partition's rows in a state table, in rank order (top-N, OVER), and input batches
+//! keyed for it.
 //!
 //! Per partition, entries `len ‖ partition ‖ sort key ‖ row ‖ len(sort key)` → multiplicity
 //! (8-byte count). Sort keys and rows are in Arrow's row format, whose encodings are
@@ -9,8 +10,12 @@
 
 use std::sync::Arc;
 
-use kappa_common::Result;
-use kappa_state::StateTable;
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::row::{RowConverter, Rows};
+use datafusion::physical_expr::PhysicalExpr;
+use kappa_common::{ChangeBatch, Result};
+use kappa_state::{KeyRows, StateTable};
 
 type Bytes = Arc<[u8]>;
 
@@ -56,4 +61,48 @@ pub(crate) fn table_entries<'a>(
             let (sk, row) = split_entry(&k[prefix.len()..], what)?;
             Ok((Arc::from(sk), Arc::from(row), kappa_state::decode_count(&v)))
         })
+}
+
+/// A batch keyed for a partitioned, ordered operator: its partition columns, and per row
+/// the partition key and sort key (Arrow's row format; empty without such columns) and the
+/// row itself.
+pub(crate) struct KeyedBatch {
+    pub part_cols: Vec<ArrayRef>,
+    pub part_keys: KeyRows,
+    pub sort_keys: KeyRows,
+    pub rows: Rows,
+}
+
+/// The converters of [`key_batch`]: partition keys, sort keys, whole rows.
+pub(crate) struct KeyConverters<'a> {
+    pub part_keys: &'a RowConverter,
+    pub sort_keys: &'a RowConverter,
+    pub rows: &'a RowConverter,
+}
+
+/// Evaluates the partition and ORDER BY expressions over `batch` and encodes its rows.
+pub(crate) fn key_batch(
+    batch: &ChangeBatch,
+    partition: &[(Arc<dyn PhysicalExpr>, DataType)],
+    order: &[crate::SortKey],
+    conv: KeyConverters<'_>,
+) -> Result<KeyedBatch> {
+    let n = batch.num_rows();
+    let eval = |e: &Arc<dyn PhysicalExpr>| -> Result<ArrayRef> {
+        Ok(e.evaluate(batch.data())?.into_array(n)?)
+    };
+    let part_cols = partition
+        .iter()
+        .map(|(e, _)| eval(e))
+        .collect::<Result<Vec<_>>>()?;
+    let sort_cols = order
+        .iter()
+        .map(|(e, _, _)| eval(e))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KeyedBatch {
+        part_keys: KeyRows::new(conv.part_keys, &part_cols)?,
+        sort_keys: KeyRows::new(conv.sort_keys, &sort_cols)?,
+        rows: conv.rows.convert_columns(batch.columns())?,
+        part_cols,
+    })
 }
