@@ -41,7 +41,7 @@ use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_state::StateTable;
 
 use crate::Operator;
-use crate::partition_rows::{PartEntry, entry_key, part_prefix, table_entries};
+use crate::partition_rows::{PartEntry, RowKeys, entry_key, part_prefix, table_entries};
 
 type Bytes = Arc<[u8]>;
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -71,9 +71,7 @@ struct Touched {
 
 pub struct Over {
     spec: OverSpec,
-    part_keys: RowConverter,
-    sort_keys: RowConverter,
-    rows: RowConverter,
+    keys: RowKeys,
     /// Compares function values between before and after.
     values: RowConverter,
     input: SchemaRef,
@@ -92,18 +90,7 @@ impl Over {
         schema: SchemaRef,
         table: Box<dyn StateTable>,
     ) -> Result<Self> {
-        let part_keys = RowConverter::new(
-            spec.partition
-                .iter()
-                .map(|(_, t)| SortField::new(t.clone()))
-                .collect(),
-        )?;
-        let sort_keys = RowConverter::new(
-            spec.order
-                .iter()
-                .map(|(_, t, o)| SortField::new_with_options(t.clone(), *o))
-                .collect(),
-        )?;
+        let keys = RowKeys::new(&spec.partition, &spec.order, &input)?;
         let values = RowConverter::new(
             schema.fields()[input.fields().len()..]
                 .iter()
@@ -117,9 +104,7 @@ impl Over {
         }
         Ok(Self {
             spec,
-            part_keys,
-            sort_keys,
-            rows: kappa_state::row_converter(&input)?,
+            keys,
             values,
             input,
             schema,
@@ -150,56 +135,48 @@ impl Over {
         let prefix = part_prefix(key);
         let before: Vec<PartEntry> =
             table_entries(self.table.as_ref(), &prefix, WHAT).collect::<Result<_>>()?;
-        let copies = |e: &[PartEntry], pick: &dyn Fn(&(Bytes, Bytes)) -> bool| -> usize {
-            e.iter()
-                .filter(|(sk, row, _)| pick(&(sk.clone(), row.clone())))
-                .map(|e| e.2 as usize)
-                .sum()
-        };
-        let head = copies(&before, &|k| *k < first);
-        let tail = copies(&before, &|k| *k > last);
+        for ((sk, row), w) in &net {
+            kappa_state::add_to_count(
+                self.table.as_mut(),
+                &entry_key(&prefix, sk, row),
+                *w,
+                &WHAT,
+            )?;
+        }
+        // The entries are in order: those before the first change and after the last one
+        // are unchanged.
+        let copies = |e: &PartEntry| e.2 as usize;
+        let head = before
+            .iter()
+            .take_while(|(sk, row, _)| (sk, row) < (&first.0, &first.1))
+            .map(copies)
+            .sum();
+        let tail = before
+            .iter()
+            .rev()
+            .take_while(|(sk, row, _)| (sk, row) > (&last.0, &last.1))
+            .map(copies)
+            .sum();
         let (o, n) = (old_rows.len(), new_rows.len());
         for (_, row, c) in &before {
             old_rows.extend(std::iter::repeat_n(row.clone(), *c as usize));
         }
-        // The after rows: a merge of the stored entries with the net changes.
+        // The after rows: a merge of the stored entries with the net changes (whose counts
+        // `add_to_count` has checked never go negative).
         let mut changes = net.into_iter().peekable();
-        let mut push = |row: &Bytes, c: i64| -> Result<()> {
-            if c < 0 {
-                return Err(KappaError::internal(format!(
-                    "retraction of a row never stored in {WHAT}"
-                )));
-            }
-            new_rows.extend(std::iter::repeat_n(row.clone(), c as usize));
-            Ok(())
-        };
+        let mut push =
+            |row: &Bytes, c: i64| new_rows.extend(std::iter::repeat_n(row.clone(), c as usize));
         for (sk, row, c) in &before {
-            while let Some(((csk, crow), w)) = changes.next_if(|((s, r), _)| (s, r) < (sk, row)) {
-                push(&crow, w)?;
-                self.table.put(
-                    entry_key(&prefix, &csk, &crow),
-                    kappa_state::encode_count(w),
-                );
+            while let Some(((_, crow), w)) = changes.next_if(|((s, r), _)| (s, r) < (sk, row)) {
+                push(&crow, w);
             }
-            match changes.next_if(|((s, r), _)| (s, r) == (sk, row)) {
-                Some((_, w)) => {
-                    push(row, c + w)?;
-                    let k = entry_key(&prefix, sk, row);
-                    if c + w == 0 {
-                        self.table.delete(&k);
-                    } else {
-                        self.table.put(k, kappa_state::encode_count(c + w));
-                    }
-                }
-                None => push(row, *c)?,
-            }
+            let w = changes
+                .next_if(|((s, r), _)| (s, r) == (sk, row))
+                .map_or(0, |(_, w)| w);
+            push(row, c + w);
         }
-        for ((csk, crow), w) in changes {
-            push(&crow, w)?;
-            self.table.put(
-                entry_key(&prefix, &csk, &crow),
-                kappa_state::encode_count(w),
-            );
+        for ((_, crow), w) in changes {
+            push(&crow, w);
         }
         Ok(Some(Touched {
             old: o..old_rows.len(),
@@ -211,7 +188,7 @@ impl Over {
 
     /// The rows as a batch of the input's schema.
     fn batch(&self, rows: &[Bytes]) -> Result<RecordBatch> {
-        let columns = kappa_state::decode_rows(&self.rows, rows.iter().map(|r| &r[..]))?;
+        let columns = kappa_state::decode_rows(&self.keys.rows, rows.iter().map(|r| &r[..]))?;
         crate::batch_with_rows(self.input.clone(), columns, rows.len())
     }
 
@@ -301,16 +278,9 @@ impl Operator for Over {
             part_keys,
             sort_keys,
             rows,
-        } = crate::partition_rows::key_batch(
-            &batch,
-            &self.spec.partition,
-            &self.spec.order,
-            crate::partition_rows::KeyConverters {
-                part_keys: &self.part_keys,
-                sort_keys: &self.sort_keys,
-                rows: &self.rows,
-            },
-        )?;
+        } = self
+            .keys
+            .key(&batch, &self.spec.partition, &self.spec.order)?;
         let weights = batch.weights();
         for i in 0..n {
             let w = weights.value(i);

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::ArrayRef;
-use datafusion::arrow::datatypes::DataType;
-use datafusion::arrow::row::{RowConverter, Rows};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Result};
 use kappa_state::{KeyRows, StateTable};
@@ -73,36 +73,62 @@ pub(crate) struct KeyedBatch {
     pub rows: Rows,
 }
 
-/// The converters of [`key_batch`]: partition keys, sort keys, whole rows.
-pub(crate) struct KeyConverters<'a> {
-    pub part_keys: &'a RowConverter,
-    pub sort_keys: &'a RowConverter,
-    pub rows: &'a RowConverter,
+/// How a partitioned, ordered operator encodes its input: partition keys, sort keys (with
+/// each ORDER BY key's direction and null placement) and whole rows, in Arrow's row format.
+pub(crate) struct RowKeys {
+    part_keys: RowConverter,
+    sort_keys: RowConverter,
+    /// Whole input rows (also how the operator decodes what it stored).
+    pub rows: RowConverter,
 }
 
-/// Evaluates the partition and ORDER BY expressions over `batch` and encodes its rows.
-pub(crate) fn key_batch(
-    batch: &ChangeBatch,
-    partition: &[(Arc<dyn PhysicalExpr>, DataType)],
-    order: &[crate::SortKey],
-    conv: KeyConverters<'_>,
-) -> Result<KeyedBatch> {
-    let n = batch.num_rows();
-    let eval = |e: &Arc<dyn PhysicalExpr>| -> Result<ArrayRef> {
-        Ok(e.evaluate(batch.data())?.into_array(n)?)
-    };
-    let part_cols = partition
-        .iter()
-        .map(|(e, _)| eval(e))
-        .collect::<Result<Vec<_>>>()?;
-    let sort_cols = order
-        .iter()
-        .map(|(e, _, _)| eval(e))
-        .collect::<Result<Vec<_>>>()?;
-    Ok(KeyedBatch {
-        part_keys: KeyRows::new(conv.part_keys, &part_cols)?,
-        sort_keys: KeyRows::new(conv.sort_keys, &sort_cols)?,
-        rows: conv.rows.convert_columns(batch.columns())?,
-        part_cols,
-    })
+impl RowKeys {
+    pub fn new(
+        partition: &[(Arc<dyn PhysicalExpr>, DataType)],
+        order: &[crate::SortKey],
+        input: &SchemaRef,
+    ) -> Result<Self> {
+        Ok(Self {
+            part_keys: RowConverter::new(
+                partition
+                    .iter()
+                    .map(|(_, t)| SortField::new(t.clone()))
+                    .collect(),
+            )?,
+            sort_keys: RowConverter::new(
+                order
+                    .iter()
+                    .map(|(_, t, o)| SortField::new_with_options(t.clone(), *o))
+                    .collect(),
+            )?,
+            rows: kappa_state::row_converter(input)?,
+        })
+    }
+
+    /// Evaluates the partition and ORDER BY expressions over `batch` and encodes its rows.
+    pub fn key(
+        &self,
+        batch: &ChangeBatch,
+        partition: &[(Arc<dyn PhysicalExpr>, DataType)],
+        order: &[crate::SortKey],
+    ) -> Result<KeyedBatch> {
+        let n = batch.num_rows();
+        let eval = |e: &Arc<dyn PhysicalExpr>| -> Result<ArrayRef> {
+            Ok(e.evaluate(batch.data())?.into_array(n)?)
+        };
+        let part_cols = partition
+            .iter()
+            .map(|(e, _)| eval(e))
+            .collect::<Result<Vec<_>>>()?;
+        let sort_cols = order
+            .iter()
+            .map(|(e, _, _)| eval(e))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KeyedBatch {
+            part_keys: KeyRows::new(&self.part_keys, &part_cols)?,
+            sort_keys: KeyRows::new(&self.sort_keys, &sort_cols)?,
+            rows: self.rows.convert_columns(batch.columns())?,
+            part_cols,
+        })
+    }
 }

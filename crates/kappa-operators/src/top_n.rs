@@ -47,13 +47,14 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType};
-use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{RankFunc, WatermarkCol};
 
 use crate::Operator;
-use crate::partition_rows::{PartEntry, entry_key, part_prefix, split_entry, table_entries};
+use crate::partition_rows::{
+    PartEntry, RowKeys, entry_key, part_prefix, split_entry, table_entries,
+};
 use kappa_state::codec::{len_prefixed, split_len_prefixed};
 
 const WHAT: &str = "a top-N";
@@ -198,9 +199,7 @@ fn diff_into(before: Visible, after: Visible, out: &mut Vec<(Bytes, u64, i64)>) 
 
 pub struct TopN {
     spec: TopNSpec,
-    part_keys: RowConverter,
-    sort_keys: RowConverter,
-    rows: RowConverter,
+    keys: RowKeys,
     schema: SchemaRef,
     append_only_input: bool,
     close: Option<WatermarkCol>,
@@ -225,23 +224,10 @@ impl TopN {
     /// `input` is the input's schema; `schema` the output's (the input's columns, then the
     /// rank when `spec.emit_rank`).
     pub fn new(spec: TopNSpec, input: &SchemaRef, schema: SchemaRef) -> Result<Self> {
-        let part_keys = RowConverter::new(
-            spec.partition
-                .iter()
-                .map(|(_, t)| SortField::new(t.clone()))
-                .collect(),
-        )?;
-        let sort_keys = RowConverter::new(
-            spec.order
-                .iter()
-                .map(|(_, t, o)| SortField::new_with_options(t.clone(), *o))
-                .collect(),
-        )?;
+        let keys = RowKeys::new(&spec.partition, &spec.order, input)?;
         Ok(Self {
             spec,
-            part_keys,
-            sort_keys,
-            rows: kappa_state::row_converter(input)?,
+            keys,
             schema,
             append_only_input: false,
             close: None,
@@ -497,7 +483,8 @@ impl TopN {
         if merged.is_empty() {
             return Ok(None);
         }
-        let mut columns = kappa_state::decode_rows(&self.rows, merged.iter().map(|e| &e.0[..]))?;
+        let mut columns =
+            kappa_state::decode_rows(&self.keys.rows, merged.iter().map(|e| &e.0[..]))?;
         if self.spec.emit_rank {
             columns.push(
                 Arc::new(UInt64Array::from_iter_values(merged.iter().map(|e| e.1))) as ArrayRef,
@@ -525,16 +512,9 @@ impl Operator for TopN {
             part_keys,
             sort_keys,
             rows,
-        } = crate::partition_rows::key_batch(
-            &batch,
-            &self.spec.partition,
-            &self.spec.order,
-            crate::partition_rows::KeyConverters {
-                part_keys: &self.part_keys,
-                sort_keys: &self.sort_keys,
-                rows: &self.rows,
-            },
-        )?;
+        } = self
+            .keys
+            .key(&batch, &self.spec.partition, &self.spec.order)?;
         let bounds = match self.close {
             Some(c) => Some(
                 part_cols[c.col]

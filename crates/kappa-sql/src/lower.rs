@@ -495,9 +495,9 @@ impl Lowering<'_> {
                 p.args
                     .iter()
                     .chain(&p.partition_by)
-                    .chain(p.filter.as_deref()),
+                    .chain(p.filter.as_deref())
+                    .chain(p.order_by.iter().map(|s| &s.expr)),
             )?;
-            check_exprs(p.order_by.iter().map(|s| &s.expr))?;
             match &spec {
                 None => spec = Some((p.partition_by.clone(), p.order_by.clone())),
                 Some((part, order)) if *part == p.partition_by && *order == p.order_by => {}
