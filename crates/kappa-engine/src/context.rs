@@ -52,9 +52,24 @@ pub async fn plan_statement(
 ) -> kappa_common::Result<datafusion::logical_expr::LogicalPlan> {
     if let Some(catalog) = ctx.state().config().get_extension::<Catalog>() {
         kappa_sql::tvf::rewrite_window_tvfs(&mut stmt, &catalog)?;
+        kappa_sql::as_of::rewrite_temporal_joins(&mut stmt, &catalog)?;
     }
     let stmt = datafusion::sql::parser::Statement::Statement(Box::new(stmt));
-    Ok(ctx.state().statement_to_plan(stmt).await?)
+    let plan = ctx.state().statement_to_plan(stmt).await?;
+    if plans_views(ctx) {
+        Ok(plan)
+    } else {
+        kappa_sql::as_of::to_batch(plan)
+    }
+}
+
+/// Marks a context that plans materialized views (whose temporal joins the lowering
+/// keeps) rather than batch queries (whose temporal joins become plain operators).
+#[derive(Debug)]
+struct PlansViews;
+
+fn plans_views(ctx: &SessionContext) -> bool {
+    ctx.state().config().get_extension::<PlansViews>().is_some()
 }
 
 /// Builds a SessionContext whose `public` schema is Kappa's catalog.
@@ -76,7 +91,7 @@ pub fn session_context(
 }
 
 fn make_context(sources: Sources) -> SessionContext {
-    let config = SessionConfig::new()
+    let mut config = SessionConfig::new()
         .with_information_schema(true)
         .with_default_catalog_and_schema("kappa", "public")
         .with_create_default_catalog_and_schema(false)
@@ -88,6 +103,9 @@ fn make_context(sources: Sources) -> SessionContext {
         )
         .with_extension(sources.catalog.clone());
     let planning_only = sources.planning_only;
+    if planning_only {
+        config = config.with_extension(Arc::new(PlansViews));
+    }
     let ctx = SessionContext::new_with_config(config);
     // The name the SQL world (Spark, Flink, RisingWave) uses for DataFusion's
     // approx_distinct (a HyperLogLog count).
@@ -96,6 +114,7 @@ fn make_context(sources: Sources) -> SessionContext {
         datafusion::logical_expr::AggregateUDF::clone(&approx)
             .with_aliases(["approx_count_distinct"]),
     );
+    ctx.register_udf(kappa_sql::as_of::AsOf::udf());
     if planning_only {
         // A view's now() is the processing time of each epoch (temporal filters), not a
         // constant folded in at creation.
@@ -153,7 +172,10 @@ impl SchemaProvider for KappaSchema {
             RelationKind::View => {
                 let def = rel.definition.clone().unwrap_or_default();
                 let ctx = make_context(s.clone());
-                let plan = ctx.state().create_logical_plan(&def).await?;
+                let mut plan = ctx.state().create_logical_plan(&def).await?;
+                if !s.planning_only {
+                    plan = kappa_sql::as_of::to_batch(plan).map_err(df_err)?;
+                }
                 Ok(Some(Arc::new(ViewTable::new(plan, Some(def)))))
             }
             _ => Ok(Some(Arc::new(self.relation_table(rel)?))),

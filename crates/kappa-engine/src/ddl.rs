@@ -421,6 +421,7 @@ async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Outpu
     }
     let mut query = cv.query;
     kappa_sql::tvf::rewrite_window_tvfs(&mut query, &engine.catalog())?;
+    kappa_sql::as_of::rewrite_temporal_joins(&mut query, &engine.catalog())?;
     let depends_on = direct_dependencies(engine, &query)?;
     let definition = query.to_string();
     let catalog = engine.catalog();

@@ -44,7 +44,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit, TimestampMicro
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
-use kappa_state::codec::{len_prefixed, ordered_i64, split_len_prefixed, split_ordered_i64};
+use kappa_state::codec::{len_prefixed, ordered_i64, split_ordered_i64};
 use kappa_state::{KeyRows, StateTable};
 
 use crate::Operator;

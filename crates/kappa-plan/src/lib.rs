@@ -185,6 +185,22 @@ pub enum NodeKind {
         null_equals_null: bool,
         expiry: [Vec<WatermarkCol>; 2],
     },
+    /// Temporal join (`FOR SYSTEM_TIME AS OF`): each row of the left (probe) input matches
+    /// the rows of the right (versioned) input with equal `on` keys whose `version_time`
+    /// column (a timestamp) is the greatest one `<= probe_time` (an expression over the
+    /// left); `left` NULL-extends probe rows without such a version. The result equals a
+    /// batch ASOF join over both inputs' current contents. With `version_bound` (every
+    /// future right row has `version_time + offset > W`) probe rows whose time is closed are
+    /// final and freed; with `probe_bound` too (every future left row has
+    /// `probe_time + offset > W`) superseded versions are freed.
+    TemporalJoin {
+        left: bool,
+        on: Vec<(Expr, Expr)>,
+        probe_time: Expr,
+        version_time: usize,
+        probe_bound: Option<i64>,
+        version_bound: Option<i64>,
+    },
     /// Keeps the relation `relation` equal to the sum of all changes it receives, and
     /// publishes it at each epoch commit.
     Materialize { relation: RelationId, name: String },
@@ -555,6 +571,36 @@ impl StreamGraph {
                         s.push_str(&format!(
                             ", {side} rows freed when {} <= watermark",
                             names.join(" or ")
+                        ));
+                    }
+                }
+                s
+            }
+            NodeKind::TemporalJoin {
+                left,
+                on,
+                probe_time,
+                version_time,
+                probe_bound,
+                version_bound,
+            } => {
+                let on: Vec<String> = on.iter().map(|(l, r)| format!("{l} = {r}")).collect();
+                let versioned = &self.nodes[node.inputs[1]];
+                let vt = versioned.schema.field(*version_time).name();
+                let mut s = format!(
+                    "StreamTemporalJoin: type={}, on=[{}], as_of={probe_time}, version={vt}",
+                    if *left { "Left" } else { "Inner" },
+                    on.join(", ")
+                );
+                if let Some(v) = version_bound {
+                    s.push_str(&format!(
+                        ", probe rows freed when {probe_time} + {} <= watermark",
+                        format_micros(*v)
+                    ));
+                    if let Some(p) = probe_bound {
+                        s.push_str(&format!(
+                            ", superseded versions freed when the next {vt} + {} <= watermark",
+                            format_micros((*p).max(*v))
                         ));
                     }
                 }

@@ -11,8 +11,8 @@ use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, RelationId, Result};
 use kappa_operators::{
     AggSpec, Filter, HashAggregate, HashJoin, JoinSide, Materialize, Operator, Over, OverSpec,
-    Project, Recompute, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter, TopN,
-    TopNSpec, Union, ViewContents, WindowExpand,
+    Project, Recompute, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter,
+    TemporalJoin, TemporalJoinSpec, TopN, TopNSpec, Union, ViewContents, WindowExpand,
 };
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
@@ -280,6 +280,49 @@ pub(crate) fn build_dataflow(
                 Box::new(Over::new(spec, arrow_schema(input), schema, table)?)
             }
             NodeKind::Union => Box::new(Union::new(schema)),
+            NodeKind::TemporalJoin {
+                left,
+                on,
+                probe_time,
+                version_time,
+                probe_bound,
+                version_bound,
+            } => {
+                let [l, r] = node.inputs.as_slice() else {
+                    return Err(KappaError::internal("a join node needs two inputs"));
+                };
+                let (ls, rs) = (
+                    graph.nodes[*l].schema.as_ref(),
+                    graph.nodes[*r].schema.as_ref(),
+                );
+                let spec = TemporalJoinSpec {
+                    left: *left,
+                    probe_keys: on
+                        .iter()
+                        .map(|(e, _)| compile(ctx, e, ls))
+                        .collect::<Result<_>>()?,
+                    version_keys: on
+                        .iter()
+                        .map(|(_, e)| compile(ctx, e, rs))
+                        .collect::<Result<_>>()?,
+                    key_types: on
+                        .iter()
+                        .map(|(e, _)| e.get_type(ls))
+                        .collect::<datafusion::error::Result<_>>()?,
+                    probe_time: compile(ctx, probe_time, ls)?,
+                    version_time: *version_time,
+                    probe_bound: *probe_bound,
+                    version_bound: *version_bound,
+                };
+                let table = store.create_table(&format!("mv{relation}.n{i}.temporal"))?;
+                Box::new(TemporalJoin::new(
+                    spec,
+                    &arrow_schema(ls),
+                    &arrow_schema(rs),
+                    schema,
+                    table,
+                )?)
+            }
             NodeKind::Join {
                 kind,
                 on,

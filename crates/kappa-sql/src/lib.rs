@@ -3,6 +3,7 @@
 //!
 //! This crate never depends on the runtime: it produces plans, the runtime runs them.
 
+pub mod as_of;
 pub mod catalog;
 mod join;
 mod lower;

@@ -103,6 +103,11 @@ fn check_exprs<'e>(exprs: impl IntoIterator<Item = &'e Expr>) -> Result<()> {
                 "the subquery {e} in a materialized view"
             )));
         }
+        if crate::as_of::mentions_marker(e) {
+            return Err(KappaError::not_supported(
+                "FOR SYSTEM_TIME AS OF where it is not a join's own condition",
+            ));
+        }
     }
     Ok(())
 }
@@ -185,6 +190,7 @@ impl Lowering<'_> {
             NodeKind::Source { .. }
             | NodeKind::Materialize { .. }
             | NodeKind::Join { .. }
+            | NodeKind::TemporalJoin { .. }
             | NodeKind::Over { .. }
             | NodeKind::TemporalFilter { .. } => vec![],
             NodeKind::Filter { .. } => first.map(|n| n.watermark_cols.clone()).unwrap_or_default(),
@@ -539,9 +545,91 @@ impl Lowering<'_> {
         )
     }
 
+    /// A temporal join: `vt` and `probe` are the marker's arguments, `rest` the other
+    /// conjuncts of the join's filter.
+    fn lower_temporal_join(
+        &mut self,
+        j: &datafusion::logical_expr::Join,
+        vt: Expr,
+        probe: Expr,
+        rest: Vec<Expr>,
+    ) -> Result<NodeId> {
+        use datafusion::logical_expr::JoinType;
+        let left = match j.join_type {
+            JoinType::Inner => false,
+            JoinType::Left => true,
+            _ => {
+                return Err(KappaError::not_supported(
+                    "FOR SYSTEM_TIME AS OF with a join other than [INNER] JOIN or LEFT JOIN",
+                ));
+            }
+        };
+        if let Some(extra) = rest.into_iter().reduce(datafusion::logical_expr::and) {
+            return Err(KappaError::not_supported(format!(
+                "the condition {extra} in a FOR SYSTEM_TIME AS OF join (only equalities between \
+                 the two sides; filter either input in WHERE or in a subquery)"
+            )));
+        }
+        if j.null_equality == datafusion::common::NullEquality::NullEqualsNull {
+            return Err(KappaError::not_supported(
+                "IS NOT DISTINCT FROM keys in a FOR SYSTEM_TIME AS OF join",
+            ));
+        }
+        check_exprs(j.on.iter().flat_map(|(l, r)| [l, r]).chain([&probe]))?;
+        let l = self.lower(&j.left)?;
+        let r = self.lower(&j.right)?;
+        let version_time = match vt.clone().unalias() {
+            Expr::Column(c) => self.nodes[r].schema.index_of_column(&c).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            KappaError::not_supported(format!(
+                "FOR SYSTEM_TIME AS OF with the version time {vt}: it must be the versioned \
+                 table's own TIMESTAMP column"
+            ))
+        })?;
+        if probe
+            .column_refs()
+            .iter()
+            .any(|c| self.nodes[l].schema.index_of_column(c).is_err())
+        {
+            return Err(KappaError::not_supported(format!(
+                "FOR SYSTEM_TIME AS OF {probe}: the time must come from the left side of the join"
+            )));
+        }
+        let version_bound = self.nodes[r].watermark_col(version_time).map(|w| w.offset);
+        let probe_col = self.bounded_col(l, &probe);
+        let id = self.push(
+            NodeKind::TemporalJoin {
+                left,
+                on: j.on.clone(),
+                probe_time: probe,
+                version_time,
+                probe_bound: probe_col.map(|w| w.offset),
+                version_bound,
+            },
+            vec![l, r],
+            j.schema.clone(),
+        );
+        // A probe row's pairs are emitted when it arrives (t + off_probe > W) or when a
+        // version at or before t arrives (t >= v > W - off_version).
+        if let (Some(p), Some(v)) = (probe_col, version_bound) {
+            self.nodes[id].watermark_cols = vec![WatermarkCol {
+                col: p.col,
+                offset: p.offset.max(v),
+            }];
+        }
+        Ok(id)
+    }
+
     fn lower_join(&mut self, j: &datafusion::logical_expr::Join) -> Result<NodeId> {
         use datafusion::common::NullEquality;
         use datafusion::logical_expr::JoinType;
+        if let Some(f) = &j.filter
+            && let Some((vt, probe, rest)) = crate::as_of::split_marker(f)?
+        {
+            return self.lower_temporal_join(j, vt, probe, rest);
+        }
         let kind = match j.join_type {
             JoinType::Inner => JoinKind::Inner,
             JoinType::Left => JoinKind::Left,

@@ -10,15 +10,21 @@
 //!   [`WATERMARK_OPTION`] whose value is the tuple `(col, expr)`;
 //! - `DROP SOURCE` parses as `DROP TABLE`, which drops tables and sources;
 //! - a trailing `EMIT ON WINDOW CLOSE` on CREATE MATERIALIZED VIEW becomes the option
-//!   [`EMIT_OPTION`].
+//!   [`EMIT_OPTION`];
+//! - `table [alias] FOR SYSTEM_TIME AS OF expr [alias]` (which sqlparser's PostgreSQL
+//!   dialect does not parse) becomes the table factor's `version`, as other dialects have
+//!   it (see [`crate::as_of`]).
+
+use std::ops::ControlFlow;
 
 use datafusion::sql::sqlparser::ast::{
-    CreateTableOptions, Expr, Ident, SqlOption, Statement, Value,
+    CreateTableOptions, Expr, Ident, SqlOption, Statement, TableFactor, TableVersion, Value,
+    VisitMut, VisitorMut,
 };
 use datafusion::sql::sqlparser::dialect::PostgreSqlDialect;
 use datafusion::sql::sqlparser::keywords::Keyword;
 use datafusion::sql::sqlparser::parser::Parser;
-use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
+use datafusion::sql::sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer};
 use kappa_common::{KappaError, Result, SqlState};
 
 pub const SOURCE_OPTION: &str = "__kappa_source";
@@ -99,6 +105,7 @@ fn parse_one(
     mut tokens: Vec<TokenWithSpan>,
     trusted: bool,
 ) -> Result<Statement> {
+    let as_of = extract_as_of(dialect, &mut tokens)?;
     let ext = extract_extensions(&mut tokens)?;
     let mut parser = Parser::new(dialect).with_tokens_with_locations(tokens);
     let mut stmt = parser.parse_statement().map_err(syntax)?;
@@ -108,6 +115,7 @@ fn parse_one(
             parser.peek_token().token
         )));
     }
+    attach_as_of(&mut stmt, as_of)?;
     let flag = |key: &str| SqlOption::KeyValue {
         key: Ident::new(key),
         value: Expr::Value(Value::Boolean(true).into()),
@@ -159,6 +167,88 @@ fn parse_one(
         _ => {}
     }
     Ok(stmt)
+}
+
+/// A `FOR SYSTEM_TIME AS OF` clause taken out of a statement: the span of the token right
+/// before it (the table's name or alias) and its expression.
+type AsOfClause = (Span, Expr);
+
+/// Finds and removes every `FOR SYSTEM_TIME AS OF expr` from a statement's tokens. The
+/// expression ends where sqlparser's expression parser stops.
+fn extract_as_of(
+    dialect: &PostgreSqlDialect,
+    tokens: &mut Vec<TokenWithSpan>,
+) -> Result<Vec<AsOfClause>> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        let next_sig = |from: usize| (from..tokens.len()).find(|&j| !is_blank(&tokens[j].token));
+        let clause = is_word(&tokens[i].token, Keyword::FOR)
+            .then(|| next_sig(i + 1))
+            .flatten()
+            .filter(|&j| is_word(&tokens[j].token, Keyword::SYSTEM_TIME))
+            .and_then(|j| next_sig(j + 1))
+            .filter(|&j| is_word(&tokens[j].token, Keyword::AS))
+            .and_then(|j| next_sig(j + 1))
+            .filter(|&j| is_word(&tokens[j].token, Keyword::OF));
+        let Some(of) = clause else {
+            i += 1;
+            continue;
+        };
+        let anchor = (0..i)
+            .rev()
+            .find(|&j| !is_blank(&tokens[j].token))
+            .filter(|&j| matches!(tokens[j].token, Token::Word(_)))
+            .ok_or_else(|| syntax("FOR SYSTEM_TIME AS OF must follow a table name"))?;
+        let mut parser = Parser::new(dialect).with_tokens_with_locations(tokens[of + 1..].to_vec());
+        let expr = parser.parse_expr().map_err(syntax)?;
+        let end = of + 1 + parser.index();
+        out.push((tokens[anchor].span, expr));
+        tokens.drain(i..end.min(tokens.len()));
+    }
+    Ok(out)
+}
+
+/// Puts each clause [`extract_as_of`] took out back as the `version` of the table it
+/// followed.
+fn attach_as_of(stmt: &mut Statement, clauses: Vec<AsOfClause>) -> Result<()> {
+    struct Attach(Vec<Option<AsOfClause>>);
+    impl VisitorMut for Attach {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table {
+                name,
+                alias,
+                version,
+                ..
+            } = tf
+            {
+                let spans = [
+                    name.0.last().and_then(|p| p.as_ident()).map(|i| i.span),
+                    alias.as_ref().map(|a| a.name.span),
+                ];
+                for slot in &mut self.0 {
+                    if slot
+                        .as_ref()
+                        .is_some_and(|(at, _)| spans.contains(&Some(*at)))
+                        && let Some((_, e)) = slot.take()
+                    {
+                        *version = Some(TableVersion::ForSystemTimeAsOf(e));
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    if clauses.is_empty() {
+        return Ok(());
+    }
+    let mut attach = Attach(clauses.into_iter().map(Some).collect());
+    let _ = stmt.visit(&mut attach);
+    if attach.0.iter().any(Option::is_some) {
+        return Err(syntax("FOR SYSTEM_TIME AS OF must follow a table name"));
+    }
+    Ok(())
 }
 
 /// Finds and removes the streaming extensions from one statement's tokens.
@@ -380,6 +470,7 @@ mod tests {
             "CREATE TABLE t (id BIGINT PRIMARY KEY, s TEXT) WITH (idle_timeout = '1 second')",
             "CREATE MATERIALIZED VIEW v AS SELECT window_start, count(*) FROM TUMBLE(bid, ts, INTERVAL '10' SECOND) GROUP BY window_start, window_end EMIT ON WINDOW CLOSE",
             "DROP SOURCE bid",
+            "SELECT * FROM o JOIN r FOR SYSTEM_TIME AS OF o.ts AS x ON o.k = x.k LEFT JOIN q AS y FOR SYSTEM_TIME AS OF o.ts + INTERVAL '1' SECOND ON true",
         ] {
             let parsed = parse_statements(sql).unwrap().remove(0);
             let recorded = parsed.to_string();
