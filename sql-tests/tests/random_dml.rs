@@ -6,7 +6,8 @@
 //! Two modes: single-row statements with a FLUSH after each (every epoch holds one change),
 //! and multi-row statements with epochs cut by the barrier timer. A third test drives a
 //! second table as well, through joins (inner, outer, semi, anti) and top-N views, and
-//! checks after every epoch; a fourth does the same through window functions (OVER).
+//! checks after every epoch; a fourth does the same through window functions (OVER), and a
+//! fifth through temporal joins against a versioned table.
 
 use std::collections::BTreeMap;
 
@@ -71,6 +72,46 @@ const JOIN_TOP_N_VIEWS: &[(&str, &str)] = &[
     (
         "top_join",
         "SELECT uid, id, w FROM (SELECT u.id AS uid, t.id, t.w, ROW_NUMBER() OVER (PARTITION BY u.id ORDER BY t.w DESC, t.id) AS rn FROM u JOIN t ON u.g = t.g) s WHERE rn = 1",
+    ),
+];
+
+/// The versioned table of the temporal join test: its event-time column `vt` is the version
+/// time (the watermark trails by far more than the generated times span, so no change is
+/// late). PostgreSQL gets the same table without the watermark.
+const TABLE_VERSIONED: &str = "CREATE TABLE r (id BIGINT PRIMARY KEY, g TEXT, vt TIMESTAMP, x BIGINT, WATERMARK FOR vt AS vt - INTERVAL '1000' DAY)";
+const TABLE_VERSIONED_PG: &str =
+    "CREATE TABLE r (id BIGINT PRIMARY KEY, g TEXT, vt TIMESTAMP, x BIGINT)";
+
+/// Temporal joins of `t` (probe time: `h` seconds after the epoch) with `r`. PostgreSQL has
+/// no `FOR SYSTEM_TIME AS OF`: its definitions (in [`TEMPORAL_PG`]) pick the latest version
+/// with a correlated `max`.
+const TEMPORAL_VIEWS: &[(&str, &str)] = &[
+    (
+        "tj_inner",
+        "SELECT t.id, r.id AS rid, r.x FROM t JOIN r FOR SYSTEM_TIME AS OF to_timestamp_seconds(t.h) ON t.g = r.g",
+    ),
+    (
+        "tj_left",
+        "SELECT t.id, t.w, r.id AS rid, r.vt FROM t LEFT JOIN r FOR SYSTEM_TIME AS OF to_timestamp_seconds(t.h) ON t.g = r.g AND t.w = r.x",
+    ),
+    (
+        "tj_agg",
+        "SELECT t.g, count(*) AS n, sum(r.x) AS s FROM t JOIN r FOR SYSTEM_TIME AS OF to_timestamp_seconds(t.h) ON t.g = r.g GROUP BY t.g",
+    ),
+];
+
+const TEMPORAL_PG: &[(&str, &str)] = &[
+    (
+        "tj_inner",
+        "SELECT t.id, r.id AS rid, r.x FROM t JOIN r ON t.g = r.g AND r.vt = (SELECT max(v.vt) FROM r v WHERE v.g = t.g AND v.vt <= to_timestamp(t.h) AT TIME ZONE 'UTC')",
+    ),
+    (
+        "tj_left",
+        "SELECT t.id, t.w, r.id AS rid, r.vt FROM t LEFT JOIN r ON t.g = r.g AND t.w = r.x AND r.vt = (SELECT max(v.vt) FROM r v WHERE v.g = t.g AND v.x = t.w AND v.vt <= to_timestamp(t.h) AT TIME ZONE 'UTC')",
+    ),
+    (
+        "tj_agg",
+        "SELECT t.g, count(*) AS n, sum(r.x) AS s FROM t JOIN r ON t.g = r.g AND r.vt = (SELECT max(v.vt) FROM r v WHERE v.g = t.g AND v.vt <= to_timestamp(t.h) AT TIME ZONE 'UTC') GROUP BY t.g",
     ),
 ];
 
@@ -254,6 +295,35 @@ fn random_u_statement(rng: &mut StdRng, multi_row: bool) -> String {
     }
 }
 
+/// A random statement on the versioned table `r`: versions at 0–7 s after the epoch, so
+/// they interleave with the probe times of `t` (`h` seconds).
+fn random_r_statement(rng: &mut StdRng, multi_row: bool) -> String {
+    let id = |rng: &mut StdRng| rng.gen_range(0..40);
+    let vt = |rng: &mut StdRng| {
+        if rng.gen_bool(0.05) {
+            "NULL".to_string()
+        } else {
+            format!("'1970-01-01 00:00:0{}'", rng.gen_range(0..8))
+        }
+    };
+    match rng.gen_range(0..10) {
+        0..=4 => {
+            let n = if multi_row { rng.gen_range(1..4) } else { 1 };
+            let rows: Vec<String> = (0..n)
+                .map(|_| format!("({}, {}, {}, {})", id(rng), g(rng), vt(rng), h(rng)))
+                .collect();
+            format!("INSERT INTO r VALUES {}", rows.join(", "))
+        }
+        5..=7 => match rng.gen_range(0..3) {
+            0 => format!("UPDATE r SET x = {} WHERE id = {}", h(rng), id(rng)),
+            1 => format!("UPDATE r SET vt = {} WHERE id = {}", vt(rng), id(rng)),
+            _ => format!("UPDATE r SET g = {} WHERE id = {}", g(rng), id(rng)),
+        },
+        _ if multi_row => format!("DELETE FROM r WHERE g = {}", g(rng)),
+        _ => format!("DELETE FROM r WHERE id = {}", id(rng)),
+    }
+}
+
 fn sqlstate(e: &DbError) -> String {
     e.0.split(':').next().unwrap_or_default().to_string()
 }
@@ -274,29 +344,55 @@ async fn check(kappa: &Client, pg: &Client, views: &[(&str, &str)], step: usize)
     }
 }
 
+type Statement = fn(&mut StdRng, bool) -> String;
+
 /// What one randomized run does.
 struct Suite {
     tables: &'static [&'static str],
+    /// PostgreSQL's tables, where their DDL differs.
+    pg_tables: Option<&'static [&'static str]>,
     views: &'static [(&'static str, &'static str)],
+    /// PostgreSQL's definitions, where they differ.
+    pg_views: &'static [(&'static str, &'static str)],
+    /// Statements on the second table, if there is one.
+    second: Option<Statement>,
     /// Statements between checks (each a FLUSH first).
     check_every: usize,
 }
 
 const AGGREGATES: Suite = Suite {
     tables: &[TABLE],
+    pg_tables: None,
     views: VIEWS,
+    pg_views: &[],
+    second: None,
     check_every: 250,
 };
 
 const JOINS_AND_TOP_N: Suite = Suite {
     tables: &[TABLE, TABLE_U],
+    pg_tables: None,
     views: JOIN_TOP_N_VIEWS,
+    pg_views: &[],
+    second: Some(random_u_statement),
     check_every: 1,
 };
 
 const OVER: Suite = Suite {
     tables: &[TABLE],
+    pg_tables: None,
     views: OVER_VIEWS,
+    pg_views: &[],
+    second: None,
+    check_every: 1,
+};
+
+const TEMPORAL: Suite = Suite {
+    tables: &[TABLE, TABLE_VERSIONED],
+    pg_tables: Some(&[TABLE, TABLE_VERSIONED_PG]),
+    views: TEMPORAL_VIEWS,
+    pg_views: TEMPORAL_PG,
+    second: Some(random_r_statement),
     check_every: 1,
 };
 
@@ -307,8 +403,11 @@ async fn run(suite: &Suite, seed: u64, statements: usize, multi_row: bool) {
     let pg = pg_server.connect().await;
     let addr = start_kappa().await;
     let kappa = connect(addr).await;
-    for c in [&kappa, &pg] {
-        for t in suite.tables {
+    for (c, tables) in [
+        (&kappa, suite.tables),
+        (&pg, suite.pg_tables.unwrap_or(suite.tables)),
+    ] {
+        for t in tables {
             c.batch_execute(t).await.expect("create table");
         }
     }
@@ -317,17 +416,21 @@ async fn run(suite: &Suite, seed: u64, statements: usize, multi_row: bool) {
             .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {def}"))
             .await
             .unwrap_or_else(|e| panic!("create {name}: {e}"));
-        pg.batch_execute(&format!("CREATE VIEW {name} AS {def}"))
+        let pg_def = suite
+            .pg_views
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(*def, |(_, d)| *d);
+        pg.batch_execute(&format!("CREATE VIEW {name} AS {pg_def}"))
             .await
             .unwrap_or_else(|e| panic!("create {name} in PostgreSQL: {e}"));
     }
     let mut rng = StdRng::seed_from_u64(seed);
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     for step in 1..=statements {
-        let sql = if suite.tables.len() > 1 && rng.gen_bool(0.4) {
-            random_u_statement(&mut rng, multi_row)
-        } else {
-            random_statement(&mut rng, multi_row)
+        let sql = match suite.second {
+            Some(second) if rng.gen_bool(0.4) => second(&mut rng, multi_row),
+            _ => random_statement(&mut rng, multi_row),
         };
         let k = query_text(&kappa, &sql).await;
         let p = query_text(&pg, &sql).await;
@@ -389,4 +492,13 @@ async fn random_dml_through_joins_and_top_n() {
 async fn random_dml_through_over() {
     run(&OVER, 31, 300, false).await;
     run(&OVER, 37, 200, true).await;
+}
+
+/// Temporal joins (FOR SYSTEM_TIME AS OF) against a versioned table whose versions are
+/// inserted, moved in time, updated and deleted: checked against PostgreSQL (a correlated
+/// `max`) and against Kappa's own batch plan after every epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_dml_through_temporal_joins() {
+    run(&TEMPORAL, 41, 400, false).await;
+    run(&TEMPORAL, 43, 300, true).await;
 }

@@ -43,9 +43,8 @@ pub struct AsOf {
 
 impl Default for AsOf {
     fn default() -> Self {
-        let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
         Self {
-            signature: Signature::exact(vec![ts.clone(), ts], Volatility::Immutable),
+            signature: Signature::user_defined(Volatility::Immutable),
         }
     }
 }
@@ -67,6 +66,31 @@ impl ScalarUDFImpl for AsOf {
 
     fn return_type(&self, _args: &[DataType]) -> datafusion::error::Result<DataType> {
         Ok(DataType::Boolean)
+    }
+
+    /// Both times become timestamps in microseconds (Kappa's TIMESTAMP).
+    fn coerce_types(&self, args: &[DataType]) -> datafusion::error::Result<Vec<DataType>> {
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, None);
+        match args {
+            [a, b]
+                if args.iter().all(|t| {
+                    matches!(
+                        t,
+                        DataType::Timestamp(..)
+                            | DataType::Date32
+                            | DataType::Date64
+                            | DataType::Null
+                    )
+                }) =>
+            {
+                let _ = (a, b);
+                Ok(vec![ts.clone(), ts])
+            }
+            [_, probe] => datafusion::common::plan_err!(
+                "FOR SYSTEM_TIME AS OF needs a timestamp, not {probe}"
+            ),
+            _ => datafusion::common::plan_err!("{AS_OF} takes two arguments"),
+        }
     }
 
     fn invoke_with_args(
