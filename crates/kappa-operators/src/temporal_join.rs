@@ -307,9 +307,9 @@ impl TemporalJoin {
         let mut cache: HashMap<Bytes, Vec<(i64, VersionRows)>> = HashMap::default();
         let mut pairs: Pairs<u32> = Pairs::default();
         let left_join = self.spec.left;
-        for i in 0..n {
+        for (i, &null) in null_key.iter().enumerate() {
             let w = weights.value(i);
-            if null_key[i] || times.is_null(i) {
+            if null || times.is_null(i) {
                 pairs.push(&(i as u32), &[], w, left_join);
                 continue;
             }
@@ -349,8 +349,8 @@ impl TemporalJoin {
         // Rows with a NULL key or version time match nothing, ever: not stored.
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
         let mut group_of: HashMap<(&[u8], i64), usize> = HashMap::default();
-        for i in 0..batch.num_rows() {
-            if null_key[i] || times.is_null(i) {
+        for (i, &null) in null_key.iter().enumerate() {
+            if null || times.is_null(i) {
                 continue;
             }
             let g = *group_of
