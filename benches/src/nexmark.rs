@@ -135,6 +135,13 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         "user sessions (session windows per bidder)",
     ),
     (
+        "q13",
+        &["side_input", "bid"],
+        "SELECT B.auction, B.bidder, B.price, B.date_time, S.value \
+         FROM bid B JOIN side_input FOR SYSTEM_TIME AS OF B.date_time S ON B.auction % 10000 = S.key",
+        "bounded side input join (temporal join, FOR SYSTEM_TIME AS OF event time)",
+    ),
+    (
         "q17",
         &["bid"],
         "SELECT auction, to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids, \
@@ -206,6 +213,15 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
 ];
 
 fn source_ddl(name: &str, events: u64, workers: usize) -> String {
+    if name == "side_input" {
+        // q13's bounded side input: one version per key, valid from before every event.
+        // It goes idle, so the join's watermark follows the bids.
+        return "CREATE TABLE side_input (key BIGINT, value VARCHAR, vt TIMESTAMP, \
+                  WATERMARK FOR vt AS vt) WITH (idle_timeout = '1 second'); \
+                INSERT INTO side_input SELECT value AS key, CAST(value AS VARCHAR) AS value, \
+                  TIMESTAMP '1970-01-01 00:00:00' AS vt FROM generate_series(0, 9999)"
+            .to_string();
+    }
     let cols = match name {
         "bid" => {
             "auction BIGINT, bidder BIGINT, price BIGINT, channel VARCHAR, url VARCHAR, date_time TIMESTAMP, extra VARCHAR"
