@@ -92,16 +92,19 @@ pub struct TemporalJoin {
 }
 
 fn key_with(tag: u8, key: &[u8], t: i64, row: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + 4 + key.len() + 8 + row.len());
-    k.push(tag);
-    len_prefixed(&mut k, key);
+    let mut k = key_prefix(tag, key);
+    k.reserve(8 + row.len());
     k.extend_from_slice(&ordered_i64(t));
     k.extend_from_slice(row);
     k
 }
 
+/// `tag ‖ key`: the prefix of a key's entries under `tag`, in time order.
 fn key_prefix(tag: u8, key: &[u8]) -> Vec<u8> {
-    key_with(tag, key, 0, &[])[..1 + 4 + key.len()].to_vec()
+    let mut k = Vec::with_capacity(1 + 4 + key.len());
+    k.push(tag);
+    len_prefixed(&mut k, key);
+    k
 }
 
 fn index_key(tag: u8, t: i64, key: &[u8]) -> Vec<u8> {

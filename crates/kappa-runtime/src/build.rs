@@ -54,6 +54,27 @@ fn compile_order(
         .collect()
 }
 
+/// One side's equi-join key expressions (`on` pairs a left key with a right one), compiled
+/// over that side's schema.
+fn join_keys(
+    ctx: &SessionContext,
+    on: &[(Expr, Expr)],
+    side: &DFSchema,
+    right: bool,
+) -> Result<Vec<Arc<dyn PhysicalExpr>>> {
+    on.iter()
+        .map(|(l, r)| compile(ctx, if right { r } else { l }, side))
+        .collect()
+}
+
+/// The equi-join keys' types (both sides have the same ones).
+fn join_key_types(on: &[(Expr, Expr)], left: &DFSchema) -> Result<Vec<DataType>> {
+    Ok(on
+        .iter()
+        .map(|(e, _)| e.get_type(left))
+        .collect::<datafusion::error::Result<_>>()?)
+}
+
 /// DataFusion's accumulator for an aggregate call it knows and the runtime does not: the
 /// call's arguments and ORDER BY keys are what each input row contributes.
 fn recompute(ctx: &SessionContext, call: &Expr, input: &DFSchema) -> Result<Recompute> {
@@ -105,6 +126,15 @@ pub(crate) fn build_dataflow(
                 .first()
                 .map(|&j| graph.nodes[j].schema.as_ref())
                 .ok_or_else(|| KappaError::internal("node without input"))
+        };
+        let join_inputs = || -> Result<(&DFSchema, &DFSchema)> {
+            match node.inputs.as_slice() {
+                [l, r] => Ok((
+                    graph.nodes[*l].schema.as_ref(),
+                    graph.nodes[*r].schema.as_ref(),
+                )),
+                _ => Err(KappaError::internal("a join node needs two inputs")),
+            }
         };
         let op: Box<dyn Operator> = match &node.kind {
             NodeKind::Source { projection, .. } => {
@@ -288,27 +318,12 @@ pub(crate) fn build_dataflow(
                 probe_bound,
                 version_bound,
             } => {
-                let [l, r] = node.inputs.as_slice() else {
-                    return Err(KappaError::internal("a join node needs two inputs"));
-                };
-                let (ls, rs) = (
-                    graph.nodes[*l].schema.as_ref(),
-                    graph.nodes[*r].schema.as_ref(),
-                );
+                let (ls, rs) = join_inputs()?;
                 let spec = TemporalJoinSpec {
                     left: *left,
-                    probe_keys: on
-                        .iter()
-                        .map(|(e, _)| compile(ctx, e, ls))
-                        .collect::<Result<_>>()?,
-                    version_keys: on
-                        .iter()
-                        .map(|(_, e)| compile(ctx, e, rs))
-                        .collect::<Result<_>>()?,
-                    key_types: on
-                        .iter()
-                        .map(|(e, _)| e.get_type(ls))
-                        .collect::<datafusion::error::Result<_>>()?,
+                    probe_keys: join_keys(ctx, on, ls, false)?,
+                    version_keys: join_keys(ctx, on, rs, true)?,
+                    key_types: join_key_types(on, ls)?,
                     probe_time: compile(ctx, probe_time, ls)?,
                     version_time: *version_time,
                     probe_bound: *probe_bound,
@@ -330,25 +345,11 @@ pub(crate) fn build_dataflow(
                 null_equals_null,
                 expiry,
             } => {
-                let [l, r] = node.inputs.as_slice() else {
-                    return Err(KappaError::internal("a join node needs two inputs"));
-                };
-                let (ls, rs) = (
-                    graph.nodes[*l].schema.as_ref(),
-                    graph.nodes[*r].schema.as_ref(),
-                );
-                let key_types = on
-                    .iter()
-                    .map(|(e, _)| e.get_type(ls))
-                    .collect::<datafusion::error::Result<Vec<_>>>()?;
-                let keys = |schema: &DFSchema, right: bool| {
-                    on.iter()
-                        .map(|(le, re)| compile(ctx, if right { re } else { le }, schema))
-                        .collect::<Result<Vec<_>>>()
-                };
+                let (ls, rs) = join_inputs()?;
+                let key_types = join_key_types(on, ls)?;
                 let side = |schema: &DFSchema, right: bool| -> Result<JoinSide> {
                     Ok(JoinSide {
-                        keys: keys(schema, right)?,
+                        keys: join_keys(ctx, on, schema, right)?,
                         schema: arrow_schema(schema),
                         expiry: expiry[usize::from(right)].clone(),
                     })

@@ -202,46 +202,33 @@ fn not_inner_or_left() -> KappaError {
 /// Replaces `FOR SYSTEM_TIME AS OF` in every join of `node` by the marker conjunct (see the
 /// module documentation).
 pub fn rewrite_temporal_joins<T: VisitMut>(node: &mut T, catalog: &Catalog) -> Result<()> {
-    let mut r = Rewriter {
-        catalog,
-        error: None,
-    };
-    let _ = node.visit(&mut r);
-    match r.error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    crate::tvf::visit_fallibly(node, &mut Rewriter { catalog })
 }
 
 struct Rewriter<'a> {
     catalog: &'a Catalog,
-    error: Option<KappaError>,
 }
 
 impl VisitorMut for Rewriter<'_> {
-    type Break = ();
+    type Break = KappaError;
 
-    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<()> {
+    fn pre_visit_query(&mut self, q: &mut Query) -> ControlFlow<KappaError> {
         match self.rewrite_set(&mut q.body) {
             Ok(()) => ControlFlow::Continue(()),
-            Err(e) => {
-                self.error = Some(e);
-                ControlFlow::Break(())
-            }
+            Err(e) => ControlFlow::Break(e),
         }
     }
 
-    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<KappaError> {
         // Every clause in a join was rewritten before the visit reached its table.
         if let TableFactor::Table {
             version: Some(_), ..
         } = tf
         {
-            self.error = Some(KappaError::not_supported(
+            return ControlFlow::Break(KappaError::not_supported(
                 "FOR SYSTEM_TIME AS OF outside a join: it names the versioned side of \
                  `facts [LEFT] JOIN versioned FOR SYSTEM_TIME AS OF facts.time ON …`",
             ));
-            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }

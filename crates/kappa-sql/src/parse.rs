@@ -84,6 +84,11 @@ fn is_blank(t: &Token) -> bool {
     matches!(t, Token::Whitespace(_) | Token::EOF)
 }
 
+/// The first significant (non-blank) token at or after `from`.
+fn next_sig(tokens: &[TokenWithSpan], from: usize) -> Option<usize> {
+    (from..tokens.len()).find(|&j| !is_blank(&tokens[j].token))
+}
+
 fn is_word(t: &Token, kw: Keyword) -> bool {
     matches!(t, Token::Word(w) if w.keyword == kw)
 }
@@ -182,14 +187,13 @@ fn extract_as_of(
     let mut out = Vec::new();
     let mut i = 0;
     while i < tokens.len() {
-        let next_sig = |from: usize| (from..tokens.len()).find(|&j| !is_blank(&tokens[j].token));
         let clause = is_word(&tokens[i].token, Keyword::FOR)
-            .then(|| next_sig(i + 1))
+            .then(|| next_sig(tokens, i + 1))
             .flatten()
             .filter(|&j| is_word(&tokens[j].token, Keyword::SYSTEM_TIME))
-            .and_then(|j| next_sig(j + 1))
+            .and_then(|j| next_sig(tokens, j + 1))
             .filter(|&j| is_word(&tokens[j].token, Keyword::AS))
-            .and_then(|j| next_sig(j + 1))
+            .and_then(|j| next_sig(tokens, j + 1))
             .filter(|&j| is_word(&tokens[j].token, Keyword::OF));
         let Some(of) = clause else {
             i += 1;
@@ -349,15 +353,13 @@ fn extract_watermark(tokens: &mut Vec<TokenWithSpan>, ext: &mut Extensions) -> R
             Token::LParen => depth += 1,
             Token::RParen => depth -= 1,
             t if depth == 1 && is_word_text(t, "watermark") => {
-                let next_sig =
-                    |from: usize| (from..tokens.len()).find(|&j| !is_blank(&tokens[j].token));
                 let Some(for_i) =
-                    next_sig(i + 1).filter(|&j| is_word(&tokens[j].token, Keyword::FOR))
+                    next_sig(tokens, i + 1).filter(|&j| is_word(&tokens[j].token, Keyword::FOR))
                 else {
                     i += 1;
                     continue;
                 };
-                let col_i = next_sig(for_i + 1)
+                let col_i = next_sig(tokens, for_i + 1)
                     .ok_or_else(|| syntax("expected a column after WATERMARK FOR"))?;
                 let col = match &tokens[col_i].token {
                     Token::Word(w) => Ident {
@@ -371,7 +373,7 @@ fn extract_watermark(tokens: &mut Vec<TokenWithSpan>, ext: &mut Extensions) -> R
                         )));
                     }
                 };
-                let as_i = next_sig(col_i + 1)
+                let as_i = next_sig(tokens, col_i + 1)
                     .filter(|&j| is_word(&tokens[j].token, Keyword::AS))
                     .ok_or_else(|| syntax("expected AS after WATERMARK FOR column"))?;
                 // The expression runs to the next comma or closing parenthesis at depth 1.

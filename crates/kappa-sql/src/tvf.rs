@@ -157,7 +157,6 @@ pub(crate) fn fixed_micros(iv: IntervalMonthDayNano) -> std::result::Result<i64,
 
 struct Rewriter<'a> {
     catalog: &'a Catalog,
-    error: Option<KappaError>,
 }
 
 fn arg_expr(a: &FunctionArg) -> Option<&Expr> {
@@ -306,32 +305,32 @@ impl Rewriter<'_> {
 }
 
 impl VisitorMut for Rewriter<'_> {
-    type Break = ();
+    type Break = KappaError;
 
-    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<()> {
+    fn pre_visit_table_factor(&mut self, tf: &mut TableFactor) -> ControlFlow<KappaError> {
         match self.rewrite(tf) {
             Ok(Some(new)) => *tf = new,
             Ok(None) => {}
-            Err(e) => {
-                self.error = Some(e);
-                return ControlFlow::Break(());
-            }
+            Err(e) => return ControlFlow::Break(e),
         }
         ControlFlow::Continue(())
     }
 }
 
+/// Runs a rewriting visitor that stops at its first error.
+pub(crate) fn visit_fallibly<T: VisitMut>(
+    node: &mut T,
+    visitor: &mut impl VisitorMut<Break = KappaError>,
+) -> Result<()> {
+    match node.visit(visitor) {
+        ControlFlow::Break(e) => Err(e),
+        ControlFlow::Continue(()) => Ok(()),
+    }
+}
+
 /// Replaces every window table function call in `query` by its synthetic relation.
 pub fn rewrite_window_tvfs<T: VisitMut>(node: &mut T, catalog: &Catalog) -> Result<()> {
-    let mut r = Rewriter {
-        catalog,
-        error: None,
-    };
-    let _ = node.visit(&mut r);
-    match r.error {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    visit_fallibly(node, &mut Rewriter { catalog })
 }
 
 #[cfg(test)]
