@@ -139,8 +139,13 @@ impl AsyncDB for KappaDb {
 }
 
 /// Runs one `.slt` file against a fresh Kappa server.
-pub async fn run_slt_file(path: &Path) -> Result<(), String> {
-    let addr = start_kappa().await;
+/// Runs one `.slt` file against a fresh server whose views run in `parallelism` shards.
+pub async fn run_slt_file(path: &Path, parallelism: usize) -> Result<(), String> {
+    let addr = start_kappa_with(EngineConfig {
+        parallelism,
+        ..EngineConfig::default()
+    })
+    .await;
     let mut runner =
         sqllogictest::Runner::new(move || async move { Ok(KappaDb::connect(addr).await) });
     runner.with_hash_threshold(0);

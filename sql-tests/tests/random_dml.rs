@@ -1,7 +1,8 @@
 //! Randomized oracle test: thousands of random INSERT/UPDATE/DELETE statements go to Kappa
 //! and to a throw-away PostgreSQL. At checkpoints every materialized view in Kappa must
 //! equal (a) the same query run by PostgreSQL on its copy of the table and (b) the same
-//! query run ad hoc by Kappa on the table.
+//! query run ad hoc by Kappa on the table. Every view exists twice, in one shard and in
+//! three (keyed parallelism), and both copies must equal PostgreSQL.
 //!
 //! Two modes: single-row statements with a FLUSH after each (every epoch holds one change),
 //! and multi-row statements with epochs cut by the barrier timer. A third test drives a
@@ -328,6 +329,13 @@ fn sqlstate(e: &DbError) -> String {
     e.0.split(':').next().unwrap_or_default().to_string()
 }
 
+/// Shards of the second copy of every view.
+const SHARDS: usize = 3;
+
+fn sharded(view: &str) -> String {
+    format!("{view}_in_{SHARDS}_shards")
+}
+
 async fn check(kappa: &Client, pg: &Client, views: &[(&str, &str)], step: usize) {
     for (name, def) in views {
         let in_kappa = rows(kappa, &format!("SELECT * FROM {name}")).await;
@@ -335,6 +343,11 @@ async fn check(kappa: &Client, pg: &Client, views: &[(&str, &str)], step: usize)
         assert_eq!(
             in_kappa, in_pg,
             "view {name} differs from PostgreSQL after {step} statements"
+        );
+        let in_shards = rows(kappa, &format!("SELECT * FROM {}", sharded(name))).await;
+        assert_eq!(
+            in_shards, in_pg,
+            "view {name} in {SHARDS} shards differs from PostgreSQL after {step} statements"
         );
         let adhoc = rows(kappa, def).await;
         assert_eq!(
@@ -412,10 +425,15 @@ async fn run(suite: &Suite, seed: u64, statements: usize, multi_row: bool) {
         }
     }
     for (name, def) in suite.views {
-        kappa
-            .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {def}"))
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        // Each view twice: in one shard, and in SHARDS shards (keyed parallelism).
+        for (view, n) in [(name.to_string(), 1), (sharded(name), SHARDS)] {
+            kappa
+                .batch_execute(&format!(
+                    "CREATE MATERIALIZED VIEW {view} WITH (parallelism = {n}) AS {def}"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("create {view}: {e}"));
+        }
         let pg_def = suite
             .pg_views
             .iter()

@@ -1,4 +1,5 @@
-//! Runs every `.slt` file under `sql-tests/slt/`, each against its own fresh server.
+//! Runs every `.slt` file under `sql-tests/slt/`, each against its own fresh server, once
+//! with views in one shard and once in two (keyed parallelism).
 //! `KAPPA_SLT=text` runs only the files whose path contains `text`.
 
 use std::path::PathBuf;
@@ -30,11 +31,14 @@ async fn sqllogictest_files() {
     assert!(!files.is_empty(), "no .slt files found");
     let mut failures = vec![];
     for f in &files {
-        match kappa_sql_tests::run_slt_file(f).await {
-            Ok(()) => eprintln!("ok   {}", f.display()),
-            Err(e) => {
-                eprintln!("FAIL {}\n{e}", f.display());
-                failures.push(f.display().to_string());
+        // Every file in one shard and in two: the results must not depend on it.
+        for parallelism in [1, 2] {
+            match kappa_sql_tests::run_slt_file(f, parallelism).await {
+                Ok(()) => eprintln!("ok   {} (parallelism {parallelism})", f.display()),
+                Err(e) => {
+                    eprintln!("FAIL {} (parallelism {parallelism})\n{e}", f.display());
+                    failures.push(format!("{} (parallelism {parallelism})", f.display()));
+                }
             }
         }
     }

@@ -90,6 +90,26 @@ impl ChangeBatch {
         Self::new(data, weights)
     }
 
+    /// Rows `offset..offset + len` (zero-copy). Panics if the range is out of bounds.
+    pub fn slice(&self, offset: usize, len: usize) -> Self {
+        Self {
+            data: self.data.slice(offset, len),
+            weights: self.weights.slice(offset, len),
+        }
+    }
+
+    /// The rows at `indices`, in that order.
+    pub fn take(&self, indices: &datafusion::arrow::array::UInt32Array) -> Result<Self> {
+        let data = datafusion::arrow::compute::take_record_batch(&self.data, indices)?;
+        let weights = datafusion::arrow::compute::take(&self.weights, indices, None)?;
+        let weights = weights
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .cloned()
+            .ok_or_else(|| KappaError::internal("taken weights are not Int64"))?;
+        Self::new(data, weights)
+    }
+
     pub fn into_parts(self) -> (RecordBatch, Int64Array) {
         (self.data, self.weights)
     }

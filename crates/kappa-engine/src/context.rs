@@ -331,6 +331,7 @@ impl KappaSchema {
             ),
             Field::new("late_rows", DataType::Int64, false),
             Field::new("state_entries", DataType::Int64, false),
+            Field::new("parallelism", DataType::Int64, false),
         ]));
         let epoch = s.snapshot.epoch as i64;
         one_batch_table(
@@ -348,6 +349,9 @@ impl KappaSchema {
                 )),
                 Arc::new(Int64Array::from_iter_values(
                     rows.iter().map(|r| r.1.state_entries as i64),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    rows.iter().map(|r| r.1.parallelism as i64),
                 )),
             ],
         )

@@ -330,7 +330,7 @@ pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Ou
         TableReads::Committed,
         true,
     );
-    let eowc = view_options(&cv.options)?;
+    let eowc = view_options(&cv.options)?.emit_on_window_close;
     let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
     let graph = lower(&ctx, &catalog, &plan, 0, &name, eowc)?;
     Ok(crate::plan_rows(&graph.to_string()))
@@ -365,18 +365,52 @@ fn lower(
 }
 
 /// The options of CREATE MATERIALIZED VIEW: whether it emits on window close.
-fn view_options(opts: &CreateTableOptions) -> Result<bool> {
-    use datafusion::sql::sqlparser::ast::SqlOption;
+/// A view's options: `EMIT ON WINDOW CLOSE` (parsed into an option) and
+/// `parallelism = n`.
+struct ViewOptions {
+    emit_on_window_close: bool,
+    parallelism: Option<usize>,
+}
+
+/// Most shards a view may ask for.
+const MAX_PARALLELISM: usize = 256;
+
+fn view_options(opts: &CreateTableOptions) -> Result<ViewOptions> {
+    use datafusion::sql::sqlparser::ast::{Expr as SqlExpr, SqlOption, Value};
+    let mut out = ViewOptions {
+        emit_on_window_close: false,
+        parallelism: None,
+    };
     let list = match opts {
-        CreateTableOptions::None => return Ok(false),
+        CreateTableOptions::None => return Ok(out),
         CreateTableOptions::With(v) => v,
         other => return Err(KappaError::not_supported(format!("view options {other}"))),
     };
-    let mut eowc = false;
     for o in list {
         match o {
             SqlOption::KeyValue { key, .. } if key.value == kappa_sql::parse::EMIT_OPTION => {
-                eowc = true
+                out.emit_on_window_close = true
+            }
+            SqlOption::KeyValue { key, value } if key.value.eq_ignore_ascii_case("parallelism") => {
+                let n = match value {
+                    SqlExpr::Value(v) => match &v.value {
+                        Value::Number(n, _) => n.parse::<usize>().ok(),
+                        Value::SingleQuotedString(n) => n.parse::<usize>().ok(),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                match n {
+                    Some(n @ 1..=MAX_PARALLELISM) => out.parallelism = Some(n),
+                    _ => {
+                        return Err(KappaError::user(
+                            SqlState::INVALID_PARAMETER_VALUE,
+                            format!(
+                                "parallelism must be an integer from 1 to {MAX_PARALLELISM}, not {value}"
+                            ),
+                        ));
+                    }
+                }
             }
             other => {
                 return Err(KappaError::user(
@@ -386,7 +420,7 @@ fn view_options(opts: &CreateTableOptions) -> Result<bool> {
             }
         }
     }
-    Ok(eowc)
+    Ok(out)
 }
 
 async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Output> {
@@ -412,7 +446,8 @@ async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Outpu
     if !cv.columns.is_empty() {
         return Err(KappaError::not_supported("a column list in CREATE VIEW"));
     }
-    let eowc = view_options(&cv.options)?;
+    let options = view_options(&cv.options)?;
+    let eowc = options.emit_on_window_close;
     if eowc && !cv.materialized {
         return Err(KappaError::user(
             SqlState::SYNTAX_ERROR,
@@ -454,8 +489,9 @@ async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Outpu
         let graph = lower(&ctx, &catalog, &plan, id, &name, eowc)?;
         let text = graph.to_string();
         let sql = sql.to_string();
+        let parallelism = options.parallelism.unwrap_or(engine.parallelism());
         engine
-            .blocking(move |rt| rt.create_view(&sql, id, graph))
+            .blocking(move |rt| rt.create_view(&sql, id, graph, parallelism))
             .await?;
         Some(text)
     } else {

@@ -79,6 +79,15 @@ pub struct EngineConfig {
     /// them (RocksDB's cache and write buffers get half, the changes not yet checkpointed
     /// the other half). `None`: state tables are kept in memory whole.
     pub state_memory: Option<u64>,
+    /// How many shards a materialized view's keyed operators (aggregates, joins, top-N,
+    /// windows) run in unless its `WITH (parallelism = n)` says otherwise (default: the
+    /// machine's cores).
+    pub parallelism: usize,
+}
+
+/// The machine's cores, as the default parallelism of views.
+pub fn default_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 impl Default for EngineConfig {
@@ -89,6 +98,7 @@ impl Default for EngineConfig {
             fsync: true,
             checkpoint_interval: Some(Duration::from_secs(1)),
             state_memory: None,
+            parallelism: default_parallelism(),
         }
     }
 }
@@ -98,6 +108,8 @@ pub struct Engine {
     runtime: Arc<Runtime>,
     /// Serializes DDL so catalog changes and runtime changes happen in one order.
     ddl: tokio::sync::Mutex<()>,
+    /// Shards of a view that does not choose (see [`EngineConfig::parallelism`]).
+    parallelism: usize,
 }
 
 impl Engine {
@@ -153,6 +165,7 @@ impl Engine {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             runtime: Arc::new(runtime),
             ddl: tokio::sync::Mutex::new(()),
+            parallelism: config.parallelism.max(1),
         })
     }
 
@@ -235,6 +248,11 @@ impl Engine {
             Ok(mut g) => *g = Arc::new(c),
             Err(p) => *p.into_inner() = Arc::new(c),
         }
+    }
+
+    /// Shards of a view that does not choose.
+    pub fn parallelism(&self) -> usize {
+        self.parallelism
     }
 
     pub fn runtime(&self) -> &Arc<Runtime> {

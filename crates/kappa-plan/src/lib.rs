@@ -361,9 +361,66 @@ pub struct AggCall {
     pub call: Expr,
 }
 
+/// Which input rows must meet in one shard of a node, when a view runs in several shards
+/// (keyed parallelism): every shard runs its own copy of the node's operator over its own
+/// part of the input, and the union of the shards' outputs must be the node's output.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Distribution {
+    /// Any split will do: the operator relates no row to another (its state, if any, is
+    /// per row), so it runs where its input already is.
+    Any,
+    /// Rows with equal values of these expressions (over the input) must meet in one shard:
+    /// the operator's state is per value of them (a group, a join key, a partition). Rows
+    /// are routed by a hash of the values.
+    Hash(Vec<Expr>),
+    /// Every row must meet every other one in a single shard (a scalar aggregate, a top-N
+    /// or window without PARTITION BY, a join without equi keys, the view's contents).
+    Single,
+}
+
 impl StreamGraph {
     pub fn sink(&self) -> Option<&StreamNode> {
         self.nodes.last()
+    }
+
+    /// How node `id` needs the rows of its input number `port` distributed over shards.
+    pub fn input_distribution(&self, id: NodeId, port: usize) -> Distribution {
+        let node = &self.nodes[id];
+        let hash = |keys: Vec<Expr>| {
+            if keys.is_empty() {
+                Distribution::Single
+            } else {
+                Distribution::Hash(keys)
+            }
+        };
+        match &node.kind {
+            NodeKind::Source { .. }
+            | NodeKind::Project { .. }
+            | NodeKind::Filter { .. }
+            | NodeKind::WindowExpand { .. }
+            | NodeKind::TemporalFilter { .. }
+            | NodeKind::Union => Distribution::Any,
+            NodeKind::SessionWindow { spec, .. } => {
+                let input = &self.nodes[node.inputs[0]].schema;
+                let columns = input.columns();
+                hash(
+                    spec.partition
+                        .iter()
+                        .map(|&c| Expr::Column(columns[c].clone()))
+                        .collect(),
+                )
+            }
+            NodeKind::Aggregate { group_exprs, .. } => hash(group_exprs.clone()),
+            NodeKind::TopN { partition_by, .. } | NodeKind::Over { partition_by, .. } => {
+                hash(partition_by.clone())
+            }
+            NodeKind::Join { on, .. } | NodeKind::TemporalJoin { on, .. } => hash(
+                on.iter()
+                    .map(|(l, r)| if port == 0 { l.clone() } else { r.clone() })
+                    .collect(),
+            ),
+            NodeKind::Materialize { .. } => Distribution::Single,
+        }
     }
 
     /// The relations this graph reads, each once, in first-use order.

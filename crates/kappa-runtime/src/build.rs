@@ -14,10 +14,11 @@ use kappa_operators::{
     Project, Recompute, SessionWindow, SideTables, SortKey, SourceScan, TemporalFilter,
     TemporalJoin, TemporalJoinSpec, TopN, TopNSpec, Union, ViewContents, WindowExpand,
 };
-use kappa_plan::{NodeKind, StreamGraph};
+use kappa_plan::{Distribution, NodeKind, StreamGraph};
 use kappa_state::{RowMultiset, StateStore};
 
 use crate::dataflow::Dataflow;
+use crate::exchange::Route;
 
 fn arrow_schema(s: &DFSchema) -> SchemaRef {
     Arc::new(Schema::new(s.as_arrow().fields().clone()))
@@ -106,6 +107,7 @@ pub(crate) fn build_dataflow(
     relation: RelationId,
     graph: StreamGraph,
     store: &dyn StateStore,
+    parallelism: usize,
 ) -> Result<Dataflow> {
     let sink = graph
         .sink()
@@ -118,286 +120,18 @@ pub(crate) fn build_dataflow(
             store.create_table(&format!("mv{relation}.contents"))?,
         )?)
     }));
-    let mut ops: Vec<Box<dyn Operator>> = Vec::with_capacity(graph.nodes.len());
-    for (i, node) in graph.nodes.iter().enumerate() {
-        let schema = arrow_schema(&node.schema);
-        let input = || -> Result<&DFSchema> {
-            node.inputs
-                .first()
-                .map(|&j| graph.nodes[j].schema.as_ref())
-                .ok_or_else(|| KappaError::internal("node without input"))
-        };
-        let join_inputs = || -> Result<(&DFSchema, &DFSchema)> {
-            match node.inputs.as_slice() {
-                [l, r] => Ok((
-                    graph.nodes[*l].schema.as_ref(),
-                    graph.nodes[*r].schema.as_ref(),
-                )),
-                _ => Err(KappaError::internal("a join node needs two inputs")),
-            }
-        };
-        let op: Box<dyn Operator> = match &node.kind {
-            NodeKind::Source { projection, .. } => {
-                Box::new(SourceScan::new(projection.clone(), schema))
-            }
-            NodeKind::Project { exprs } => {
-                let input = input()?;
-                let exprs = exprs
-                    .iter()
-                    .map(|e| compile(ctx, e, input))
-                    .collect::<Result<Vec<_>>>()?;
-                Box::new(Project::new(exprs, schema))
-            }
-            NodeKind::Filter { predicate } => {
-                Box::new(Filter::new(compile(ctx, predicate, input()?)?))
-            }
-            NodeKind::WindowExpand { time_col, spec } => {
-                Box::new(WindowExpand::new(*time_col, *spec, schema))
-            }
-            NodeKind::TemporalFilter { bounds } => {
-                let input = input()?;
-                let bounds = bounds
-                    .iter()
-                    .map(|b| Ok((compile(ctx, &b.expr, input)?, b.edge, b.offset)))
-                    .collect::<Result<Vec<_>>>()?;
-                let op = TemporalFilter::new(bounds, schema)?;
-                Box::new(if store.checkpointed() {
-                    op.with_checkpoints(
-                        store.create_table(&format!("mv{relation}.n{i}.timed"))?,
-                        store.spills(),
-                    )
-                } else {
-                    op
-                })
-            }
-            NodeKind::SessionWindow { time_col, spec } => {
-                let input_node = node
-                    .inputs
-                    .first()
-                    .map(|&i| &graph.nodes[i])
-                    .ok_or_else(|| KappaError::internal("a session window needs an input"))?;
-                let time_offset = input_node.watermark_col(*time_col).map(|w| w.offset);
-                let op = SessionWindow::new(
-                    *time_col,
-                    spec.clone(),
-                    time_offset,
-                    &arrow_schema(&input_node.schema),
-                    schema,
-                )?;
-                Box::new(if store.checkpointed() {
-                    op.with_checkpoints(
-                        store.create_table(&format!("mv{relation}.n{i}.sessions"))?,
-                        store.spills(),
-                    )
-                } else {
-                    op
-                })
-            }
-            NodeKind::Aggregate {
-                group_exprs,
-                aggregates,
-                window_close,
-                emit_on_window_close,
-            } => {
-                let input = input()?;
-                let groups = group_exprs
-                    .iter()
-                    .map(|e| compile(ctx, e, input))
-                    .collect::<Result<Vec<_>>>()?;
-                let group_types = group_exprs
-                    .iter()
-                    .map(|e| e.get_type(input))
-                    .collect::<datafusion::error::Result<Vec<_>>>()?;
-                let specs = aggregates
-                    .iter()
-                    .map(|a| {
-                        Ok(AggSpec {
-                            func: a.func,
-                            distinct: a.distinct,
-                            arg: match a.args.first() {
-                                Some(e) => Some(compile(ctx, e, input)?),
-                                None => None,
-                            },
-                            filter: match &a.filter {
-                                Some(f) => Some(compile(ctx, f, input)?),
-                                None => None,
-                            },
-                            input_type: a.input_type.clone(),
-                            output_type: a.output_type.clone(),
-                            recompute: match a.func {
-                                kappa_plan::AggFunc::Other => Some(recompute(ctx, &a.call, input)?),
-                                _ => None,
-                            },
-                        })
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                let agg = HashAggregate::new(
-                    groups,
-                    group_types,
-                    specs,
-                    schema,
-                    store.create_table(&format!("mv{relation}.n{i}.groups"))?,
-                    store.create_table(&format!("mv{relation}.n{i}.extremes"))?,
-                )?;
-                let agg = if graph.nodes[node.inputs[0]].append_only {
-                    agg.with_append_only_input()
-                } else {
-                    agg
-                };
-                Box::new(match window_close {
-                    Some(c) => agg.with_window_close(*c, *emit_on_window_close),
-                    None => agg,
-                })
-            }
-            NodeKind::TopN {
-                partition_by,
-                order_by,
-                func,
-                lo,
-                hi,
-                emit_rank,
-                window_close,
-                emit_on_window_close,
-            } => {
-                let input = input()?;
-                let spec = TopNSpec {
-                    partition: compile_typed(ctx, partition_by, input)?,
-                    order: compile_order(ctx, order_by, input)?,
-                    func: *func,
-                    lo: *lo,
-                    hi: *hi,
-                    emit_rank: *emit_rank,
-                };
-                let mut op = TopN::new(spec, &arrow_schema(input), schema)?;
-                if graph.nodes[node.inputs[0]].append_only {
-                    op = op.with_append_only_input();
-                }
-                if let Some(c) = window_close {
-                    op = op.with_window_close(*c, *emit_on_window_close);
-                }
-                if store.checkpointed() {
-                    op = op.with_checkpoints(
-                        store.create_table(&format!("mv{relation}.n{i}.top"))?,
-                        store.spills(),
-                    );
-                }
-                Box::new(op)
-            }
-            NodeKind::Over {
-                partition_by,
-                order_by,
-                funcs,
-            } => {
-                let input = input()?;
-                let state = ctx.state();
-                let funcs = funcs
-                    .iter()
-                    .map(|e| {
-                        Ok(datafusion::physical_planner::create_window_expr(
-                            e,
-                            input,
-                            state.execution_props(),
-                            &Default::default(),
-                        )?)
-                    })
-                    .collect::<Result<_>>()?;
-                let spec = OverSpec {
-                    partition: compile_typed(ctx, partition_by, input)?,
-                    order: compile_order(ctx, order_by, input)?,
-                    funcs,
-                };
-                let table = store.create_table(&format!("mv{relation}.n{i}.over"))?;
-                Box::new(Over::new(spec, arrow_schema(input), schema, table)?)
-            }
-            NodeKind::Union => Box::new(Union::new(schema)),
-            NodeKind::TemporalJoin {
-                left,
-                on,
-                probe_time,
-                version_time,
-                probe_bound,
-                version_bound,
-            } => {
-                let (ls, rs) = join_inputs()?;
-                let spec = TemporalJoinSpec {
-                    left: *left,
-                    probe_keys: join_keys(ctx, on, ls, false)?,
-                    version_keys: join_keys(ctx, on, rs, true)?,
-                    key_types: join_key_types(on, ls)?,
-                    probe_time: compile(ctx, probe_time, ls)?,
-                    version_time: *version_time,
-                    probe_bound: *probe_bound,
-                    version_bound: *version_bound,
-                };
-                let table = store.create_table(&format!("mv{relation}.n{i}.temporal"))?;
-                Box::new(TemporalJoin::new(
-                    spec,
-                    &arrow_schema(ls),
-                    &arrow_schema(rs),
-                    schema,
-                    table,
-                )?)
-            }
-            NodeKind::Join {
-                kind,
-                on,
-                filter,
-                null_equals_null,
-                expiry,
-            } => {
-                let (ls, rs) = join_inputs()?;
-                let key_types = join_key_types(on, ls)?;
-                let side = |schema: &DFSchema, right: bool| -> Result<JoinSide> {
-                    Ok(JoinSide {
-                        keys: join_keys(ctx, on, schema, right)?,
-                        schema: arrow_schema(schema),
-                        expiry: expiry[usize::from(right)].clone(),
-                    })
-                };
-                let residual = match filter {
-                    Some(f) => Some(compile(ctx, f, &ls.join(rs)?)?),
-                    None => None,
-                };
-                let join = HashJoin::new(
-                    *kind,
-                    side(ls, false)?,
-                    side(rs, true)?,
-                    key_types,
-                    residual,
-                    *null_equals_null,
-                    schema,
-                )?;
-                Box::new(if store.checkpointed() {
-                    // Kept in memory, the sides' tables are only read at a restore that
-                    // takes up what a spilling run left in them.
-                    let spill = store.spills();
-                    let table = |name: String| {
-                        if spill {
-                            store.create_table(&name)
-                        } else {
-                            store.create_cold_table(&name)
-                        }
-                    };
-                    let side = |name: &str| -> Result<SideTables> {
-                        Ok(SideTables {
-                            rows: table(format!("mv{relation}.n{i}.{name}"))?,
-                            expiring: table(format!("mv{relation}.n{i}.{name}.expiring"))?,
-                        })
-                    };
-                    join.with_checkpoints(
-                        store.create_cold_table(&format!("mv{relation}.n{i}.join"))?,
-                        [side("left")?, side("right")?],
-                        spill,
-                    )
-                } else {
-                    join
-                })
-            }
-            NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),
-        };
-        ops.push(op);
+    let parallelism = parallelism.max(1);
+    let mut ops: Vec<Vec<Box<dyn Operator>>> = Vec::with_capacity(graph.nodes.len());
+    let mut routes: Vec<Vec<Route>> = Vec::with_capacity(graph.nodes.len());
+    for i in 0..graph.nodes.len() {
+        let (width, node_routes) = distribute(ctx, &graph, i, parallelism, &ops)?;
+        let shards = (0..width)
+            .map(|shard| build_op(ctx, &graph, i, relation, shard, store, &contents))
+            .collect::<Result<Vec<_>>>()?;
+        ops.push(shards);
+        routes.push(node_routes);
     }
-    let mut dataflow = Dataflow::new(relation, graph, ops, contents);
+    let mut dataflow = Dataflow::new(relation, graph, ops, routes, contents);
     if store.checkpointed() {
         dataflow.checkpointed = Some(crate::dataflow::ViewTables {
             meta: store.create_table(&format!("mv{relation}.meta"))?,
@@ -416,4 +150,347 @@ pub(crate) fn state_prefix(relation: RelationId, is_view: bool) -> String {
     } else {
         format!("t{relation}.")
     }
+}
+
+/// How many shards node `i` runs in (out of `parallelism`), and the route of each of its
+/// inputs (see [`kappa_plan::Distribution`]). `built` holds the earlier nodes' shards.
+fn distribute(
+    ctx: &SessionContext,
+    graph: &StreamGraph,
+    i: usize,
+    parallelism: usize,
+    built: &[Vec<Box<dyn Operator>>],
+) -> Result<(usize, Vec<Route>)> {
+    let node = &graph.nodes[i];
+    if let NodeKind::Source { .. } = node.kind {
+        return Ok((parallelism, Vec::new()));
+    }
+    let dists: Vec<Distribution> = (0..node.inputs.len())
+        .map(|port| graph.input_distribution(i, port))
+        .collect();
+    let width = if dists.contains(&Distribution::Single) {
+        1
+    } else if dists.iter().any(|d| matches!(d, Distribution::Hash(_))) {
+        parallelism
+    } else {
+        node.inputs
+            .iter()
+            .map(|&j| built[j].len())
+            .max()
+            .unwrap_or(1)
+    };
+    let key_types = match &node.kind {
+        NodeKind::Join { on, .. } | NodeKind::TemporalJoin { on, .. } => {
+            let left = graph.nodes[node.inputs[0]].schema.as_ref();
+            Some(join_key_types(on, left)?)
+        }
+        _ => None,
+    };
+    let mut routes = Vec::with_capacity(dists.len());
+    for (port, d) in dists.into_iter().enumerate() {
+        let input = graph.nodes[node.inputs[port]].schema.as_ref();
+        routes.push(match d {
+            _ if width == 1 => Route::Single,
+            Distribution::Any | Distribution::Single => Route::Forward,
+            Distribution::Hash(keys) => Route::Hash {
+                types: match &key_types {
+                    Some(t) => t.clone(),
+                    None => keys
+                        .iter()
+                        .map(|e| e.get_type(input))
+                        .collect::<datafusion::error::Result<_>>()?,
+                },
+                keys: keys
+                    .iter()
+                    .map(|e| compile(ctx, e, input))
+                    .collect::<Result<_>>()?,
+            },
+        });
+    }
+    Ok((width, routes))
+}
+
+/// Shard `shard` of node `i`'s operator, over state tables of its own.
+fn build_op(
+    ctx: &SessionContext,
+    graph: &StreamGraph,
+    i: usize,
+    relation: RelationId,
+    shard: usize,
+    store: &dyn StateStore,
+    contents: &Arc<Mutex<ViewContents>>,
+) -> Result<Box<dyn Operator>> {
+    let node = &graph.nodes[i];
+    let table_name = |name: &str| {
+        if shard == 0 {
+            format!("mv{relation}.n{i}.{name}")
+        } else {
+            format!("mv{relation}.n{i}.s{shard}.{name}")
+        }
+    };
+    let schema = arrow_schema(&node.schema);
+    let input = || -> Result<&DFSchema> {
+        node.inputs
+            .first()
+            .map(|&j| graph.nodes[j].schema.as_ref())
+            .ok_or_else(|| KappaError::internal("node without input"))
+    };
+    let join_inputs = || -> Result<(&DFSchema, &DFSchema)> {
+        match node.inputs.as_slice() {
+            [l, r] => Ok((
+                graph.nodes[*l].schema.as_ref(),
+                graph.nodes[*r].schema.as_ref(),
+            )),
+            _ => Err(KappaError::internal("a join node needs two inputs")),
+        }
+    };
+    let op: Box<dyn Operator> = match &node.kind {
+        NodeKind::Source { projection, .. } => {
+            Box::new(SourceScan::new(projection.clone(), schema))
+        }
+        NodeKind::Project { exprs } => {
+            let input = input()?;
+            let exprs = exprs
+                .iter()
+                .map(|e| compile(ctx, e, input))
+                .collect::<Result<Vec<_>>>()?;
+            Box::new(Project::new(exprs, schema))
+        }
+        NodeKind::Filter { predicate } => Box::new(Filter::new(compile(ctx, predicate, input()?)?)),
+        NodeKind::WindowExpand { time_col, spec } => {
+            Box::new(WindowExpand::new(*time_col, *spec, schema))
+        }
+        NodeKind::TemporalFilter { bounds } => {
+            let input = input()?;
+            let bounds = bounds
+                .iter()
+                .map(|b| Ok((compile(ctx, &b.expr, input)?, b.edge, b.offset)))
+                .collect::<Result<Vec<_>>>()?;
+            let op = TemporalFilter::new(bounds, schema)?;
+            Box::new(if store.checkpointed() {
+                op.with_checkpoints(store.create_table(&table_name("timed"))?, store.spills())
+            } else {
+                op
+            })
+        }
+        NodeKind::SessionWindow { time_col, spec } => {
+            let input_node = node
+                .inputs
+                .first()
+                .map(|&i| &graph.nodes[i])
+                .ok_or_else(|| KappaError::internal("a session window needs an input"))?;
+            let time_offset = input_node.watermark_col(*time_col).map(|w| w.offset);
+            let op = SessionWindow::new(
+                *time_col,
+                spec.clone(),
+                time_offset,
+                &arrow_schema(&input_node.schema),
+                schema,
+            )?;
+            Box::new(if store.checkpointed() {
+                op.with_checkpoints(store.create_table(&table_name("sessions"))?, store.spills())
+            } else {
+                op
+            })
+        }
+        NodeKind::Aggregate {
+            group_exprs,
+            aggregates,
+            window_close,
+            emit_on_window_close,
+        } => {
+            let input = input()?;
+            let groups = group_exprs
+                .iter()
+                .map(|e| compile(ctx, e, input))
+                .collect::<Result<Vec<_>>>()?;
+            let group_types = group_exprs
+                .iter()
+                .map(|e| e.get_type(input))
+                .collect::<datafusion::error::Result<Vec<_>>>()?;
+            let specs = aggregates
+                .iter()
+                .map(|a| {
+                    Ok(AggSpec {
+                        func: a.func,
+                        distinct: a.distinct,
+                        arg: match a.args.first() {
+                            Some(e) => Some(compile(ctx, e, input)?),
+                            None => None,
+                        },
+                        filter: match &a.filter {
+                            Some(f) => Some(compile(ctx, f, input)?),
+                            None => None,
+                        },
+                        input_type: a.input_type.clone(),
+                        output_type: a.output_type.clone(),
+                        recompute: match a.func {
+                            kappa_plan::AggFunc::Other => Some(recompute(ctx, &a.call, input)?),
+                            _ => None,
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let agg = HashAggregate::new(
+                groups,
+                group_types,
+                specs,
+                schema,
+                store.create_table(&table_name("groups"))?,
+                store.create_table(&table_name("extremes"))?,
+            )?;
+            let agg = if graph.nodes[node.inputs[0]].append_only {
+                agg.with_append_only_input()
+            } else {
+                agg
+            };
+            Box::new(match window_close {
+                Some(c) => agg.with_window_close(*c, *emit_on_window_close),
+                None => agg,
+            })
+        }
+        NodeKind::TopN {
+            partition_by,
+            order_by,
+            func,
+            lo,
+            hi,
+            emit_rank,
+            window_close,
+            emit_on_window_close,
+        } => {
+            let input = input()?;
+            let spec = TopNSpec {
+                partition: compile_typed(ctx, partition_by, input)?,
+                order: compile_order(ctx, order_by, input)?,
+                func: *func,
+                lo: *lo,
+                hi: *hi,
+                emit_rank: *emit_rank,
+            };
+            let mut op = TopN::new(spec, &arrow_schema(input), schema)?;
+            if graph.nodes[node.inputs[0]].append_only {
+                op = op.with_append_only_input();
+            }
+            if let Some(c) = window_close {
+                op = op.with_window_close(*c, *emit_on_window_close);
+            }
+            if store.checkpointed() {
+                op = op.with_checkpoints(store.create_table(&table_name("top"))?, store.spills());
+            }
+            Box::new(op)
+        }
+        NodeKind::Over {
+            partition_by,
+            order_by,
+            funcs,
+        } => {
+            let input = input()?;
+            let state = ctx.state();
+            let funcs = funcs
+                .iter()
+                .map(|e| {
+                    Ok(datafusion::physical_planner::create_window_expr(
+                        e,
+                        input,
+                        state.execution_props(),
+                        &Default::default(),
+                    )?)
+                })
+                .collect::<Result<_>>()?;
+            let spec = OverSpec {
+                partition: compile_typed(ctx, partition_by, input)?,
+                order: compile_order(ctx, order_by, input)?,
+                funcs,
+            };
+            let table = store.create_table(&table_name("over"))?;
+            Box::new(Over::new(spec, arrow_schema(input), schema, table)?)
+        }
+        NodeKind::Union => Box::new(Union::new(schema)),
+        NodeKind::TemporalJoin {
+            left,
+            on,
+            probe_time,
+            version_time,
+            probe_bound,
+            version_bound,
+        } => {
+            let (ls, rs) = join_inputs()?;
+            let spec = TemporalJoinSpec {
+                left: *left,
+                probe_keys: join_keys(ctx, on, ls, false)?,
+                version_keys: join_keys(ctx, on, rs, true)?,
+                key_types: join_key_types(on, ls)?,
+                probe_time: compile(ctx, probe_time, ls)?,
+                version_time: *version_time,
+                probe_bound: *probe_bound,
+                version_bound: *version_bound,
+            };
+            let table = store.create_table(&table_name("temporal"))?;
+            Box::new(TemporalJoin::new(
+                spec,
+                &arrow_schema(ls),
+                &arrow_schema(rs),
+                schema,
+                table,
+            )?)
+        }
+        NodeKind::Join {
+            kind,
+            on,
+            filter,
+            null_equals_null,
+            expiry,
+        } => {
+            let (ls, rs) = join_inputs()?;
+            let key_types = join_key_types(on, ls)?;
+            let side = |schema: &DFSchema, right: bool| -> Result<JoinSide> {
+                Ok(JoinSide {
+                    keys: join_keys(ctx, on, schema, right)?,
+                    schema: arrow_schema(schema),
+                    expiry: expiry[usize::from(right)].clone(),
+                })
+            };
+            let residual = match filter {
+                Some(f) => Some(compile(ctx, f, &ls.join(rs)?)?),
+                None => None,
+            };
+            let join = HashJoin::new(
+                *kind,
+                side(ls, false)?,
+                side(rs, true)?,
+                key_types,
+                residual,
+                *null_equals_null,
+                schema,
+            )?;
+            Box::new(if store.checkpointed() {
+                // Kept in memory, the sides' tables are only read at a restore that
+                // takes up what a spilling run left in them.
+                let spill = store.spills();
+                let table = |name: String| {
+                    if spill {
+                        store.create_table(&name)
+                    } else {
+                        store.create_cold_table(&name)
+                    }
+                };
+                let side = |name: &str| -> Result<SideTables> {
+                    Ok(SideTables {
+                        rows: table(table_name(name))?,
+                        expiring: table(table_name(&format!("{name}.expiring")))?,
+                    })
+                };
+                join.with_checkpoints(
+                    store.create_cold_table(&table_name("join"))?,
+                    [side("left")?, side("right")?],
+                    spill,
+                )
+            } else {
+                join
+            })
+        }
+        NodeKind::Materialize { .. } => Box::new(Materialize::new(contents.clone())),
+    };
+    Ok(op)
 }

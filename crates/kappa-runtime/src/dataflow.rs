@@ -9,6 +9,8 @@ use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::codec::{Decoder, Encoder};
 use kappa_state::{Bytes, StateTable};
 
+use crate::exchange::{self, Route};
+
 pub(crate) use kappa_state::TableChanges;
 
 /// The tables a view keeps beside its operators' when its state is checkpointed.
@@ -24,15 +26,34 @@ pub(crate) struct ViewTables {
 
 const VIEW_KEY: &[u8] = b"view";
 
-fn node_key(i: usize) -> Bytes {
-    std::sync::Arc::from((i as u32).to_be_bytes().as_slice())
+/// Under this key, the view's parallelism (4 bytes big-endian; absent: 1).
+const PARALLELISM_KEY: &[u8] = b"parallelism";
+
+/// Shard 0 of node `i`: its index, 4 bytes big-endian; shard `s > 0`: then `s`, 4 more.
+fn node_key(i: usize, shard: usize) -> Bytes {
+    let mut k = (i as u32).to_be_bytes().to_vec();
+    if shard > 0 {
+        k.extend_from_slice(&(shard as u32).to_be_bytes());
+    }
+    std::sync::Arc::from(k)
+}
+
+/// The parallelism a checkpointed view was running with, read from its restored `meta`
+/// table (`None`: not in the checkpoint).
+pub(crate) fn checkpointed_parallelism(meta: &dyn StateTable) -> Option<usize> {
+    let v = meta.get(PARALLELISM_KEY)?;
+    let b: [u8; 4] = v.as_ref().try_into().ok()?;
+    Some(u32::from_be_bytes(b) as usize)
 }
 
 pub(crate) struct Dataflow {
     pub relation: RelationId,
     pub graph: StreamGraph,
-    /// One operator per graph node, same index.
-    pub ops: Vec<Box<dyn Operator>>,
+    /// Per graph node (same index), its operator's shards: one, or the view's parallelism
+    /// (see `exchange`).
+    pub ops: Vec<Vec<Box<dyn Operator>>>,
+    /// Per graph node, how each of its inputs reaches its shards.
+    routes: Vec<Vec<Route>>,
     pub contents: Arc<Mutex<ViewContents>>,
     pub failure: Option<String>,
     /// The view's changes in the epoch just run, for the views that read it.
@@ -82,13 +103,15 @@ impl Dataflow {
     pub fn new(
         relation: RelationId,
         graph: StreamGraph,
-        ops: Vec<Box<dyn Operator>>,
+        ops: Vec<Vec<Box<dyn Operator>>>,
+        routes: Vec<Vec<Route>>,
         contents: Arc<Mutex<ViewContents>>,
     ) -> Self {
         Self {
             relation,
             graph,
             ops,
+            routes,
             contents,
             failure: None,
             output: Vec::new(),
@@ -105,10 +128,20 @@ impl Dataflow {
         }
     }
 
+    /// How many shards the view's keyed operators run in.
+    pub fn parallelism(&self) -> usize {
+        self.ops.iter().map(Vec::len).max().unwrap_or(1)
+    }
+
+    fn all_ops(&self) -> impl Iterator<Item = &Box<dyn Operator>> {
+        self.ops.iter().flatten()
+    }
+
     /// Drives one epoch: each node receives all of its inputs' batches, then the barrier
     /// with its inputs' watermark. Nodes are in topological order, so a node's inputs are
-    /// complete when it runs. `times` holds each source relation's event time at the cut;
-    /// `now` is the epoch's processing time.
+    /// complete when it runs; a node's shards run in parallel, each over the part of the
+    /// inputs its routes give it. `times` holds each source relation's event time at the
+    /// cut; `now` is the epoch's processing time.
     pub fn run_epoch(
         &mut self,
         epoch: Epoch,
@@ -117,47 +150,60 @@ impl Dataflow {
         times: &HashMap<RelationId, EventTime>,
     ) -> Result<()> {
         let n = self.graph.nodes.len();
-        let mut outputs: Vec<Vec<ChangeBatch>> = Vec::with_capacity(n);
+        // Per node, per shard, the batches it emitted this epoch.
+        let mut outputs: Vec<Vec<Vec<ChangeBatch>>> = Vec::with_capacity(n);
         let mut node_times: Vec<EventTime> = Vec::with_capacity(n);
         for (i, node) in self.graph.nodes.iter().enumerate() {
-            let op = &mut self.ops[i];
-            op.advance_time(now);
-            let mut out = Vec::new();
+            let width = self.ops[i].len();
             let time = match &node.kind {
                 NodeKind::Source { relation, .. } => {
                     times.get(relation).copied().unwrap_or_default()
                 }
                 _ => EventTime::combine(node.inputs.iter().map(|&j| node_times[j])),
             };
+            // Per shard, its input batches with their port, in arrival order.
+            let mut inputs: Vec<Vec<(usize, ChangeBatch)>> =
+                (0..width).map(|_| Vec::new()).collect();
             match &node.kind {
                 NodeKind::Source { relation, .. } => {
-                    for b in deltas.get(relation).into_iter().flatten() {
-                        op.process(0, b.clone(), &mut out)?;
+                    let batches = deltas.get(relation).map(Vec::as_slice).unwrap_or_default();
+                    for (shard, run) in exchange::split_contiguous(batches, width)
+                        .into_iter()
+                        .enumerate()
+                    {
+                        inputs[shard].extend(run.into_iter().map(|b| (0, b)));
                     }
                 }
                 _ => {
                     for (port, &input) in node.inputs.iter().enumerate() {
-                        let batches = outputs.get(input).ok_or_else(|| {
+                        let produced = outputs.get(input).ok_or_else(|| {
                             KappaError::internal("stream graph is not in topological order")
                         })?;
-                        for b in batches {
-                            op.process(port, b.clone(), &mut out)?;
-                        }
+                        route(&self.routes[i][port], port, produced, &mut inputs)?;
                     }
                 }
             }
-            op.on_barrier(epoch, time.watermark, &mut out)?;
-            outputs.push(out);
+            let watermark = time.watermark;
+            let run = |op: &mut Box<dyn Operator>, input: Vec<(usize, ChangeBatch)>| {
+                op.advance_time(now);
+                let mut out = Vec::new();
+                for (port, b) in input {
+                    op.process(port, b, &mut out)?;
+                }
+                op.on_barrier(epoch, watermark, &mut out)?;
+                Ok(out)
+            };
+            outputs.push(in_parallel(&mut self.ops[i], inputs, run)?);
             node_times.push(time);
         }
-        self.output = outputs.pop().unwrap_or_default();
+        self.output = outputs.pop().map(|o| o.concat()).unwrap_or_default();
         self.watermark = node_times.pop().unwrap_or_default();
         Ok(())
     }
 
     /// Entries in the operators' state tables (the view's own contents excluded).
     pub fn state_entries(&self) -> usize {
-        self.ops.iter().map(|o| o.state_entries()).sum()
+        self.all_ops().map(|o| o.state_entries()).sum()
     }
 
     /// The view's progress, as `kappa_view_stats` shows it.
@@ -166,29 +212,39 @@ impl Dataflow {
             watermark: self.watermark.watermark,
             late_rows: self.total_late_rows(),
             state_entries: self.state_entries(),
+            parallelism: self.parallelism(),
         }
     }
 
     /// Late changes dropped for this view: at its sources and inside its operators.
     pub fn total_late_rows(&self) -> u64 {
-        self.late_rows + self.ops.iter().map(|o| o.late_rows()).sum::<u64>()
+        self.late_rows + self.all_ops().map(|o| o.late_rows()).sum::<u64>()
     }
 
     /// Whether a checkpoint can capture the view's whole state.
     pub fn checkpointable(&self) -> bool {
-        self.checkpointed.is_some() && self.ops.iter().all(|o| o.checkpointable())
+        self.checkpointed.is_some() && self.all_ops().all(|o| o.checkpointable())
     }
 
     /// Brings the view's state tables up to date and appends their changes since the last
     /// checkpoint to `out`.
     pub fn checkpoint(&mut self, out: &mut TableChanges) -> Result<()> {
+        let parallelism = self.parallelism();
         let Some(tables) = &mut self.checkpointed else {
             return Err(KappaError::internal("a view without checkpoint tables"));
         };
-        for (i, op) in self.ops.iter_mut().enumerate() {
-            let saved = op.checkpoint()?;
-            tables.meta.put(node_key(i), std::sync::Arc::from(saved));
+        for (i, shards) in self.ops.iter_mut().enumerate() {
+            for (shard, op) in shards.iter_mut().enumerate() {
+                let saved = op.checkpoint()?;
+                tables
+                    .meta
+                    .put(node_key(i, shard), std::sync::Arc::from(saved));
+            }
         }
+        tables.meta.put(
+            std::sync::Arc::from(PARALLELISM_KEY),
+            std::sync::Arc::from((parallelism as u32).to_be_bytes().as_slice()),
+        );
         let view = Encoder::new()
             .opt_i64(self.watermark.watermark)
             .bool(self.watermark.idle)
@@ -226,7 +282,7 @@ impl Dataflow {
 
     /// Every state table of the view: its operators', its contents', its own.
     fn for_each_table(&mut self, f: &mut dyn FnMut(&mut dyn StateTable)) -> Result<()> {
-        for op in &mut self.ops {
+        for op in self.ops.iter_mut().flatten() {
             for t in op.state_tables() {
                 f(t);
             }
@@ -258,12 +314,14 @@ impl Dataflow {
                 format!("the checkpoint holds no state for {what}"),
             ));
         };
-        for (i, op) in self.ops.iter_mut().enumerate() {
-            let saved = tables
-                .meta
-                .get(&node_key(i))
-                .unwrap_or_else(|| std::sync::Arc::from(&[][..]));
-            op.restore(&saved)?;
+        for (i, shards) in self.ops.iter_mut().enumerate() {
+            for (shard, op) in shards.iter_mut().enumerate() {
+                let saved = tables
+                    .meta
+                    .get(&node_key(i, shard))
+                    .unwrap_or_else(|| std::sync::Arc::from(&[][..]));
+                op.restore(&saved)?;
+            }
         }
         let mut d = Decoder::new(&view, &what);
         self.watermark = EventTime {
@@ -297,4 +355,108 @@ impl Dataflow {
     pub fn snapshot(&self) -> Result<ContentsSnapshot> {
         Materialize::snapshot(&self.contents)
     }
+}
+
+/// Rows below which a node's shards run one after another on the calling thread: starting
+/// threads would cost more than the work.
+const PARALLEL_ROWS: usize = 4096;
+
+/// Delivers one input's batches, as its producer's shards emitted them, to the consumer's
+/// shards (`inputs`), as input number `port`. Producer shards are taken in order, so each
+/// row's changes keep their order (see `exchange`).
+fn route(
+    route: &Route,
+    port: usize,
+    produced: &[Vec<ChangeBatch>],
+    inputs: &mut [Vec<(usize, ChangeBatch)>],
+) -> Result<()> {
+    match route {
+        Route::Single => {
+            for b in produced.iter().flatten() {
+                inputs[0].push((port, b.clone()));
+            }
+        }
+        Route::Forward => {
+            for (shard, batches) in produced.iter().enumerate() {
+                let target = shard.min(inputs.len() - 1);
+                inputs[target].extend(batches.iter().map(|b| (port, b.clone())));
+            }
+        }
+        Route::Hash { keys, types } => {
+            let n = inputs.len();
+            let rows: usize = produced.iter().flatten().map(ChangeBatch::num_rows).sum();
+            let split = |batches: &Vec<ChangeBatch>| -> Result<Vec<Vec<Option<ChangeBatch>>>> {
+                batches
+                    .iter()
+                    .map(|b| exchange::partition(b, keys, types, n))
+                    .collect()
+            };
+            let parts: Vec<Vec<Vec<Option<ChangeBatch>>>> = if rows < PARALLEL_ROWS
+                || produced.len() == 1
+            {
+                produced.iter().map(split).collect::<Result<_>>()?
+            } else {
+                std::thread::scope(|s| {
+                    let handles: Vec<_> = produced
+                        .iter()
+                        .map(|batches| s.spawn(move || split(batches)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| {
+                            h.join()
+                                .map_err(|_| KappaError::internal("an exchange thread panicked"))?
+                        })
+                        .collect::<Result<Vec<_>>>()
+                })?
+            };
+            for batch_parts in parts.into_iter().flatten() {
+                for (shard, part) in batch_parts.into_iter().enumerate() {
+                    if let Some(p) = part {
+                        inputs[shard].push((port, p));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs `f` for each shard over its input, the shards in parallel when there is enough
+/// input to be worth it; the shards' outputs, in shard order.
+fn in_parallel<F>(
+    shards: &mut [Box<dyn Operator>],
+    inputs: Vec<Vec<(usize, ChangeBatch)>>,
+    f: F,
+) -> Result<Vec<Vec<ChangeBatch>>>
+where
+    F: Fn(&mut Box<dyn Operator>, Vec<(usize, ChangeBatch)>) -> Result<Vec<ChangeBatch>> + Sync,
+{
+    let rows: usize = inputs.iter().flatten().map(|(_, b)| b.num_rows()).sum();
+    if shards.len() == 1 || rows < PARALLEL_ROWS {
+        return shards
+            .iter_mut()
+            .zip(inputs)
+            .map(|(op, input)| f(op, input))
+            .collect();
+    }
+    std::thread::scope(|s| {
+        let f = &f;
+        let mut pairs = shards.iter_mut().zip(inputs);
+        let first = pairs.next();
+        let handles: Vec<_> = pairs
+            .map(|(op, input)| s.spawn(move || f(op, input)))
+            .collect();
+        let mut out = Vec::with_capacity(handles.len() + 1);
+        if let Some((op, input)) = first {
+            out.push(f(op, input));
+        }
+        for h in handles {
+            out.push(
+                h.join()
+                    .map_err(|_| KappaError::internal("a shard's thread panicked"))?,
+            );
+        }
+        out.into_iter().collect()
+    })
 }

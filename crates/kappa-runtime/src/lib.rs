@@ -30,6 +30,7 @@
 mod build;
 mod clock;
 mod dataflow;
+mod exchange;
 mod table;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -97,6 +98,8 @@ pub struct ViewStats {
     pub late_rows: u64,
     /// Entries in the view's operator state (its own contents excluded).
     pub state_entries: usize,
+    /// Shards its keyed operators run in.
+    pub parallelism: usize,
 }
 
 struct Inner {
@@ -841,22 +844,44 @@ impl Runtime {
     /// Builds a view's dataflow, fills it from the current contents of its inputs (the
     /// relations' contents at the last committed epoch are exactly what their future
     /// changes will apply to), and commits an epoch so the view is visible on return.
-    pub fn create_view(&self, ddl: &str, relation: RelationId, graph: StreamGraph) -> Result<()> {
+    /// `parallelism`: how many shards its keyed operators run in (a view restored from a
+    /// checkpoint keeps the number it was checkpointed with, which its state is split by).
+    pub fn create_view(
+        &self,
+        ddl: &str,
+        relation: RelationId,
+        graph: StreamGraph,
+        parallelism: usize,
+    ) -> Result<()> {
         let mut inner = self.lock()?;
         let current = self.snapshot();
-        let mut view = build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref())?;
         if self.restoring()? {
             // Its state is the checkpoint's (a view dropped before the checkpoint has none;
             // its DROP follows).
-            if self
+            let checkpointed = self
                 .restored(|c| c.views.contains(&relation).then_some(()))?
-                .is_some()
-            {
+                .is_some();
+            let parallelism = if checkpointed {
+                let meta = self.store.create_table(&format!("mv{relation}.meta"))?;
+                dataflow::checkpointed_parallelism(meta.as_ref()).unwrap_or(1)
+            } else {
+                parallelism
+            };
+            let mut view = build::build_dataflow(
+                &self.ctx,
+                relation,
+                graph,
+                self.store.as_ref(),
+                parallelism,
+            )?;
+            if checkpointed {
                 view.restore()?;
             }
             inner.views.push(view);
             return Ok(());
         }
+        let mut view =
+            build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref(), parallelism)?;
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
             if let Some(s) = inner.sources.get(&src) {

@@ -44,6 +44,11 @@ enum Command {
         /// in memory. Needs checkpoints (an interval of 0 becomes 1000).
         #[arg(long)]
         state_memory_mb: Option<u64>,
+        /// Shards each materialized view's keyed operators (aggregates, joins, top-N,
+        /// windows) run in, unless the view's `WITH (parallelism = n)` says otherwise.
+        /// Default: the machine's cores.
+        #[arg(long)]
+        parallelism: Option<usize>,
     },
 }
 
@@ -85,6 +90,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             barrier_interval_ms,
             checkpoint_interval_ms,
             state_memory_mb,
+            parallelism,
         } => {
             let engine = Engine::open(EngineConfig {
                 barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
@@ -93,6 +99,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 checkpoint_interval: (checkpoint_interval_ms > 0)
                     .then(|| std::time::Duration::from_millis(checkpoint_interval_ms)),
                 state_memory: state_memory_mb.map(|m| m << 20),
+                parallelism: parallelism.unwrap_or_else(kappa_engine::default_parallelism),
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -384,7 +384,10 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
     let dir = std::env::temp_dir().join(format!("kappa-crash-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
 
-    let server = Server::start(&dir, &["--checkpoint-interval-ms", "200"]);
+    let server = Server::start(
+        &dir,
+        &["--checkpoint-interval-ms", "200", "--parallelism", "2"],
+    );
     let c = server.client().await;
     for ddl in schema() {
         c.batch_execute(&ddl).await.expect("schema");
@@ -451,6 +454,9 @@ async fn acknowledged_writes_survive_sigkill_and_views_match_postgres() {
         if matches!(round, 2 | 3) {
             args.extend(["--state-memory-mb", "32"]);
         }
+        // Views are created in 2 shards; restarts at other parallelisms keep a checkpointed
+        // view's shards (its state is split by them) and rebuild the others at the new one.
+        args.extend(["--parallelism", ["1", "3", "2"][(round % 3) as usize]]);
         let s = Server::start(&dir, &args);
         let c = s.client().await;
         // Each writer's statement in flight at the kill either happened wholly or not.
@@ -571,8 +577,12 @@ async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
     let at = |s: u32| format!("'2024-01-01 00:00:{s:02}'");
     let ts = |s: u32| format!("2024-01-01 00:00:{s:02}");
 
-    // 1. Everything up to here is in a checkpoint.
-    let s = Server::start(&dir, &["--checkpoint-interval-ms", "100"]);
+    // 1. Everything up to here is in a checkpoint, the views in 3 shards: every restart
+    //    below restores them in 3 shards, whatever its --parallelism.
+    let s = Server::start(
+        &dir,
+        &["--checkpoint-interval-ms", "100", "--parallelism", "3"],
+    );
     let c = s.client().await;
     c.batch_execute(&format!(
         "CREATE TABLE clicks (user_id BIGINT, page TEXT, ts TIMESTAMP,
@@ -601,7 +611,10 @@ async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
     s.kill();
 
     // 2. Without checkpoints: this part is only in the history's tail.
-    let s = Server::start(&dir, &["--checkpoint-interval-ms", "0"]);
+    let s = Server::start(
+        &dir,
+        &["--checkpoint-interval-ms", "0", "--parallelism", "1"],
+    );
     let c = s.client().await;
     // u1 grows to [0, 22); u2 starts [30, 40); the watermark (24 s) closes [3, 13), [0, 22).
     c.batch_execute(&format!(
@@ -619,7 +632,14 @@ async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
     //    memory budget: the state checkpointed in memory is taken up spilled.
     let s = Server::start(
         &dir,
-        &["--checkpoint-interval-ms", "100", "--state-memory-mb", "32"],
+        &[
+            "--checkpoint-interval-ms",
+            "100",
+            "--state-memory-mb",
+            "32",
+            "--parallelism",
+            "2",
+        ],
     );
     let c = s.client().await;
     let (h, _, _) = query_text(
@@ -667,7 +687,10 @@ async fn session_windows_and_temporal_filters_come_back_from_a_checkpoint() {
     // And a restart right after a checkpoint of all that gives the same (in memory again).
     wait_for_checkpoint(&c).await;
     s.kill();
-    let s = Server::start(&dir, &["--checkpoint-interval-ms", "100"]);
+    let s = Server::start(
+        &dir,
+        &["--checkpoint-interval-ms", "100", "--parallelism", "1"],
+    );
     let c = s.client().await;
     assert_eq!(
         rows(&c, "SELECT * FROM sess_eowc").await,
