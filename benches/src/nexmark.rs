@@ -142,6 +142,69 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         "bounded side input join (temporal join, FOR SYSTEM_TIME AS OF event time)",
     ),
     (
+        "q10",
+        &["bid"],
+        "SELECT auction, bidder, price, date_time, to_char(date_time, '%Y-%m-%d') AS date, \
+                to_char(date_time, '%H:%M') AS time FROM bid",
+        "log to file system: the published sink as a view (9.2M rows)",
+    ),
+    (
+        "q12",
+        &["bid"],
+        "SELECT bidder, count(*) AS bid_count, window_start, window_end \
+         FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND) \
+         GROUP BY bidder, window_start, window_end",
+        "bids per bidder per 10 s (on event time, not processing time)",
+    ),
+    (
+        "q14",
+        &["bid"],
+        "SELECT auction, bidder, 0.908 * price AS price, \
+                CASE WHEN extract(hour FROM date_time) >= 8 AND extract(hour FROM date_time) <= 18 THEN 'dayTime' \
+                     WHEN extract(hour FROM date_time) <= 6 OR extract(hour FROM date_time) >= 20 THEN 'nightTime' \
+                     ELSE 'otherTime' END AS bidTimeType, \
+                date_time, extra, length(extra) - length(replace(extra, 'c', '')) AS c_counts \
+         FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
+        "calculation: CASE on the hour, count_char as length arithmetic",
+    ),
+    (
+        "q15",
+        &["bid"],
+        "SELECT to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids, \
+                count(*) filter (where price < 10000) AS rank1_bids, \
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids, \
+                count(*) filter (where price >= 1000000) AS rank3_bids, \
+                count(distinct bidder) AS total_bidders, \
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders, \
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders, \
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders, \
+                count(distinct auction) AS total_auctions, \
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions, \
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions, \
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions \
+         FROM bid GROUP BY to_char(date_time, '%Y-%m-%d')",
+        "bidding statistics per day: count(DISTINCT) with FILTER",
+    ),
+    (
+        "q16",
+        &["bid"],
+        "SELECT channel, to_char(date_time, '%Y-%m-%d') AS day, max(to_char(date_time, '%H:%M')) AS minute, \
+                count(*) AS total_bids, \
+                count(*) filter (where price < 10000) AS rank1_bids, \
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids, \
+                count(*) filter (where price >= 1000000) AS rank3_bids, \
+                count(distinct bidder) AS total_bidders, \
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders, \
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders, \
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders, \
+                count(distinct auction) AS total_auctions, \
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions, \
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions, \
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions \
+         FROM bid GROUP BY channel, to_char(date_time, '%Y-%m-%d')",
+        "channel statistics per day: count(DISTINCT) with FILTER",
+    ),
+    (
         "q17",
         &["bid"],
         "SELECT auction, to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids, \
@@ -277,6 +340,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .map(|mb| mb << 20),
+        // KAPPA_PARALLELISM=N: the view's shards (default: the cores).
+        parallelism: std::env::var("KAPPA_PARALLELISM")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(kappa_engine::default_parallelism),
         ..Default::default()
     };
     let addr = kappa_sql_tests::start_kappa_with(config).await;

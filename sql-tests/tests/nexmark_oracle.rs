@@ -4,8 +4,9 @@
 //! written to CSV files; Kappa runs the queries as materialized views over
 //! `CREATE SOURCE person / auction / bid` (the same generator, seed and rate); DuckDB runs
 //! the same queries in batch over the CSVs, with the window table functions spelled out by
-//! hand (`time_bucket`, `generate_series`), sessions with `lag`. Every view must equal
-//! DuckDB's result row for row. q3, q4, q5, q7, q8, q9, q18, q19, q20, q21 and q22 are
+//! hand (`time_bucket`, `generate_series`), sessions with `lag`. Every view exists twice,
+//! in one shard and in two (keyed parallelism), and both must equal DuckDB's result row for
+//! row. q3, q4, q5, q7, q8, q9, q18, q19, q20, q21 and q22 are
 //! RisingWave's published Nexmark SQL, unchanged except for the columns a query selects
 //! with `*` (the streams here carry the columns the queries read, not `extra`) and q3's
 //! states, which the reference generator writes in capitals. q11 spells Flink's group
@@ -15,7 +16,11 @@
 //! an auction's time is its `expires` (when its final price is known), and the window
 //! orders by `(date_time, id)` so that two auctions of a seller closing at the same time
 //! are in one order in both engines (a ROWS frame depends on it); the read-out adds the
-//! auction id to tell a seller's rows apart. q13 joins the bids with a versioned side
+//! auction id to tell a seller's rows apart. q10's file sink is a view here, its
+//! `DATE_FORMAT`s `to_char` with chrono patterns; q12's processing-time TUMBLE runs on
+//! event time (`date_time`); q14's user-defined `count_char(extra, 'c')` is spelled
+//! `length(extra) - length(replace(extra, 'c', ''))`. q15 and q16 are unchanged but for
+//! `to_char`'s pattern. q13 joins the bids with a versioned side
 //! input `FOR SYSTEM_TIME AS OF B.date_time` (event time, where the published query uses
 //! processing time, which no batch engine can reproduce) and computes `auction % 100`
 //! with `%` (DataFusion has no `mod()`); DuckDB computes it as an ASOF join.
@@ -212,6 +217,102 @@ const QUERIES: &[(&str, &str, &str, &str)] = &[
          FROM numbered GROUP BY bidder, sid",
     ),
     (
+        "q10",
+        "SELECT auction, bidder, price, date_time, to_char(date_time, '%Y-%m-%d') AS date,
+                to_char(date_time, '%H:%M') AS time FROM bid",
+        "SELECT auction, bidder, price, CAST(date_time AS BIGINT), date, time FROM q10",
+        "SELECT auction, bidder, price, epoch_us(date_time), strftime(date_time, '%Y-%m-%d'),
+                strftime(date_time, '%H:%M') FROM bid",
+    ),
+    (
+        "q12",
+        "SELECT bidder, count(*) AS bid_count, window_start, window_end
+         FROM TUMBLE(bid, date_time, INTERVAL '10' SECOND)
+         GROUP BY bidder, window_start, window_end",
+        "SELECT bidder, bid_count, CAST(window_start AS BIGINT), CAST(window_end AS BIGINT) FROM q12",
+        "SELECT bidder, count(*), epoch_us(time_bucket(INTERVAL 10 SECOND, date_time)),
+                epoch_us(time_bucket(INTERVAL 10 SECOND, date_time)) + 10000000
+         FROM bid GROUP BY 1, 3",
+    ),
+    (
+        "q14",
+        "SELECT auction, bidder, 0.908 * price AS price,
+                CASE WHEN extract(hour FROM date_time) >= 8 AND extract(hour FROM date_time) <= 18 THEN 'dayTime'
+                     WHEN extract(hour FROM date_time) <= 6 OR extract(hour FROM date_time) >= 20 THEN 'nightTime'
+                     ELSE 'otherTime' END AS bidTimeType,
+                date_time, extra, length(extra) - length(replace(extra, 'c', '')) AS c_counts
+         FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
+        "SELECT auction, bidder, CAST(round(price * 1000) AS BIGINT), bidtimetype, CAST(date_time AS BIGINT),
+                length(extra), c_counts FROM q14",
+        "SELECT auction, bidder, CAST(round(0.908 * price * 1000) AS BIGINT),
+                CASE WHEN hour(date_time) >= 8 AND hour(date_time) <= 18 THEN 'dayTime'
+                     WHEN hour(date_time) <= 6 OR hour(date_time) >= 20 THEN 'nightTime'
+                     ELSE 'otherTime' END,
+                epoch_us(date_time), length(extra), length(extra) - length(replace(extra, 'c', ''))
+         FROM bid WHERE 0.908 * price > 1000000 AND 0.908 * price < 50000000",
+    ),
+    (
+        "q15",
+        "SELECT to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids,
+                count(*) filter (where price < 10000) AS rank1_bids,
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids,
+                count(*) filter (where price >= 1000000) AS rank3_bids,
+                count(distinct bidder) AS total_bidders,
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders,
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders,
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders,
+                count(distinct auction) AS total_auctions,
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions,
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions,
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions
+         FROM bid GROUP BY to_char(date_time, '%Y-%m-%d')",
+        "SELECT * FROM q15",
+        "SELECT strftime(date_time, '%Y-%m-%d'), count(*) AS total_bids,
+                count(*) filter (where price < 10000) AS rank1_bids,
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids,
+                count(*) filter (where price >= 1000000) AS rank3_bids,
+                count(distinct bidder) AS total_bidders,
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders,
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders,
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders,
+                count(distinct auction) AS total_auctions,
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions,
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions,
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions
+         FROM bid GROUP BY strftime(date_time, '%Y-%m-%d')",
+    ),
+    (
+        "q16",
+        "SELECT channel, to_char(date_time, '%Y-%m-%d') AS day, max(to_char(date_time, '%H:%M')) AS minute,
+                count(*) AS total_bids,
+                count(*) filter (where price < 10000) AS rank1_bids,
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids,
+                count(*) filter (where price >= 1000000) AS rank3_bids,
+                count(distinct bidder) AS total_bidders,
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders,
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders,
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders,
+                count(distinct auction) AS total_auctions,
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions,
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions,
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions
+         FROM bid GROUP BY channel, to_char(date_time, '%Y-%m-%d')",
+        "SELECT * FROM q16",
+        "SELECT channel, strftime(date_time, '%Y-%m-%d'), max(strftime(date_time, '%H:%M')), count(*) AS total_bids,
+                count(*) filter (where price < 10000) AS rank1_bids,
+                count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids,
+                count(*) filter (where price >= 1000000) AS rank3_bids,
+                count(distinct bidder) AS total_bidders,
+                count(distinct bidder) filter (where price < 10000) AS rank1_bidders,
+                count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders,
+                count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders,
+                count(distinct auction) AS total_auctions,
+                count(distinct auction) filter (where price < 10000) AS rank1_auctions,
+                count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions,
+                count(distinct auction) filter (where price >= 1000000) AS rank3_auctions
+         FROM bid GROUP BY channel, strftime(date_time, '%Y-%m-%d')",
+    ),
+    (
         "q17",
         "SELECT auction, to_char(date_time, '%Y-%m-%d') AS day, count(*) AS total_bids,
                 count(*) filter (where price < 10000) AS rank1_bids,
@@ -313,6 +414,7 @@ const STREAMS: &[(&str, NexmarkTable, &[Col])] = &[
             ("price", DataType::Int64),
             ("channel", DataType::Utf8),
             ("url", DataType::Utf8),
+            ("extra", DataType::Utf8),
         ],
     ),
     (
@@ -430,6 +532,36 @@ for row in con.execute({:?}).fetchall():
     rows
 }
 
+/// The copy of view `name` that runs in two shards.
+fn sharded(name: &str) -> String {
+    format!("{name}_in_2_shards")
+}
+
+/// A read-out query of view `name` reading `view` instead.
+fn reading(read: &str, name: &str, view: &str) -> String {
+    let from = format!("FROM {name}");
+    let mut out = String::new();
+    let mut rest = read;
+    while let Some(at) = rest.find(&from) {
+        let end = at + from.len();
+        let whole = !rest[end..].starts_with(|c: char| c.is_alphanumeric() || c == '_');
+        out.push_str(&rest[..at]);
+        if whole {
+            out.push_str("FROM ");
+            out.push_str(view);
+        } else {
+            out.push_str(&from);
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    assert!(
+        out != read || name == view,
+        "{name}'s read-out does not read it"
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nexmark_views_equal_duckdb() {
     let dir = std::env::temp_dir().join(format!("kappa-nexmark-oracle-{}", std::process::id()));
@@ -468,11 +600,16 @@ async fn nexmark_views_equal_duckdb() {
         .batch_execute(SIDE_INPUT)
         .await
         .expect("create side_input");
+    // Every query twice: in one shard, and in two (keyed parallelism).
     for (name, sql, _, _) in QUERIES {
-        client
-            .batch_execute(&format!("CREATE MATERIALIZED VIEW {name} AS {sql}"))
-            .await
-            .unwrap_or_else(|e| panic!("create {name}: {e}"));
+        for (view, n) in [(name.to_string(), 1), (sharded(name), 2)] {
+            client
+                .batch_execute(&format!(
+                    "CREATE MATERIALIZED VIEW {view} WITH (parallelism = {n}) AS {sql}"
+                ))
+                .await
+                .unwrap_or_else(|e| panic!("create {view}: {e}"));
+        }
     }
     loop {
         let row = client
@@ -485,32 +622,38 @@ async fn nexmark_views_equal_duckdb() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     for (name, _, read, duck) in QUERIES {
-        let mut ours: Vec<String> = client
-            .simple_query(read)
-            .await
-            .unwrap_or_else(|e| panic!("read {name}: {e}"))
-            .into_iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                    (0..r.len())
-                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
-                        .collect::<Vec<_>>()
-                        .join("|"),
-                ),
-                _ => None,
-            })
-            .collect();
-        ours.sort();
         let theirs = duckdb_rows(&dir, duck);
         assert!(!theirs.is_empty(), "{name}: DuckDB returned nothing");
-        assert_eq!(ours.len(), theirs.len(), "{name}: row counts differ");
-        if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
-            panic!(
-                "{name}: first difference at sorted row {i}: kappa {} vs duckdb {}",
-                ours[i], theirs[i]
+        for (view, n) in [(name.to_string(), 1), (sharded(name), 2)] {
+            let read = reading(read, name, &view);
+            let mut ours: Vec<String> = client
+                .simple_query(&read)
+                .await
+                .unwrap_or_else(|e| panic!("read {view}: {e}"))
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                        (0..r.len())
+                            .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                    ),
+                    _ => None,
+                })
+                .collect();
+            ours.sort();
+            assert_eq!(ours.len(), theirs.len(), "{view}: row counts differ");
+            if let Some(i) = (0..ours.len()).find(|&i| ours[i] != theirs[i]) {
+                panic!(
+                    "{view}: first difference at sorted row {i}: kappa {} vs duckdb {}",
+                    ours[i], theirs[i]
+                );
+            }
+            println!(
+                "{name} (parallelism {n}): {} rows equal DuckDB's",
+                ours.len()
             );
         }
-        println!("{name}: {} rows equal DuckDB's", ours.len());
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
