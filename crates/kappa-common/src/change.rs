@@ -82,12 +82,7 @@ impl ChangeBatch {
     pub fn filter(&self, mask: &datafusion::arrow::array::BooleanArray) -> Result<Self> {
         let data = filter_record_batch(&self.data, mask)?;
         let weights = datafusion::arrow::compute::filter(&self.weights, mask)?;
-        let weights = weights
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .cloned()
-            .ok_or_else(|| KappaError::internal("filtered weights are not Int64"))?;
-        Self::new(data, weights)
+        Self::new(data, as_weights(&weights)?)
     }
 
     /// Rows `offset..offset + len` (zero-copy). Panics if the range is out of bounds.
@@ -102,17 +97,20 @@ impl ChangeBatch {
     pub fn take(&self, indices: &datafusion::arrow::array::UInt32Array) -> Result<Self> {
         let data = datafusion::arrow::compute::take_record_batch(&self.data, indices)?;
         let weights = datafusion::arrow::compute::take(&self.weights, indices, None)?;
-        let weights = weights
-            .as_any()
-            .downcast_ref::<Int64Array>()
-            .cloned()
-            .ok_or_else(|| KappaError::internal("taken weights are not Int64"))?;
-        Self::new(data, weights)
+        Self::new(data, as_weights(&weights)?)
     }
 
     pub fn into_parts(self) -> (RecordBatch, Int64Array) {
         (self.data, self.weights)
     }
+}
+
+/// Weights selected from a batch's by an Arrow kernel (which returns an untyped array).
+fn as_weights(a: &ArrayRef) -> Result<Int64Array> {
+    a.as_any()
+        .downcast_ref::<Int64Array>()
+        .cloned()
+        .ok_or_else(|| KappaError::internal("weights are not Int64"))
 }
 
 impl std::fmt::Display for ChangeBatch {
