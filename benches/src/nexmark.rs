@@ -16,24 +16,6 @@ use std::time::{Duration, Instant};
 use kappa_sql_tests::peak_rss_mib;
 
 /// (name, sources it reads, view SQL, what it is).
-/// q15's and q16's statistics columns.
-macro_rules! bid_statistics {
-    () => {
-        "count(*) AS total_bids, \
-         count(*) filter (where price < 10000) AS rank1_bids, \
-         count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids, \
-         count(*) filter (where price >= 1000000) AS rank3_bids, \
-         count(distinct bidder) AS total_bidders, \
-         count(distinct bidder) filter (where price < 10000) AS rank1_bidders, \
-         count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders, \
-         count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders, \
-         count(distinct auction) AS total_auctions, \
-         count(distinct auction) filter (where price < 10000) AS rank1_auctions, \
-         count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions, \
-         count(distinct auction) filter (where price >= 1000000) AS rank3_auctions"
-    };
-}
-
 const QUERIES: &[(&str, &[&str], &str, &str)] = &[
     (
         "q0",
@@ -190,7 +172,7 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         &["bid"],
         concat!(
             "SELECT to_char(date_time, '%Y-%m-%d') AS day, ",
-            bid_statistics!(),
+            kappa_sql_tests::nexmark_bid_statistics!(),
             " FROM bid GROUP BY to_char(date_time, '%Y-%m-%d')"
         ),
         "bidding statistics per day: count(DISTINCT) with FILTER",
@@ -201,7 +183,7 @@ const QUERIES: &[(&str, &[&str], &str, &str)] = &[
         concat!(
             "SELECT channel, to_char(date_time, '%Y-%m-%d') AS day, \
              max(to_char(date_time, '%H:%M')) AS minute, ",
-            bid_statistics!(),
+            kappa_sql_tests::nexmark_bid_statistics!(),
             " FROM bid GROUP BY channel, to_char(date_time, '%Y-%m-%d')"
         ),
         "channel statistics per day: count(DISTINCT) with FILTER",

@@ -321,3 +321,23 @@ pub fn peak_rss_mib() -> f64 {
         .map(|kb| kb / 1024.0)
         .unwrap_or(f64::NAN)
 }
+
+/// The statistics columns of Nexmark q15 and q16 (SQL both Kappa and DuckDB accept), for the
+/// benchmark harness and the oracle test.
+#[macro_export]
+macro_rules! nexmark_bid_statistics {
+    () => {
+        "count(*) AS total_bids, \
+         count(*) filter (where price < 10000) AS rank1_bids, \
+         count(*) filter (where price >= 10000 and price < 1000000) AS rank2_bids, \
+         count(*) filter (where price >= 1000000) AS rank3_bids, \
+         count(distinct bidder) AS total_bidders, \
+         count(distinct bidder) filter (where price < 10000) AS rank1_bidders, \
+         count(distinct bidder) filter (where price >= 10000 and price < 1000000) AS rank2_bidders, \
+         count(distinct bidder) filter (where price >= 1000000) AS rank3_bidders, \
+         count(distinct auction) AS total_auctions, \
+         count(distinct auction) filter (where price < 10000) AS rank1_auctions, \
+         count(distinct auction) filter (where price >= 10000 and price < 1000000) AS rank2_auctions, \
+         count(distinct auction) filter (where price >= 1000000) AS rank3_auctions"
+    };
+}

@@ -134,7 +134,7 @@ pub(crate) fn build_dataflow(
     let mut dataflow = Dataflow::new(relation, graph, ops, routes, contents);
     if store.checkpointed() {
         dataflow.checkpointed = Some(crate::dataflow::ViewTables {
-            meta: store.create_table(&format!("mv{relation}.meta"))?,
+            meta: store.create_table(&crate::dataflow::meta_table_name(relation))?,
             appended: store.create_cold_table(&format!("mv{relation}.appended"))?,
             appended_len: 0,
         });

@@ -38,12 +38,22 @@ fn node_key(i: usize, shard: usize) -> Bytes {
     std::sync::Arc::from(k)
 }
 
-/// The parallelism a checkpointed view was running with, read from its restored `meta`
-/// table (`None`: not in the checkpoint).
-pub(crate) fn checkpointed_parallelism(meta: &dyn StateTable) -> Option<usize> {
-    let v = meta.get(PARALLELISM_KEY)?;
-    let b: [u8; 4] = v.as_ref().try_into().ok()?;
-    Some(u32::from_be_bytes(b) as usize)
+/// The name of view `relation`'s `meta` table (see [`ViewTables`]).
+pub(crate) fn meta_table_name(relation: RelationId) -> String {
+    format!("mv{relation}.meta")
+}
+
+/// The parallelism view `relation` was running with at the checkpoint `store` was restored
+/// from (1 when the checkpoint predates keyed parallelism).
+pub(crate) fn checkpointed_parallelism(
+    store: &dyn kappa_state::StateStore,
+    relation: RelationId,
+) -> Result<usize> {
+    let meta = store.create_table(&meta_table_name(relation))?;
+    Ok(meta
+        .get(PARALLELISM_KEY)
+        .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+        .map_or(1, |b| u32::from_be_bytes(b) as usize))
 }
 
 pub(crate) struct Dataflow {

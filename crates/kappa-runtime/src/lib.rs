@@ -862,8 +862,7 @@ impl Runtime {
                 .restored(|c| c.views.contains(&relation).then_some(()))?
                 .is_some();
             let parallelism = if checkpointed {
-                let meta = self.store.create_table(&format!("mv{relation}.meta"))?;
-                dataflow::checkpointed_parallelism(meta.as_ref()).unwrap_or(1)
+                dataflow::checkpointed_parallelism(self.store.as_ref(), relation)?
             } else {
                 parallelism
             };
