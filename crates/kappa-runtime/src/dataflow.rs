@@ -367,9 +367,48 @@ impl Dataflow {
     }
 }
 
-/// Rows below which a node's shards run one after another on the calling thread: starting
-/// threads would cost more than the work.
+/// Rows below which a node's shards run one after another on the calling thread: handing
+/// them to the pool would cost more than the work.
 const PARALLEL_ROWS: usize = 4096;
+
+/// The threads every view's shards run on: one per core, started once for the life of the
+/// process. Shards are tasks, not threads: a view may have more shards than there are cores,
+/// and views share the cores. Keeping the threads (rather than starting some per node per
+/// epoch) keeps the allocator's per-thread caches few and warm. `None` when the threads
+/// could not be started: shards then run one after another.
+fn pool() -> Option<&'static rayon::ThreadPool> {
+    static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .thread_name(|i| format!("kappa-shard-{i}"))
+            .build()
+            .map_err(|e| tracing::warn!("shards run on one thread: {e}"))
+            .ok()
+    })
+    .as_ref()
+}
+
+/// `f` over each of `items`, on the pool when `parallel`; the results in `items`' order. A
+/// panic in `f` becomes an internal error rather than taking the caller down with it.
+fn for_each_shard<T, R, F>(items: Vec<T>, parallel: bool, f: F) -> Result<Vec<R>>
+where
+    T: Send,
+    R: Send,
+    F: Fn(T) -> Result<R> + Sync,
+{
+    let guarded = |item: T| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(item)))
+            .map_err(|_| KappaError::internal("a shard panicked"))?
+    };
+    match pool() {
+        Some(pool) if parallel && items.len() > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| items.into_par_iter().map(guarded).collect())
+        }
+        _ => items.into_iter().map(guarded).collect(),
+    }
+}
 
 /// Delivers one input's batches, as its producer's shards emitted them, to the consumer's
 /// shards (`inputs`), as input number `port`. Producer shards are taken in order, so each
@@ -401,25 +440,8 @@ fn route(
                     .map(|b| exchange::partition(b, keys, types, n))
                     .collect()
             };
-            let parts: Vec<Vec<Vec<Option<ChangeBatch>>>> = if rows < PARALLEL_ROWS
-                || produced.len() == 1
-            {
-                produced.iter().map(split).collect::<Result<_>>()?
-            } else {
-                std::thread::scope(|s| {
-                    let handles: Vec<_> = produced
-                        .iter()
-                        .map(|batches| s.spawn(move || split(batches)))
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| {
-                            h.join()
-                                .map_err(|_| KappaError::internal("an exchange thread panicked"))?
-                        })
-                        .collect::<Result<Vec<_>>>()
-                })?
-            };
+            let parts: Vec<Vec<Vec<Option<ChangeBatch>>>> =
+                for_each_shard(produced.iter().collect(), rows >= PARALLEL_ROWS, split)?;
             for batch_parts in parts.into_iter().flatten() {
                 for (shard, part) in batch_parts.into_iter().enumerate() {
                     if let Some(p) = part {
@@ -443,30 +465,6 @@ where
     F: Fn(&mut Box<dyn Operator>, Vec<(usize, ChangeBatch)>) -> Result<Vec<ChangeBatch>> + Sync,
 {
     let rows: usize = inputs.iter().flatten().map(|(_, b)| b.num_rows()).sum();
-    if shards.len() == 1 || rows < PARALLEL_ROWS {
-        return shards
-            .iter_mut()
-            .zip(inputs)
-            .map(|(op, input)| f(op, input))
-            .collect();
-    }
-    std::thread::scope(|s| {
-        let f = &f;
-        let mut pairs = shards.iter_mut().zip(inputs);
-        let first = pairs.next();
-        let handles: Vec<_> = pairs
-            .map(|(op, input)| s.spawn(move || f(op, input)))
-            .collect();
-        let mut out = Vec::with_capacity(handles.len() + 1);
-        if let Some((op, input)) = first {
-            out.push(f(op, input));
-        }
-        for h in handles {
-            out.push(
-                h.join()
-                    .map_err(|_| KappaError::internal("a shard's thread panicked"))?,
-            );
-        }
-        out.into_iter().collect()
-    })
+    let work: Vec<_> = shards.iter_mut().zip(inputs).collect();
+    for_each_shard(work, rows >= PARALLEL_ROWS, |(op, input)| f(op, input))
 }
