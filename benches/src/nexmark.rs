@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 
 use kappa_sql_tests::peak_rss_mib;
 
+/// The allocator the server uses (see `kappa-server`'s main).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// (name, sources it reads, view SQL, what it is).
 const QUERIES: &[(&str, &[&str], &str, &str)] = &[
     (

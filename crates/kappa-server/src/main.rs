@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use kappa_engine::{Engine, EngineConfig};
 
+/// jemalloc: the dataflow allocates and frees many small buffers on several threads, and
+/// glibc's per-thread arenas keep freed memory from the operating system (resident memory
+/// then grows with the threads rather than the state); jemalloc returns it and is faster.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "kappa", version, about = "Kappa: a streaming SQL database")]
 struct Cli {

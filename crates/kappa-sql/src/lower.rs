@@ -15,7 +15,7 @@ use kappa_plan::{
 };
 
 use crate::tvf::WindowTable;
-use kappa_plan::window::TableWindow;
+use kappa_plan::window::{SessionSpec, TableWindow};
 
 /// What a scanned table name stands for.
 pub struct ScanSource {
@@ -297,47 +297,83 @@ impl Lowering<'_> {
             return Ok(id);
         };
         // The synthetic window relation: the input's columns, then window_start, window_end.
+        // The source reads only the input columns the query uses, with the window's time
+        // and partition columns: the window copies every column it keeps once per window a
+        // row falls in (five times for a HOP of five slides). The watermark column stays:
+        // the window's bounds derive their watermark from it.
         let full = scan.source.schema();
         let n = full.fields().len().saturating_sub(2);
-        let input_schema = Schema::new(full.fields()[..n].to_vec());
+        let all: Vec<usize> = (0..full.fields().len()).collect();
+        let wanted = scan.projection.as_ref().unwrap_or(&all);
+        let mut read: Vec<usize> = wanted.iter().copied().filter(|&i| i < n).collect();
+        read.push(window.time_col);
+        read.extend(src.watermark_col);
+        if let TableWindow::Session(spec) = &window.window {
+            read.extend(&spec.partition);
+        }
+        read.sort_unstable();
+        read.dedup();
+        // Where input column `i` of the full relation is among the columns read.
+        let pos = |i: usize| read.iter().position(|&r| r == i);
+        let fields: Vec<_> = read.iter().map(|&i| full.fields()[i].clone()).collect();
+        let input_schema = Schema::new(fields.clone());
+        let expanded_schema = Schema::new(
+            fields
+                .into_iter()
+                .chain(full.fields()[n..].iter().cloned())
+                .collect::<Vec<_>>(),
+        );
         let qualifier = TableReference::bare(src.name.clone());
         let input_df = Arc::new(DFSchema::try_from_qualified_schema(
             qualifier.clone(),
             &input_schema,
         )?);
-        let full_df = Arc::new(DFSchema::try_from_qualified_schema(qualifier, &full)?);
+        let expanded_df = Arc::new(DFSchema::try_from_qualified_schema(
+            qualifier,
+            &expanded_schema,
+        )?);
         let source = self.push(
             NodeKind::Source {
                 relation: src.relation,
                 name: src.name,
-                projection: None,
+                projection: (read.len() < n).then(|| read.clone()),
             },
             vec![],
             input_df,
         );
-        if let Some(col) = src.watermark_col {
+        if let Some(col) = src.watermark_col.and_then(pos) {
             self.nodes[source].watermark_cols = vec![WatermarkCol { col, offset: 1 }];
         }
         self.nodes[source].append_only = src.append_only;
+        let missing = || KappaError::internal("a window's column is not read from its source");
+        let time_col = pos(window.time_col).ok_or_else(missing)?;
         let kind = match window.window {
-            TableWindow::Fixed(spec) => NodeKind::WindowExpand {
-                time_col: window.time_col,
-                spec,
-            },
+            TableWindow::Fixed(spec) => NodeKind::WindowExpand { time_col, spec },
             TableWindow::Session(spec) => NodeKind::SessionWindow {
-                time_col: window.time_col,
-                spec,
+                time_col,
+                spec: SessionSpec {
+                    partition: spec
+                        .partition
+                        .iter()
+                        .map(|&c| pos(c).ok_or_else(missing))
+                        .collect::<Result<_>>()?,
+                    ..spec
+                },
             },
         };
-        let expand = self.push(kind, vec![source], full_df.clone());
-        let all: Vec<usize> = (0..full.fields().len()).collect();
-        let exprs = scan
-            .projection
-            .as_ref()
-            .unwrap_or(&all)
+        let expand = self.push(kind, vec![source], expanded_df.clone());
+        // Window columns follow the columns read.
+        let exprs = wanted
             .iter()
-            .map(|&i| Expr::Column(full_df.columns()[i].clone()))
-            .collect();
+            .map(|&i| {
+                let at = if i < n {
+                    pos(i).ok_or_else(missing)?
+                } else {
+                    read.len() + i - n
+                };
+                Ok(Expr::Column(expanded_df.columns()[at].clone()))
+            })
+            .collect::<Result<_>>()?;
         let out = alias.unwrap_or(&scan.projected_schema).clone();
         Ok(self.push(NodeKind::Project { exprs }, vec![expand], out))
     }
