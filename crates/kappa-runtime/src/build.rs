@@ -336,7 +336,7 @@ fn build_op(
                 group_types,
                 specs,
                 schema,
-                store.create_table(&table_name("groups"))?,
+                store.create_keyed_table(&table_name("groups"))?,
                 store.create_table(&table_name("extremes"))?,
             )?;
             let agg = if graph.nodes[node.inputs[0]].append_only {

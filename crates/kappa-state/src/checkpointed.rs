@@ -27,6 +27,11 @@ impl StateStore for CheckpointedStore {
         Ok(Box::new(MemStateTable::tracked(name, entries)))
     }
 
+    fn create_keyed_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
+        let entries = self.history.load_state(name)?;
+        Ok(Box::new(MemStateTable::tracked_keyed(name, entries)))
+    }
+
     fn create_cold_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
         self.cold.create_table(name)
     }

@@ -100,6 +100,13 @@ pub trait StateSnapshot: Send + Sync {
 /// prefix (so dropping the relation drops them all).
 pub trait StateStore: Send + Sync {
     fn create_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>>;
+    /// A table its owner reads only by key (`get`; no prefix scans on its hot path, and
+    /// none that needs to be fast) and snapshots only when restoring: a store that can keeps
+    /// it hashed rather than ordered, and its snapshot may cost a copy. Its scans still
+    /// return entries in key order.
+    fn create_keyed_table(&self, name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
+        self.create_table(name)
+    }
     /// A table its owner writes only at checkpoints and reads only when it is restored (a
     /// log of its changes, or a copy of state it keeps in its own structures): a store
     /// that can keeps only the changes not yet checkpointed in memory, the rest on disk.

@@ -1,4 +1,6 @@
-//! In-memory state on persistent ordered maps (`im::OrdMap`).
+//! In-memory state on persistent ordered maps (`im::OrdMap`), whose clone is O(1) and
+//! shares structure, so snapshots stay free; or, for the tables their owner reads only by
+//! key (see [`StateStore::create_keyed_table`]), on hash maps, whose snapshot is a copy.
 
 use std::ops::Bound;
 use std::sync::Arc;
@@ -14,11 +16,88 @@ impl StateStore for MemStateStore {
     fn create_table(&self, _name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
         Ok(Box::new(MemStateTable::default()))
     }
+
+    fn create_keyed_table(&self, _name: &str) -> kappa_common::Result<Box<dyn StateTable>> {
+        Ok(Box::new(MemStateTable::keyed()))
+    }
+}
+
+type HashMap = hashbrown::HashMap<Bytes, Bytes>;
+
+/// A table's entries. A lookup in the hashed form costs a hash and a probe instead of a
+/// binary search per B-tree level, and an entry takes less memory; but its prefix scans
+/// sort what they find (so they stay correct) and its snapshot copies it, which is why
+/// only tables read by key alone, and snapshotted only when restored, are hashed.
+#[derive(Clone)]
+enum Map {
+    Ordered(OrdMap<Bytes, Bytes>),
+    Hashed(HashMap),
+}
+
+impl Default for Map {
+    fn default() -> Self {
+        Map::Ordered(OrdMap::new())
+    }
+}
+
+impl Map {
+    fn get(&self, key: &[u8]) -> Option<&Bytes> {
+        match self {
+            Map::Ordered(m) => m.get(key),
+            Map::Hashed(m) => m.get(key),
+        }
+    }
+
+    fn insert(&mut self, key: Bytes, value: Bytes) {
+        match self {
+            Map::Ordered(m) => m.insert(key, value),
+            Map::Hashed(m) => m.insert(key, value),
+        };
+    }
+
+    fn remove(&mut self, key: &[u8]) -> Option<(Bytes, Bytes)> {
+        match self {
+            Map::Ordered(m) => m.remove_with_key(key),
+            Map::Hashed(m) => m.remove_entry(key),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Map::Ordered(m) => m.len(),
+            Map::Hashed(m) => m.len(),
+        }
+    }
+
+    /// The entries whose key starts with `prefix`, in key order.
+    fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
+        match self {
+            Map::Ordered(m) => scan_prefix(m, prefix),
+            Map::Hashed(m) => {
+                let mut found: Vec<(Bytes, Bytes)> = m
+                    .iter()
+                    .filter(|(k, _)| k.starts_with(prefix))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+                Box::new(found.into_iter())
+            }
+        }
+    }
+}
+
+impl FromIterator<(Bytes, Bytes)> for Map {
+    fn from_iter<I: IntoIterator<Item = (Bytes, Bytes)>>(iter: I) -> Self {
+        Map::Ordered(iter.into_iter().collect())
+    }
 }
 
 #[derive(Default, Clone)]
 pub struct MemStateTable {
-    map: OrdMap<Bytes, Bytes>,
+    map: Map,
     /// With checkpoints: what changed since the last checkpoint written.
     tracking: Option<Tracking>,
 }
@@ -54,6 +133,22 @@ impl MemStateTable {
         }
     }
 
+    /// An empty table read only by key (see [`StateStore::create_keyed_table`]).
+    pub fn keyed() -> Self {
+        Self {
+            map: Map::Hashed(HashMap::default()),
+            tracking: None,
+        }
+    }
+
+    /// [`MemStateTable::tracked`], read only by key.
+    pub fn tracked_keyed(name: &str, entries: impl IntoIterator<Item = (Bytes, Bytes)>) -> Self {
+        Self {
+            map: Map::Hashed(entries.into_iter().collect()),
+            ..Self::tracked(name, [])
+        }
+    }
+
     /// Records that `key` now holds `value`; `existed`: whether it held one before.
     fn touch(&mut self, key: &Bytes, value: Option<&Bytes>, existed: bool) {
         let Some(t) = &mut self.tracking else {
@@ -69,18 +164,6 @@ impl MemStateTable {
                 t.changed.insert(key.clone(), Change { value, fresh });
             }
         }
-    }
-
-    fn prefix_range<'a>(
-        &'a self,
-        prefix: &'a [u8],
-        end: &'a Option<Vec<u8>>,
-    ) -> im::ordmap::Iter<'a, Bytes, Bytes> {
-        let upper = match end {
-            Some(e) => Bound::Excluded(e.as_slice()),
-            None => Bound::Unbounded,
-        };
-        self.map.range::<_, [u8]>((Bound::Included(prefix), upper))
     }
 }
 
@@ -101,7 +184,7 @@ impl StateTable for MemStateTable {
     }
 
     fn delete(&mut self, key: &[u8]) {
-        if let Some((k, _)) = self.map.remove_with_key(key) {
+        if let Some((k, _)) = self.map.remove(key) {
             self.touch(&k, None, true);
         }
     }
@@ -156,24 +239,24 @@ impl StateTable for MemStateTable {
     }
 
     fn first_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
-        let end = prefix_end(prefix);
-        self.prefix_range(prefix, &end)
-            .next()
-            .map(|(k, v)| (k.clone(), v.clone()))
+        match &self.map {
+            Map::Ordered(m) => prefix_range(m, prefix).next(),
+            hashed => hashed.scan_prefix(prefix).next(),
+        }
     }
 
     fn last_with_prefix(&self, prefix: &[u8]) -> Option<(Bytes, Bytes)> {
-        let end = prefix_end(prefix);
-        self.prefix_range(prefix, &end)
-            .next_back()
-            .map(|(k, v)| (k.clone(), v.clone()))
+        match &self.map {
+            Map::Ordered(m) => prefix_range(m, prefix).next_back(),
+            hashed => hashed.scan_prefix(prefix).last(),
+        }
     }
 
     fn scan_prefix<'a>(
         &'a self,
         prefix: &'a [u8],
     ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
-        scan_prefix(&self.map, prefix)
+        self.map.scan_prefix(prefix)
     }
 
     fn len(&self) -> usize {
@@ -188,7 +271,7 @@ impl StateTable for MemStateTable {
 }
 
 struct MemSnapshot {
-    map: OrdMap<Bytes, Bytes>,
+    map: Map,
 }
 
 impl StateSnapshot for MemSnapshot {
@@ -201,15 +284,31 @@ impl StateSnapshot for MemSnapshot {
     }
 
     fn iter(&self) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + '_> {
-        Box::new(self.map.iter().map(|(k, v)| (k.clone(), v.clone())))
+        self.map.scan_prefix(&[])
     }
 
     fn scan_prefix<'a>(
         &'a self,
         prefix: &'a [u8],
     ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
-        scan_prefix(&self.map, prefix)
+        self.map.scan_prefix(prefix)
     }
+}
+
+/// The entries of `map` whose key starts with `prefix`, in key order, both ends reachable.
+fn prefix_range(
+    map: &OrdMap<Bytes, Bytes>,
+    prefix: &[u8],
+) -> impl DoubleEndedIterator<Item = (Bytes, Bytes)> {
+    let upper = match prefix_end(prefix) {
+        Some(e) => Bound::Excluded(e),
+        None => Bound::Unbounded,
+    };
+    map.range::<_, [u8]>((
+        Bound::Included(prefix),
+        upper.as_ref().map(|e| e.as_slice()),
+    ))
+    .map(|(k, v)| (k.clone(), v.clone()))
 }
 
 /// The entries of `map` whose key starts with `prefix`, in key order.
@@ -240,7 +339,13 @@ mod tests {
 
     #[test]
     fn prefix_bounds_and_snapshots() {
-        let mut t = MemStateTable::default();
+        for t in [MemStateTable::default(), MemStateTable::keyed()] {
+            prefix_bounds_and_snapshots_of(t);
+        }
+    }
+
+    /// The same answers from the ordered and the hashed form.
+    fn prefix_bounds_and_snapshots_of(mut t: MemStateTable) {
         for k in [&b"a\x01"[..], b"a\x02", b"a\xff", b"b\x00", b"\xff\xff"] {
             t.put(b(k), b(b"v"));
         }
@@ -262,11 +367,30 @@ mod tests {
         assert_eq!(snap.len(), 5);
         assert_eq!(t.len(), 4);
         assert!(snap.get(b"a\x01").is_some());
+        let keys = |it: Box<dyn Iterator<Item = (Bytes, Bytes)> + '_>| -> Vec<Bytes> {
+            it.map(|(k, _)| k).collect()
+        };
+        assert_eq!(
+            keys(t.scan_prefix(b"a")),
+            vec![b(b"a\x02"), b(b"a\xff")],
+            "in key order"
+        );
+        assert_eq!(keys(snap.iter()).len(), 5);
+        assert!(keys(snap.iter()).is_sorted());
     }
 
     #[test]
     fn a_tracked_table_reports_each_changed_key_once_with_its_final_value() {
-        let mut t = MemStateTable::tracked("t", [(b(b"k0"), b(b"0"))]);
+        let base = || [(b(b"k0"), b(b"0"))];
+        for t in [
+            MemStateTable::tracked("t", base()),
+            MemStateTable::tracked_keyed("t", base()),
+        ] {
+            tracked_changes_of(t);
+        }
+    }
+
+    fn tracked_changes_of(mut t: MemStateTable) {
         t.put(b(b"k1"), b(b"1"));
         t.put(b(b"k1"), b(b"2"));
         t.put(b(b"k0"), b(b"0")); // unchanged: not reported
