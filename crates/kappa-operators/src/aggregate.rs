@@ -297,10 +297,10 @@ impl HashAggregate {
         // Values v with v + offset <= w, i.e. v <= w - offset.
         let closed = crate::take_closed(&mut self.open, w.saturating_sub(close.offset));
         for group in closed.into_values().flatten() {
-            let Some(bytes) = self.groups.get(&group) else {
-                continue;
-            };
             if self.emit_on_window_close {
+                let Some(bytes) = self.groups.get(&group) else {
+                    continue;
+                };
                 let state = self.decode_state(&bytes)?;
                 if state.rows > 0 {
                     vals.push(self.outputs(&state, &group)?);
@@ -526,24 +526,20 @@ impl HashAggregate {
         Ok(GroupState { rows, accs })
     }
 
-    /// Makes sure `group` is in the dirty set, loading it (and its current output) from state.
-    /// Returns whether the group is new (neither dirty nor stored).
-    fn touch(&mut self, group: &[u8]) -> Result<bool> {
-        if self.dirty.contains_key(group) {
-            return Ok(false);
-        }
-        let stored = self.groups.get(group);
-        let (state, before) = match stored {
+    /// A group not in the dirty set, as it stands in state: its accumulators and its current
+    /// output (none, and empty accumulators, if it is not stored).
+    fn load(&self, group: &[u8]) -> Result<Dirty> {
+        Ok(match self.groups.get(group) {
             Some(bytes) => {
                 let state = self.decode_state(&bytes)?;
                 let before = Some(self.outputs(&state, group)?);
-                (state, before)
+                Dirty { before, state }
             }
-            None => (self.empty_state(), None),
-        };
-        let created = before.is_none() && state.rows == 0;
-        self.dirty.insert(group.into(), Dirty { before, state });
-        Ok(created)
+            None => Dirty {
+                before: None,
+                state: self.empty_state(),
+            },
+        })
     }
 
     /// A value of a DISTINCT aggregate started (`sign` 1) or stopped (-1) being present in
@@ -611,6 +607,92 @@ enum ArgValues {
 
 /// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
 /// `HashAggregate::extreme_prefix`), split into its parts.
+/// Adds row `row` of weight `w` to group state `d`: its count and the accumulators, and
+/// (into `updates`) the (aggregate, row) pairs whose value multiset changes.
+#[allow(clippy::too_many_arguments)]
+fn accumulate(
+    d: &mut GroupState,
+    row: usize,
+    w: i64,
+    args: &[ArgValues],
+    filters: &[Option<BooleanArray>],
+    distinct: &[bool],
+    kinds: &[Kind],
+    extreme_updates: &mut Vec<(usize, usize)>,
+) -> Result<()> {
+    d.rows += w;
+    for (i, arg) in args.iter().enumerate() {
+        if let Some(f) = &filters[i]
+            && !(f.is_valid(row) && f.value(row))
+        {
+            continue;
+        }
+        match (arg, &mut d.accs[i]) {
+            (ArgValues::Rows(a, _), _) if distinct[i] => {
+                if a.is_valid(row) {
+                    extreme_updates.push((i, row));
+                }
+            }
+            (ArgValues::None, Acc::Count(c)) => *c += w,
+            (ArgValues::Nulls(a), Acc::Count(c)) => {
+                if a.is_valid(row) {
+                    *c += w
+                }
+            }
+            (ArgValues::Int(a), Acc::Int { sum, n }) => {
+                if a.is_valid(row) {
+                    let v: i128 = match a.data_type() {
+                        DataType::Decimal128(..) => a.as_primitive::<Decimal128Type>().value(row),
+                        _ => a.as_primitive::<Int64Type>().value(row) as i128,
+                    };
+                    *sum += v * w as i128;
+                    *n += w;
+                    if *n == 0 {
+                        *sum = 0;
+                    }
+                }
+            }
+            (ArgValues::Float(a), Acc::Float { sum, comp, n }) => {
+                if a.is_valid(row) {
+                    let v = a.as_primitive::<Float64Type>().value(row);
+                    add_float(sum, comp, v * w as f64);
+                    *n += w;
+                    if *n == 0 {
+                        *sum = 0.0;
+                        *comp = 0.0;
+                    }
+                }
+            }
+            (ArgValues::Rows(a, rows), Acc::Best(best)) => {
+                if a.is_valid(row) {
+                    if w < 0 {
+                        return Err(KappaError::internal(
+                            "a retraction reached min/max over an append-only input",
+                        ));
+                    }
+                    let v = rows.row(row).data();
+                    let better = match best.as_deref() {
+                        None => true,
+                        Some(b) if matches!(kinds[i], Kind::Best { max: true }) => v > b,
+                        Some(b) => v < b,
+                    };
+                    if better {
+                        *best = Some(v.into());
+                    }
+                }
+            }
+            (ArgValues::Rows(a, _), Acc::None) => {
+                if a.is_valid(row) {
+                    extreme_updates.push((i, row));
+                }
+            }
+            (ArgValues::Inputs(_), Acc::None) => extreme_updates.push((i, row)),
+            _ => return Err(KappaError::internal("aggregate argument mismatch")),
+        }
+    }
+    Ok(())
+}
+
 fn split_multiset_key(key: &[u8]) -> Option<(usize, &[u8], &[u8])> {
     let agg = u16::from_be_bytes(key.get(..2)?.try_into().ok()?) as usize;
     let len = u32::from_be_bytes(key.get(2..6)?.try_into().ok()?) as usize;
@@ -732,93 +814,30 @@ impl Operator for HashAggregate {
                 }
                 _ => None,
             };
-            if self.touch(group)?
-                && let Some(v) = window
-            {
-                self.open.entry(v).or_default().push(group.into());
-            }
             extreme_updates.clear();
-            {
-                let d = self
-                    .dirty
-                    .get_mut(group)
-                    .ok_or_else(|| KappaError::internal("group vanished"))?;
-                d.state.rows += w;
-                for (i, arg) in args.iter().enumerate() {
-                    if let Some(f) = &filters[i]
-                        && !(f.is_valid(row) && f.value(row))
-                    {
-                        continue;
-                    }
-                    match (arg, &mut d.state.accs[i]) {
-                        (ArgValues::Rows(a, _), _) if self.distinct[i] => {
-                            if a.is_valid(row) {
-                                extreme_updates.push((i, row));
-                            }
-                        }
-                        (ArgValues::None, Acc::Count(c)) => *c += w,
-                        (ArgValues::Nulls(a), Acc::Count(c)) => {
-                            if a.is_valid(row) {
-                                *c += w
-                            }
-                        }
-                        (ArgValues::Int(a), Acc::Int { sum, n }) => {
-                            if a.is_valid(row) {
-                                let v: i128 = match a.data_type() {
-                                    DataType::Decimal128(..) => {
-                                        a.as_primitive::<Decimal128Type>().value(row)
-                                    }
-                                    _ => a.as_primitive::<Int64Type>().value(row) as i128,
-                                };
-                                *sum += v * w as i128;
-                                *n += w;
-                                if *n == 0 {
-                                    *sum = 0;
-                                }
-                            }
-                        }
-                        (ArgValues::Float(a), Acc::Float { sum, comp, n }) => {
-                            if a.is_valid(row) {
-                                let v = a.as_primitive::<Float64Type>().value(row);
-                                add_float(sum, comp, v * w as f64);
-                                *n += w;
-                                if *n == 0 {
-                                    *sum = 0.0;
-                                    *comp = 0.0;
-                                }
-                            }
-                        }
-                        (ArgValues::Rows(a, rows), Acc::Best(best)) => {
-                            if a.is_valid(row) {
-                                if w < 0 {
-                                    return Err(KappaError::internal(
-                                        "a retraction reached min/max over an append-only input",
-                                    ));
-                                }
-                                let v = rows.row(row).data();
-                                let better = match best.as_deref() {
-                                    None => true,
-                                    Some(b)
-                                        if matches!(self.kinds[i], Kind::Best { max: true }) =>
-                                    {
-                                        v > b
-                                    }
-                                    Some(b) => v < b,
-                                };
-                                if better {
-                                    *best = Some(v.into());
-                                }
-                            }
-                        }
-                        (ArgValues::Rows(a, _), Acc::None) => {
-                            if a.is_valid(row) {
-                                extreme_updates.push((i, row));
-                            }
-                        }
-                        (ArgValues::Inputs(_), Acc::None) => extreme_updates.push((i, row)),
-                        _ => return Err(KappaError::internal("aggregate argument mismatch")),
-                    }
+            let accumulate = |d: &mut GroupState, updates: &mut Vec<(usize, usize)>| {
+                accumulate(
+                    d,
+                    row,
+                    w,
+                    &args,
+                    &filters,
+                    &self.distinct,
+                    &self.kinds,
+                    updates,
+                )
+            };
+            // One hash lookup for a group already touched this epoch.
+            if let Some(d) = self.dirty.get_mut(group) {
+                accumulate(&mut d.state, &mut extreme_updates)?;
+            } else {
+                let d = self.load(group)?;
+                let created = d.before.is_none() && d.state.rows == 0;
+                if created && let Some(v) = window {
+                    self.open.entry(v).or_default().push(group.into());
                 }
+                let d = self.dirty.entry(group.into()).insert(d).into_mut();
+                accumulate(&mut d.state, &mut extreme_updates)?;
             }
             for &(i, r) in &extreme_updates {
                 let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {
@@ -846,7 +865,10 @@ impl Operator for HashAggregate {
     ) -> Result<()> {
         if self.is_scalar() && self.groups.get(&[]).is_none() {
             // The scalar aggregate's single row exists from the start.
-            self.touch(&[])?;
+            if !self.dirty.contains_key(&[][..]) {
+                let d = self.load(&[])?;
+                self.dirty.insert(Box::from(&[][..]), d);
+            }
         }
         // In key order: neighbouring updates touch the same state pages.
         let mut deltas: Vec<(Box<[u8]>, i64)> = std::mem::take(&mut self.extreme_deltas)
