@@ -605,8 +605,6 @@ enum ArgValues {
     Inputs(Rows),
 }
 
-/// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
-/// `HashAggregate::extreme_prefix`), split into its parts.
 /// Adds row `row` of weight `w` to group state `d`: its count and the accumulators, and
 /// (into `updates`) the (aggregate, row) pairs whose value multiset changes.
 #[allow(clippy::too_many_arguments)]
@@ -693,6 +691,8 @@ fn accumulate(
     Ok(())
 }
 
+/// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
+/// `HashAggregate::extreme_prefix`), split into its parts.
 fn split_multiset_key(key: &[u8]) -> Option<(usize, &[u8], &[u8])> {
     let agg = u16::from_be_bytes(key.get(..2)?.try_into().ok()?) as usize;
     let len = u32::from_be_bytes(key.get(2..6)?.try_into().ok()?) as usize;
@@ -815,7 +815,7 @@ impl Operator for HashAggregate {
                 _ => None,
             };
             extreme_updates.clear();
-            let accumulate = |d: &mut GroupState, updates: &mut Vec<(usize, usize)>| {
+            let add_row = |d: &mut GroupState, updates: &mut Vec<(usize, usize)>| {
                 accumulate(
                     d,
                     row,
@@ -829,15 +829,17 @@ impl Operator for HashAggregate {
             };
             // One hash lookup for a group already touched this epoch.
             if let Some(d) = self.dirty.get_mut(group) {
-                accumulate(&mut d.state, &mut extreme_updates)?;
+                add_row(&mut d.state, &mut extreme_updates)?;
             } else {
                 let d = self.load(group)?;
-                let created = d.before.is_none() && d.state.rows == 0;
-                if created && let Some(v) = window {
+                // Not stored: the group is created now, in window `v`.
+                if d.before.is_none()
+                    && let Some(v) = window
+                {
                     self.open.entry(v).or_default().push(group.into());
                 }
                 let d = self.dirty.entry(group.into()).insert(d).into_mut();
-                accumulate(&mut d.state, &mut extreme_updates)?;
+                add_row(&mut d.state, &mut extreme_updates)?;
             }
             for &(i, r) in &extreme_updates {
                 let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {

@@ -233,6 +233,5 @@ mod tests {
             one.iter().map(|r| flat(r).len()).collect::<Vec<_>>(),
             vec![1, 1, 2]
         );
-        let _ = one[0][0].weights().len();
     }
 }

@@ -75,7 +75,7 @@ impl Map {
         prefix: &'a [u8],
     ) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
         match self {
-            Map::Ordered(m) => scan_prefix(m, prefix),
+            Map::Ordered(m) => Box::new(prefix_range(m, prefix)),
             Map::Hashed(m) => {
                 let mut found: Vec<(Bytes, Bytes)> = m
                     .iter()
@@ -296,10 +296,10 @@ impl StateSnapshot for MemSnapshot {
 }
 
 /// The entries of `map` whose key starts with `prefix`, in key order, both ends reachable.
-fn prefix_range(
-    map: &OrdMap<Bytes, Bytes>,
-    prefix: &[u8],
-) -> impl DoubleEndedIterator<Item = (Bytes, Bytes)> {
+fn prefix_range<'a>(
+    map: &'a OrdMap<Bytes, Bytes>,
+    prefix: &'a [u8],
+) -> impl DoubleEndedIterator<Item = (Bytes, Bytes)> + 'a {
     let upper = match prefix_end(prefix) {
         Some(e) => Bound::Excluded(e),
         None => Bound::Unbounded,
@@ -309,24 +309,6 @@ fn prefix_range(
         upper.as_ref().map(|e| e.as_slice()),
     ))
     .map(|(k, v)| (k.clone(), v.clone()))
-}
-
-/// The entries of `map` whose key starts with `prefix`, in key order.
-fn scan_prefix<'a>(
-    map: &'a OrdMap<Bytes, Bytes>,
-    prefix: &'a [u8],
-) -> Box<dyn Iterator<Item = (Bytes, Bytes)> + 'a> {
-    let upper = match prefix_end(prefix) {
-        Some(e) => Bound::Excluded(e),
-        None => Bound::Unbounded,
-    };
-    Box::new(
-        map.range::<_, [u8]>((
-            Bound::Included(prefix),
-            upper.as_ref().map(|e| e.as_slice()),
-        ))
-        .map(|(k, v)| (k.clone(), v.clone())),
-    )
 }
 
 #[cfg(test)]
