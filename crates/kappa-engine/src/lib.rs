@@ -87,7 +87,7 @@ pub struct EngineConfig {
 
 /// The machine's cores, as the default parallelism of views.
 pub fn default_parallelism() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
+    kappa_runtime::cores()
 }
 
 impl Default for EngineConfig {

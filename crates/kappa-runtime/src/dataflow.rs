@@ -371,6 +371,11 @@ impl Dataflow {
 /// them to the pool would cost more than the work.
 const PARALLEL_ROWS: usize = 4096;
 
+/// The machine's cores: the threads of the shard pool, and views' default parallelism.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// The threads every view's shards run on: one per core, started once for the life of the
 /// process. Shards are tasks, not threads: a view may have more shards than there are cores,
 /// and views share the cores. Keeping the threads (rather than starting some per node per
@@ -380,7 +385,7 @@ fn pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: std::sync::OnceLock<Option<rayon::ThreadPool>> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()
-            .num_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .num_threads(cores())
             .thread_name(|i| format!("kappa-shard-{i}"))
             .build()
             .map_err(|e| tracing::warn!("shards run on one thread: {e}"))

@@ -43,7 +43,7 @@ use kappa_operators::ContentsSnapshot;
 use kappa_plan::StreamGraph;
 use kappa_state::{EpochRecord, History, Record, SourcePosition, StateStore};
 
-pub use dataflow::EventTime;
+pub use dataflow::{EventTime, cores};
 pub use table::{Commit, Table, TableEventTime, TableWrite};
 
 use dataflow::Dataflow;
