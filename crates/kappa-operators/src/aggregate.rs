@@ -12,6 +12,8 @@
 //!   same multiset of its argument values; its accumulator in `groups` is over the values
 //!   whose count is positive, so a value counts when its count leaves 0 and stops counting
 //!   when it returns to 0 (both applied at the barrier, with the epoch's net changes).
+//!   When nothing reads the table in key order (only DISTINCT aggregates, no window to
+//!   close; see [`HashAggregate::multisets_read_in_order`]) the store may keep it hashed.
 //!
 //! # Output
 //! Changes are consolidated per epoch: at the barrier every group touched during the epoch
@@ -50,6 +52,7 @@ use kappa_plan::{AggFunc, WatermarkCol};
 use kappa_state::{StateTable, add_to_count};
 
 use crate::Operator;
+use crate::dirty::{BatchGroups, DirtySet};
 
 /// Per-epoch maps, hashed with foldhash rather than SipHash.
 type HashMap<K, V> = hashbrown::HashMap<K, V>;
@@ -142,7 +145,10 @@ pub struct HashAggregate {
     schema: SchemaRef,
     groups: Box<dyn StateTable>,
     extremes: Box<dyn StateTable>,
-    dirty: HashMap<Box<[u8]>, Dirty>,
+    /// The groups touched this epoch.
+    dirty: DirtySet<Dirty>,
+    /// The current input batch's groups (reused across batches).
+    batch_groups: BatchGroups,
     /// This epoch's net changes to `extremes`, applied at the barrier. Until then `extremes`
     /// holds the state as of the epoch's start, which is what a group's old output needs.
     extreme_deltas: HashMap<Box<[u8]>, i64>,
@@ -240,7 +246,8 @@ impl HashAggregate {
             schema,
             groups,
             extremes,
-            dirty: HashMap::default(),
+            dirty: DirtySet::default(),
+            batch_groups: BatchGroups::default(),
             extreme_deltas: HashMap::default(),
             key_buf: Vec::new(),
             window_close: None,
@@ -249,6 +256,32 @@ impl HashAggregate {
             watermark: None,
             late_rows: 0,
         })
+    }
+
+    /// Whether the `extremes` table of an aggregate computing `aggs` is ever read in key
+    /// order: for the multisets of `min`/`max` (current extreme = first or last entry) and
+    /// of recomputed aggregates (scanned), and to free a closed window's multisets. When it
+    /// is not (only DISTINCT `count`/`sum`/`avg`, which look a value up by key, and no
+    /// window), the store may keep it hashed (`StateStore::create_keyed_table`).
+    pub fn multisets_read_in_order(
+        aggs: &[AggSpec],
+        append_only_input: bool,
+        windowed: bool,
+    ) -> Result<bool> {
+        if windowed {
+            return Ok(true);
+        }
+        for a in aggs {
+            let ordered = match kind_of(a)? {
+                Kind::Extreme { .. } => !append_only_input,
+                Kind::Recompute => true,
+                _ => false,
+            };
+            if ordered {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// The input never retracts (an append-only stream): `min` and `max` keep only the
@@ -795,6 +828,8 @@ impl Operator for HashAggregate {
         }
         let weights = batch.weights();
         let mut key_buf = std::mem::take(&mut self.key_buf);
+        let mut batch_groups = std::mem::take(&mut self.batch_groups);
+        batch_groups.clear();
         // (aggregate, row) pairs whose min/max multiset changes; reused across rows.
         let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
         for row in 0..n {
@@ -827,20 +862,30 @@ impl Operator for HashAggregate {
                     updates,
                 )
             };
-            // One hash lookup for a group already touched this epoch.
-            if let Some(d) = self.dirty.get_mut(group) {
-                add_row(&mut d.state, &mut extreme_updates)?;
-            } else {
-                let d = self.load(group)?;
-                // Not stored: the group is created now, in window `v`.
-                if d.before.is_none()
-                    && let Some(v) = window
-                {
-                    self.open.entry(v).or_default().push(group.into());
+            // The epoch's (large) dirty set is probed once per group per batch.
+            let hash = self.dirty.hash(group);
+            let at = match batch_groups.find(hash, row, |r| keys.get(r)) {
+                Some(at) => at,
+                None => {
+                    let at = match self.dirty.find(hash, group) {
+                        Some(at) => at,
+                        None => {
+                            let d = self.load(group)?;
+                            // Not stored: the group is created now, in window `v`.
+                            if d.before.is_none()
+                                && let Some(v) = window
+                            {
+                                self.open.entry(v).or_default().push(group.into());
+                            }
+                            self.dirty.insert(hash, group, d)
+                        }
+                    };
+                    let dirty = &self.dirty;
+                    batch_groups.insert(hash, row, at, |r| dirty.hash(keys.get(r)));
+                    at
                 }
-                let d = self.dirty.entry(group.into()).insert(d).into_mut();
-                add_row(&mut d.state, &mut extreme_updates)?;
-            }
+            };
+            add_row(&mut self.dirty.at(at).state, &mut extreme_updates)?;
             for &(i, r) in &extreme_updates {
                 let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {
                     continue;
@@ -856,6 +901,7 @@ impl Operator for HashAggregate {
             }
         }
         self.key_buf = key_buf;
+        self.batch_groups = batch_groups;
         Ok(())
     }
 
@@ -867,9 +913,9 @@ impl Operator for HashAggregate {
     ) -> Result<()> {
         if self.is_scalar() && self.groups.get(&[]).is_none() {
             // The scalar aggregate's single row exists from the start.
-            if !self.dirty.contains_key(&[][..]) {
+            if !self.dirty.contains(&[]) {
                 let d = self.load(&[])?;
-                self.dirty.insert(Box::from(&[][..]), d);
+                self.dirty.insert(self.dirty.hash(&[]), &[], d);
             }
         }
         // In key order: neighbouring updates touch the same state pages.
@@ -896,8 +942,7 @@ impl Operator for HashAggregate {
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();
         let mut out_vals: Vec<Vec<ScalarValue>> = Vec::new();
         let mut out_weights: Vec<i64> = Vec::new();
-        let dirty = std::mem::take(&mut self.dirty);
-        for (group, d) in dirty {
+        for (group, d) in self.dirty.take() {
             if d.state.rows < 0 {
                 return Err(KappaError::internal("group row count became negative"));
             }

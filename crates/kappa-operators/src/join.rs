@@ -27,7 +27,9 @@
 //! join ten times slower). Rows whose key cannot match (NULL) are not stored: their output
 //! never changes, and a later change to them is computed alone. When the store spills, the
 //! same contents live in state tables instead (see `join_state.rs`), which are then the
-//! checkpoint: nothing is logged.
+//! checkpoint: nothing is logged. A side whose input is append-only and whose rows carry
+//! no match count keeps its rows as the Arrow batches they came in, with a hash index of
+//! their keys (`join_batches.rs`): no per-row encoding or allocation at all.
 //!
 //! # Checkpoints
 //! The state is a function of the inputs and the watermarks, in the order they came, so it
@@ -58,20 +60,22 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array, new_null_array,
 };
 use datafusion::arrow::compute::kernels::filter::prep_null_mask_filter;
-use datafusion::arrow::compute::{cast, take_arrays};
+use datafusion::arrow::compute::{cast, filter, take_arrays};
 use datafusion::arrow::datatypes::{
-    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+    DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
 use kappa_common::{ChangeBatch, Epoch, KappaError, Result};
 use kappa_plan::{JoinKind, WatermarkCol};
+use kappa_state::codec::damaged;
 
 type Bytes = Arc<[u8]>;
 
 use crate::Operator;
 use crate::change_log::{ChangeLog, LogEntry};
-use crate::join_state::{MemRows, SideRows, SideTables};
+use crate::join_batches::BatchRows;
+use crate::join_state::{Found, MemRows, SideRows, SideTables};
 
 /// One input of the join.
 pub struct JoinSide {
@@ -81,6 +85,8 @@ pub struct JoinSide {
     pub schema: SchemaRef,
     /// A stored row expires when any of these (timestamp) columns is closed.
     pub expiry: Vec<WatermarkCol>,
+    /// The input never retracts (an append-only stream).
+    pub append_only: bool,
 }
 
 struct Side {
@@ -131,7 +137,7 @@ const SNAPSHOT: u8 = 2;
 /// the other side (and its count).
 struct Candidate {
     row: u32,
-    other: Bytes,
+    other: Found,
     count: i64,
 }
 
@@ -168,15 +174,19 @@ impl HashJoin {
             ));
         }
         let side = |s: JoinSide, i: usize| -> Result<Side> {
+            let tracked =
+                kind.preserves(i) || kind.semi_side() == Some(i) || kind.anti_side() == Some(i);
             Ok(Side {
                 keys: s.keys,
                 rows: kappa_state::row_converter(&s.schema)?,
                 schema: s.schema,
-                store: SideRows::Memory(MemRows::default()),
+                store: if s.append_only && !tracked {
+                    SideRows::Batches(BatchRows::default())
+                } else {
+                    SideRows::Memory(MemRows::default())
+                },
                 expiry: s.expiry,
-                tracked: kind.preserves(i)
-                    || kind.semi_side() == Some(i)
-                    || kind.anti_side() == Some(i),
+                tracked,
             })
         };
         Ok(Self {
@@ -271,14 +281,19 @@ impl HashJoin {
         Ok((self.key_converter.convert_columns(&cols)?, valid))
     }
 
-    /// When each row of `side` stops being able to match: the smallest `v + offset` over
-    /// the side's expiry columns (`None`: never).
-    fn expiry_times(&self, side: usize, batch: &ChangeBatch) -> Result<Vec<Option<i64>>> {
+    /// When each of `n` rows of `side` (its `columns`) stops being able to match: the
+    /// smallest `v + offset` over the side's expiry columns (`None`: never).
+    fn expiry_times(
+        &self,
+        side: usize,
+        columns: &[ArrayRef],
+        n: usize,
+    ) -> Result<Vec<Option<i64>>> {
         let s = &self.sides[side];
-        let mut times = vec![None; batch.num_rows()];
+        let mut times = vec![None; n];
         for e in &s.expiry {
             let col = cast(
-                batch.data().column(e.col),
+                &columns[e.col],
                 &DataType::Timestamp(TimeUnit::Microsecond, None),
             )?;
             let ts = col.as_primitive::<TimestampMicrosecondType>();
@@ -295,6 +310,34 @@ impl HashJoin {
     /// Stored rows of `side`, decoded.
     fn decode_rows(&self, side: usize, rows: &[Bytes]) -> Result<Vec<ArrayRef>> {
         kappa_state::decode_rows(&self.sides[side].rows, rows.iter().map(|r| &r[..]))
+    }
+
+    /// The columns of stored rows a probe of `side` found, in order.
+    fn found_rows<'a>(
+        &self,
+        side: usize,
+        found: impl Iterator<Item = &'a Found>,
+    ) -> Result<Vec<ArrayRef>> {
+        match &self.sides[side].store {
+            SideRows::Batches(b) => {
+                let at = found
+                    .map(|f| match f {
+                        Found::At(at) => Ok(*at),
+                        Found::Row(_) => Err(KappaError::internal("a batch store found a row")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                b.gather(&at)
+            }
+            _ => {
+                let rows = found
+                    .map(|f| match f {
+                        Found::Row(r) => Ok(r.clone()),
+                        Found::At(_) => Err(KappaError::internal("a row store found a batch row")),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                self.decode_rows(side, &rows)
+            }
+        }
     }
 
     /// Left columns then right columns from one side's columns (the other side's are
@@ -365,22 +408,37 @@ impl HashJoin {
         log.clear(table);
         log.mark(encode_watermark(self.watermark));
         for (i, side) in self.sides.iter().enumerate() {
-            let mut entries = side.store.mem_entries()?.peekable();
-            while entries.peek().is_some() {
-                let chunk: Vec<(&Bytes, &crate::join_state::Entry)> = entries
-                    .by_ref()
-                    .take(crate::change_log::CHUNK_ROWS)
-                    .collect();
-                let rows: Vec<&[u8]> = chunk.iter().map(|(r, _)| &r[..]).collect();
-                let mut cols = kappa_state::decode_rows(&side.rows, rows.iter().copied())?;
-                cols.push(Arc::new(Int64Array::from_iter_values(
-                    chunk.iter().map(|(_, e)| e.count),
-                )));
-                cols.push(Arc::new(Int64Array::from_iter_values(
-                    chunk.iter().map(|(_, e)| e.matches),
-                )));
-                log.push(SNAPSHOT + i as u8, cols, chunk.len())?;
-                log.flush(table)?;
+            let mut write = |cols: Vec<ArrayRef>, n: usize| -> Result<()> {
+                log.push(SNAPSHOT + i as u8, cols, n)?;
+                log.flush(table)
+            };
+            match &side.store {
+                SideRows::Batches(b) => {
+                    // The stored rows not expired, with their weights as counts.
+                    for (columns, weights, linked) in b.batches() {
+                        let expiry = self.expiry_times(i, columns, weights.len())?;
+                        let live: BooleanArray = linked
+                            .iter()
+                            .zip(&expiry)
+                            .map(|(&l, t)| {
+                                let expired = matches!((t, self.watermark), (Some(t), Some(w)) if *t <= w);
+                                Some(l && !expired)
+                            })
+                            .collect();
+                        let n = live.true_count();
+                        if n == 0 {
+                            continue;
+                        }
+                        let mut cols = columns
+                            .iter()
+                            .map(|c| Ok(filter(c, &live)?))
+                            .collect::<Result<Vec<_>>>()?;
+                        cols.push(filter(weights, &live)?);
+                        cols.push(Arc::new(Int64Array::from(vec![0; n])));
+                        write(cols, n)?;
+                    }
+                }
+                rows => memory_chunks(rows, &side.rows, write)?,
             }
         }
         log.flush(table)
@@ -464,9 +522,21 @@ impl HashJoin {
         matches: &[i64],
     ) -> Result<Option<BooleanArray>> {
         let n = batch.num_rows();
-        let expiry = self.expiry_times(side, batch)?;
-        let rows = self.sides[side].rows.convert_columns(batch.columns())?;
+        let expiry = self.expiry_times(side, batch.columns(), n)?;
         let watermark = self.watermark;
+        let stored = |i: usize| {
+            let expired = matches!((expiry[i], watermark), (Some(t), Some(w)) if t <= w);
+            !expired && valid.is_none_or(|v| v.value(i))
+        };
+        if let SideRows::Batches(b) = &mut self.sides[side].store {
+            // The side carries no match counts (`matches` is only meaningful where
+            // tracked). The key rows are kept with the batch; a copy is cheap beside the batch.
+            let keys = keys.clone();
+            b.add(batch.columns(), batch.weights(), keys, stored, &expiry)?;
+            return Ok(((0..n).any(|i| !stored(i)))
+                .then(|| (0..n).map(|i| Some(stored(i))).collect()));
+        }
+        let rows = self.sides[side].rows.convert_columns(batch.columns())?;
         let weights = batch.weights();
         let s = &mut self.sides[side];
         let mut skipped: Option<Vec<bool>> = None;
@@ -527,8 +597,7 @@ impl Operator for HashJoin {
         if !cands.is_empty() && (self.residual.is_some() || self.kind.emits_pairs()) {
             let idx = UInt32Array::from_iter_values(cands.iter().map(|c| c.row));
             let this_cols = take_arrays(batch.columns(), &idx, None)?;
-            let stored: Vec<Bytes> = cands.iter().map(|c| c.other.clone()).collect();
-            let other_cols = self.decode_rows(other, &stored)?;
+            let other_cols = self.found_rows(other, cands.iter().map(|c| &c.other))?;
             let columns = self.pair_columns(input, this_cols, Some(other_cols), cands.len());
             let pairs = crate::batch_with_rows(self.pair_schema.clone(), columns, cands.len())?;
             if let Some(residual) = &self.residual {
@@ -576,15 +645,18 @@ impl Operator for HashJoin {
             if !self.sides[other].tracked {
                 continue;
             }
+            let Found::Row(stored) = &c.other else {
+                return Err(KappaError::internal("a tracked join side stored as batches"));
+            };
             let before = self.sides[other].store.add_matches(
                 keys.row(row).as_ref(),
-                &c.other,
+                stored,
                 weights.value(row),
             )?;
             let new = before.matches + weights.value(row);
             let change = self.alone(other, new) - self.alone(other, before.matches);
             if change != 0 {
-                flipped.push(c.other.clone());
+                flipped.push(stored.clone());
                 flipped_w.push(change * before.count);
             }
         }
@@ -716,8 +788,26 @@ impl HashJoin {
         }
         if was_spilled {
             if let Some(tables) = &mut d.unused {
-                for (side, t) in self.sides.iter_mut().zip(tables.iter_mut()) {
-                    t.drain_into(&mut side.store)?;
+                for (i, t) in tables.iter_mut().enumerate() {
+                    if !matches!(self.sides[i].store, SideRows::Batches(_)) {
+                        t.drain_into(&mut self.sides[i].store)?;
+                        continue;
+                    }
+                    // Through the row form into batches, as a snapshot is restored.
+                    let mut rows = SideRows::Memory(MemRows::default());
+                    t.drain_into(&mut rows)?;
+                    let schema = self.sides[i].schema.clone();
+                    let conv = kappa_state::row_converter(&schema)?;
+                    memory_chunks(&rows, &conv, |mut cols, n| {
+                        cols.pop();
+                        let counts = cols.pop().ok_or_else(|| damaged("a join"))?;
+                        let counts = counts.as_primitive::<Int64Type>().clone();
+                        let data = crate::batch_with_rows(schema.clone(), cols, n)?;
+                        let batch = ChangeBatch::new(data, counts)?;
+                        let (keys, valid) = self.keys(i, &batch)?;
+                        self.store(i, &batch, &keys, valid.as_ref(), &vec![0; n])?;
+                        Ok(())
+                    })?;
                 }
                 d.snapshot_due = true;
             }
@@ -735,6 +825,31 @@ impl HashJoin {
         }
         Ok(())
     }
+}
+
+/// Calls `write` with the stored rows of a side in the row form, decoded in chunks: the
+/// side's columns followed by each row's count and match count.
+fn memory_chunks(
+    rows: &SideRows,
+    conv: &RowConverter,
+    mut write: impl FnMut(Vec<ArrayRef>, usize) -> Result<()>,
+) -> Result<()> {
+    let mut entries = rows.mem_entries()?.peekable();
+    while entries.peek().is_some() {
+        let chunk: Vec<(&Bytes, &crate::join_state::Entry)> = entries
+            .by_ref()
+            .take(crate::change_log::CHUNK_ROWS)
+            .collect();
+        let mut cols = kappa_state::decode_rows(conv, chunk.iter().map(|(r, _)| &r[..]))?;
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            chunk.iter().map(|(_, e)| e.count),
+        )));
+        cols.push(Arc::new(Int64Array::from_iter_values(
+            chunk.iter().map(|(_, e)| e.matches),
+        )));
+        write(cols, chunk.len())?;
+    }
+    Ok(())
 }
 
 /// The join's small state, as its checkpoint keeps it: the watermark, and whether the
@@ -788,6 +903,7 @@ mod tests {
             keys: vec![col(s.field(key).name(), key)],
             schema: s,
             expiry,
+            append_only: false,
         }
     }
 
@@ -923,6 +1039,7 @@ mod tests {
                 keys: vec![],
                 schema,
                 expiry: vec![],
+                append_only: false,
             }
         };
         let mut j = HashJoin::new(
@@ -977,6 +1094,11 @@ mod tests {
     }
 
     fn interval_join_of(kind: JoinKind) -> HashJoin {
+        interval_join_over(kind, false)
+    }
+
+    /// The interval join, over inputs that never retract when `append_only`.
+    fn interval_join_over(kind: JoinKind, append_only: bool) -> HashJoin {
         let sec = 1_000_000;
         let ls = "k:i64, t:ts";
         let rs = "k2:i64, t2:ts";
@@ -995,17 +1117,20 @@ mod tests {
                 )),
             )),
         ));
+        let side = |spec, expiry| JoinSide {
+            append_only,
+            ..side(spec, 0, expiry)
+        };
         HashJoin::new(
             kind,
             side(
                 ls,
-                0,
                 vec![WatermarkCol {
                     col: 1,
                     offset: 10 * sec + 1,
                 }],
             ),
-            side(rs, 0, vec![WatermarkCol { col: 1, offset: 1 }]),
+            side(rs, vec![WatermarkCol { col: 1, offset: 1 }]),
             vec![DataType::Int64],
             Some(residual),
             false,
@@ -1183,5 +1308,78 @@ mod tests {
                  + 7 | 1970-01-01T00:03:20 | NULL | NULL",
             );
         }
+    }
+
+    /// Insert-only epochs of the interval join: rows that match, rows that expire while
+    /// others of their batch do not, a NULL key, a late row.
+    fn append_only_epochs() -> Vec<TestEpoch> {
+        let sec = 1_000_000;
+        let l = |t: &str| (0, changes("k:i64, t:ts", t));
+        let r = |t: &str| (1, changes("k2:i64, t2:ts", t));
+        vec![
+            (
+                vec![
+                    l("+ 1 | 100\n+ 2 | 130\n+ NULL | 100"),
+                    r("+ 1 | 108\n+ 1 | 120\n+2 2 | 131"),
+                ],
+                Some(110 * sec),
+            ),
+            (vec![l("+ 1 | 111\n+2 1 | 105"), r("+ 1 | 109")], Some(112 * sec)),
+            (vec![r("+ 1 | 113\n+ 2 | 135")], Some(116 * sec)),
+            (vec![r("+ 1 | 116"), l("+ 2 | 133")], Some(130 * sec)),
+            (vec![r("+ 1 | 131\n+ 2 | 140"), l("+ 1 | 125")], Some(131 * sec)),
+            (vec![l("+ 2 | 139")], Some(200 * sec)),
+        ]
+    }
+
+    /// Append-only sides kept as batches join, expire and count their state exactly as
+    /// the row form does, epoch by epoch.
+    #[test]
+    fn append_only_sides_kept_as_batches_join_like_rows() {
+        for kind in [JoinKind::Inner, JoinKind::Left, JoinKind::Right] {
+            let mut batches = interval_join_over(kind, true);
+            let mut rows = interval_join_over(kind, false);
+            let stored: Vec<bool> = batches
+                .sides
+                .iter()
+                .map(|s| matches!(s.store, SideRows::Batches(_)))
+                .collect();
+            // Only the sides without match counts are kept as batches.
+            assert_eq!(stored, [kind != JoinKind::Left, kind != JoinKind::Right]);
+            for (epoch, (inputs, w)) in append_only_epochs().into_iter().enumerate() {
+                let (mut a, mut b) = (vec![], vec![]);
+                for (input, batch) in inputs {
+                    batches.process(input, batch.clone(), &mut a).unwrap();
+                    rows.process(input, batch, &mut b).unwrap();
+                }
+                batches.on_barrier(epoch as u64, w, &mut a).unwrap();
+                rows.on_barrier(epoch as u64, w, &mut b).unwrap();
+                assert_eq!(
+                    crate::testing::consolidate(&a),
+                    crate::testing::consolidate(&b),
+                    "{kind:?}, epoch {epoch}"
+                );
+                assert_eq!(batches.state_entries(), rows.state_entries());
+            }
+        }
+    }
+
+    #[test]
+    fn append_only_sides_kept_as_batches_restore_in_every_form() {
+        for kind in [JoinKind::Inner, JoinKind::Left] {
+            assert_restores_in_every_form(
+                &|| interval_join_over(kind, true),
+                &append_only_epochs(),
+            );
+        }
+    }
+
+    #[test]
+    fn a_retraction_reaching_a_side_kept_as_batches_is_an_internal_error() {
+        let mut j = interval_join_over(JoinKind::Inner, true);
+        let err = j
+            .process(0, changes("k:i64, t:ts", "- 1 | 100"), &mut vec![])
+            .unwrap_err();
+        assert!(err.to_string().contains("retraction"), "{err}");
     }
 }

@@ -1,9 +1,12 @@
 //! One side of a join's stored rows: join key → row → [`Entry`], and the index that expires
 //! them by event time. See `join.rs` for what the rows and their counts mean.
 //!
-//! # Two representations, the same contents
+//! # Three representations, the same contents
 //! - [`SideRows::Memory`]: hash maps (one hash lookup per probe or update) and an ordered
 //!   in-memory expiry index. The join checkpoints them as the log of its inputs.
+//! - [`SideRows::Batches`]: for an append-only side without match counts, the Arrow
+//!   batches the rows came in and a hash index over them (`join_batches.rs`): no per-row
+//!   encoding or allocation. Checkpointed as the memory form is.
 //! - [`SideRows::Tables`]: state tables, for a store that spills (state larger than memory).
 //!   The tables are the checkpoint: their changes are written like any other state's, and
 //!   only the changes since the last checkpoint stay in memory. `rows` maps
@@ -24,6 +27,8 @@ use std::sync::Arc;
 
 use kappa_common::{KappaError, Result};
 use kappa_state::StateTable;
+
+use crate::join_batches::{BatchRows, RowRef};
 use kappa_state::codec::{
     damaged, len_prefix, len_prefixed, ordered_i64, split_len_prefixed, split_ordered_i64,
 };
@@ -70,7 +75,20 @@ pub struct SideTables {
 
 pub(crate) enum SideRows {
     Memory(MemRows),
+    Batches(BatchRows),
     Tables(SideTables),
+}
+
+/// A stored row a probe found: its row-format bytes, or where it is in the batch store.
+#[derive(Clone)]
+pub(crate) enum Found {
+    Row(Bytes),
+    At(RowRef),
+}
+
+/// A call that stores or updates one row at a time, made on the batch store.
+fn by_batch() -> KappaError {
+    KappaError::internal("a join side stored as batches was updated row by row")
 }
 
 #[derive(Default)]
@@ -95,21 +113,22 @@ fn split_index_key(k: &[u8]) -> Result<(i64, &[u8])> {
 
 impl SideRows {
     /// Calls `f` with each row stored under `key` and its count.
-    pub fn probe(&self, key: &[u8], mut f: impl FnMut(Bytes, i64)) -> Result<()> {
+    pub fn probe(&self, key: &[u8], mut f: impl FnMut(Found, i64)) -> Result<()> {
         match self {
             SideRows::Memory(m) => {
                 if let Some(bucket) = m.buckets.get(key) {
                     for (row, e) in bucket {
-                        f(row.clone(), e.count);
+                        f(Found::Row(row.clone()), e.count);
                     }
                 }
             }
+            SideRows::Batches(b) => b.probe(key, |at, count| f(Found::At(at), count)),
             SideRows::Tables(t) => {
                 // `len(key) ‖ key`: the prefix of the key's rows.
                 let prefix = len_prefix(key);
                 for (k, v) in t.rows.scan_prefix(&prefix) {
                     let row = k.get(prefix.len()..).unwrap_or_default();
-                    f(Arc::from(row), Entry::decode(&v)?.count);
+                    f(Found::Row(Arc::from(row)), Entry::decode(&v)?.count);
                 }
             }
         }
@@ -138,6 +157,7 @@ impl SideRows {
                 e.matches = check(before)?;
                 Ok(before)
             }
+            SideRows::Batches(_) => Err(by_batch()),
             SideRows::Tables(t) => {
                 let k = row_key(key, row);
                 let before = Entry::decode(&t.rows.get(&k).ok_or_else(vanished)?)?;
@@ -169,6 +189,7 @@ impl SideRows {
                     m.expiring.entry(t).or_default().push((key, row));
                 }
             }
+            SideRows::Batches(_) => return Err(by_batch()),
             SideRows::Tables(t) => {
                 let k = row_key(key, row);
                 let before = match t.rows.get(&k) {
@@ -205,6 +226,7 @@ impl SideRows {
                     m.remove(&key, &row);
                 }
             }
+            SideRows::Batches(b) => b.expire(w),
             SideRows::Tables(t) => {
                 let mut closed = Vec::new();
                 for (k, _) in t.expiring.scan_prefix(&[]) {
@@ -226,6 +248,7 @@ impl SideRows {
     pub fn len(&self) -> usize {
         match self {
             SideRows::Memory(m) => m.len,
+            SideRows::Batches(b) => b.len(),
             SideRows::Tables(t) => t.rows.len(),
         }
     }
@@ -235,6 +258,7 @@ impl SideRows {
     pub fn mem_entries(&self) -> Result<impl Iterator<Item = (&Bytes, &Entry)>> {
         match self {
             SideRows::Memory(m) => Ok(m.buckets.values().flat_map(|b| b.iter())),
+            SideRows::Batches(_) => Err(by_batch()),
             SideRows::Tables(_) => Err(KappaError::internal(
                 "spilled join rows are not snapshotted into a log",
             )),
@@ -248,15 +272,17 @@ impl SideRows {
     /// The tables of spilled rows.
     pub fn tables_mut(&mut self) -> Option<&mut SideTables> {
         match self {
-            SideRows::Memory(_) => None,
+            SideRows::Memory(_) | SideRows::Batches(_) => None,
             SideRows::Tables(t) => Some(t),
         }
     }
 
-    /// Empties the in-memory form (before restoring it).
+    /// Empties the in-memory forms (before restoring them).
     pub fn clear_memory(&mut self) {
-        if let SideRows::Memory(m) = self {
-            *m = MemRows::default();
+        match self {
+            SideRows::Memory(m) => *m = MemRows::default(),
+            SideRows::Batches(b) => *b = BatchRows::default(),
+            SideRows::Tables(_) => {}
         }
     }
 }
@@ -365,8 +391,13 @@ mod tests {
 
     fn probe(s: &SideRows, key: &[u8]) -> Vec<(Vec<u8>, i64)> {
         let mut out = vec![];
-        s.probe(key, |row, count| out.push((row.to_vec(), count)))
-            .unwrap();
+        s.probe(key, |row, count| {
+            let Found::Row(row) = row else {
+                panic!("a row-format side found a batch row")
+            };
+            out.push((row.to_vec(), count))
+        })
+        .unwrap();
         out.sort();
         out
     }

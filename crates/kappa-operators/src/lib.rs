@@ -8,8 +8,10 @@
 
 mod aggregate;
 mod change_log;
+mod dirty;
 mod filter;
 mod join;
+mod join_batches;
 mod join_state;
 mod materialize;
 mod over;

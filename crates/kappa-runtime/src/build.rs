@@ -331,15 +331,25 @@ fn build_op(
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            let append_only = graph.nodes[node.inputs[0]].append_only;
+            let extremes = if HashAggregate::multisets_read_in_order(
+                &specs,
+                append_only,
+                window_close.is_some(),
+            )? {
+                store.create_table(&table_name("extremes"))?
+            } else {
+                store.create_keyed_table(&table_name("extremes"))?
+            };
             let agg = HashAggregate::new(
                 groups,
                 group_types,
                 specs,
                 schema,
                 store.create_keyed_table(&table_name("groups"))?,
-                store.create_table(&table_name("extremes"))?,
+                extremes,
             )?;
-            let agg = if graph.nodes[node.inputs[0]].append_only {
+            let agg = if append_only {
                 agg.with_append_only_input()
             } else {
                 agg
@@ -449,6 +459,7 @@ fn build_op(
                     keys: join_keys(ctx, on, schema, right)?,
                     schema: arrow_schema(schema),
                     expiry: expiry[usize::from(right)].clone(),
+                    append_only: graph.nodes[node.inputs[usize::from(right)]].append_only,
                 })
             };
             let residual = match filter {
