@@ -101,6 +101,27 @@ enum Kind {
     },
     /// Any other function: recomputed from the multiset of the group's input rows.
     Recompute,
+    /// A mergeable approximate function (HyperLogLog, t-digest) over an input that never
+    /// retracts: the group keeps the function's own state, of bounded size.
+    Sketch,
+}
+
+/// The approximate aggregate functions whose state DataFusion can serialize and merge,
+/// kept as that state per group over append-only inputs.
+const SKETCHES: &[&str] = &[
+    "approx_distinct",
+    "approx_percentile_cont",
+    "approx_percentile_cont_with_weight",
+    "approx_median",
+];
+
+/// Whether `spec` is a sketch over an append-only input (see [`Kind::Sketch`]).
+fn sketchable(spec: &AggSpec) -> bool {
+    !spec.distinct
+        && spec
+            .recompute
+            .as_ref()
+            .is_some_and(|r| SKETCHES.contains(&r.aggregate.fun().name()))
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -117,6 +138,9 @@ enum Acc {
     },
     /// The running min/max (row format), `None` before the first non-null value.
     Best(Option<Box<[u8]>>),
+    /// A sketch's serialized state (row format of its state fields), empty before the
+    /// first row.
+    Sketch(Box<[u8]>),
     None,
 }
 
@@ -149,6 +173,11 @@ pub struct HashAggregate {
     dirty: DirtySet<Dirty>,
     /// The current input batch's groups (reused across batches).
     batch_groups: BatchGroups,
+    /// Per aggregate, for sketches: encodes the function's state, and the state's types.
+    state_converters: Vec<Option<(RowConverter, Vec<DataType>)>>,
+    /// Sketches updated this epoch, by (aggregate, dirty-set position); written back into
+    /// the groups' states at the barrier.
+    live_sketches: HashMap<(usize, usize), Box<dyn datafusion::logical_expr::Accumulator>>,
     /// This epoch's net changes to `extremes`, applied at the barrier. Until then `extremes`
     /// holds the state as of the epoch's start, which is what a group's old output needs.
     extreme_deltas: HashMap<Box<[u8]>, i64>,
@@ -206,6 +235,7 @@ impl HashAggregate {
             )?)
         };
         let kinds = aggs.iter().map(kind_of).collect::<Result<Vec<_>>>()?;
+        let n_aggs = aggs.len();
         let value_converters = aggs
             .iter()
             .zip(&kinds)
@@ -248,6 +278,8 @@ impl HashAggregate {
             extremes,
             dirty: DirtySet::default(),
             batch_groups: BatchGroups::default(),
+            state_converters: (0..n_aggs).map(|_| None).collect(),
+            live_sketches: HashMap::default(),
             extreme_deltas: HashMap::default(),
             key_buf: Vec::new(),
             window_close: None,
@@ -268,32 +300,91 @@ impl HashAggregate {
         append_only_input: bool,
         windowed: bool,
     ) -> Result<bool> {
-        if windowed {
-            return Ok(true);
-        }
-        for a in aggs {
-            let ordered = match kind_of(a)? {
-                Kind::Extreme { .. } => !append_only_input,
-                Kind::Recompute => true,
-                _ => false,
-            };
-            if ordered {
-                return Ok(true);
-            }
-        }
-        Ok(false)
+        let kinds = aggs
+            .iter()
+            .map(|a| {
+                Ok(match kind_of(a)? {
+                    Kind::Extreme { max } if append_only_input => Kind::Best { max },
+                    Kind::Recompute if append_only_input && sketchable(a) => Kind::Sketch,
+                    k => k,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(reads_in_order(&kinds, windowed))
     }
 
     /// The input never retracts (an append-only stream): `min` and `max` keep only the
-    /// running extreme instead of the multiset of values. A retraction that still arrives
-    /// is an internal error.
-    pub fn with_append_only_input(mut self) -> Self {
-        for k in &mut self.kinds {
-            if let Kind::Extreme { max } = *k {
-                *k = Kind::Best { max };
+    /// running extreme instead of the multiset of values, and the approximate functions
+    /// their sketch instead of the group's rows. A retraction that still arrives is an
+    /// internal error.
+    pub fn with_append_only_input(mut self) -> Result<Self> {
+        for (i, k) in self.kinds.iter_mut().enumerate() {
+            match *k {
+                Kind::Extreme { max } => *k = Kind::Best { max },
+                Kind::Recompute if sketchable(&self.aggs[i]) => {
+                    let Some(r) = &self.aggs[i].recompute else {
+                        continue;
+                    };
+                    let types: Vec<DataType> = r
+                        .aggregate
+                        .state_fields()?
+                        .iter()
+                        .map(|f| f.data_type().clone())
+                        .collect();
+                    let conv =
+                        RowConverter::new(types.iter().cloned().map(SortField::new).collect())?;
+                    self.state_converters[i] = Some((conv, types));
+                    *k = Kind::Sketch;
+                }
+                _ => {}
             }
         }
-        self
+        Ok(self)
+    }
+
+    /// A sketch's accumulator holding the state `bytes` (none: empty).
+    fn sketch(
+        &self,
+        agg: usize,
+        bytes: &[u8],
+    ) -> Result<Box<dyn datafusion::logical_expr::Accumulator>> {
+        let (Some(r), Some((conv, _))) = (&self.aggs[agg].recompute, &self.state_converters[agg])
+        else {
+            return Err(KappaError::internal("a sketch without its accumulator"));
+        };
+        let mut acc = r.aggregate.create_accumulator()?;
+        if !bytes.is_empty() {
+            acc.merge_batch(&kappa_state::decode_rows(conv, [bytes])?)?;
+        }
+        Ok(acc)
+    }
+
+    /// A sketch's state, serialized.
+    fn sketch_state(
+        &self,
+        agg: usize,
+        acc: &mut dyn datafusion::logical_expr::Accumulator,
+    ) -> Result<Box<[u8]>> {
+        let (conv, types) = self.state_converters[agg]
+            .as_ref()
+            .ok_or_else(|| KappaError::internal("a sketch without its state encoding"))?;
+        let cols = acc
+            .state()?
+            .into_iter()
+            .map(|v| Ok(v.to_array()?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let cols = cols
+            .iter()
+            .zip(types)
+            .map(|(c, t)| {
+                Ok(if c.data_type() == t {
+                    c.clone()
+                } else {
+                    cast(c, t)?
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(conv.convert_columns(&cols)?.row(0).data().into())
     }
 
     /// Makes this a windowed aggregate: group column `close.col` (a timestamp) closes with
@@ -408,6 +499,7 @@ impl HashAggregate {
                     },
                     Kind::Extreme { .. } | Kind::Recompute => Acc::None,
                     Kind::Best { .. } => Acc::Best(None),
+                    Kind::Sketch => Acc::Sketch(Box::default()),
                 })
                 .collect(),
         }
@@ -461,6 +553,14 @@ impl HashAggregate {
                     }
                 }
                 (Kind::Recompute, _) => self.recompute(i, group)?,
+                (Kind::Sketch, Acc::Sketch(bytes)) => {
+                    let v = self.sketch(i, &bytes)?.evaluate()?;
+                    if v.data_type() == spec.output_type {
+                        v
+                    } else {
+                        v.cast_to(&spec.output_type)?
+                    }
+                }
                 (Kind::Extreme { max }, _) => {
                     Self::extreme_prefix(&mut prefix, i, group);
                     let entry = if *max {
@@ -514,6 +614,10 @@ impl HashAggregate {
                     b.extend_from_slice(&len.to_le_bytes());
                     b.extend_from_slice(best.as_deref().unwrap_or_default());
                 }
+                Acc::Sketch(state) => {
+                    b.extend_from_slice(&(state.len() as u32).to_le_bytes());
+                    b.extend_from_slice(state);
+                }
                 Acc::None => {}
             }
         }
@@ -547,6 +651,10 @@ impl HashAggregate {
                     n: i64::from_le_bytes(arr8(take(8)?)),
                 },
                 Kind::Extreme { .. } | Kind::Recompute => Acc::None,
+                Kind::Sketch => {
+                    let len = u32::from_le_bytes(take(4)?.try_into().unwrap_or([0; 4]));
+                    Acc::Sketch(take(len as usize)?.into())
+                }
                 Kind::Best { .. } => {
                     let len = u32::from_le_bytes(take(4)?.try_into().unwrap_or([0; 4]));
                     Acc::Best(match len {
@@ -636,6 +744,8 @@ enum ArgValues {
     Rows(ArrayRef, Rows),
     /// Whole input rows of a recomputed aggregate (NULLs included: the function decides).
     Inputs(Rows),
+    /// A sketch's input columns.
+    Columns(Vec<ArrayRef>),
 }
 
 /// Adds row `row` of weight `w` to group state `d`: its count and the accumulators, and
@@ -718,10 +828,30 @@ fn accumulate(
                 }
             }
             (ArgValues::Inputs(_), Acc::None) => extreme_updates.push((i, row)),
+            (ArgValues::Columns(_), Acc::Sketch(_)) => {
+                if w < 0 {
+                    return Err(KappaError::internal(
+                        "a retraction reached a sketch over an append-only input",
+                    ));
+                }
+                // Once per copy.
+                for _ in 0..w {
+                    extreme_updates.push((i, row));
+                }
+            }
             _ => return Err(KappaError::internal("aggregate argument mismatch")),
         }
     }
     Ok(())
+}
+
+/// Whether an aggregate of these kinds reads its value multisets in key order (see
+/// [`HashAggregate::multisets_read_in_order`]).
+fn reads_in_order(kinds: &[Kind], windowed: bool) -> bool {
+    windowed
+        || kinds
+            .iter()
+            .any(|k| matches!(k, Kind::Extreme { .. } | Kind::Recompute))
 }
 
 /// A value multiset key, `agg ‖ group length ‖ group ‖ value` (see
@@ -780,7 +910,11 @@ impl Operator for HashAggregate {
                     .iter()
                     .map(|e| e.evaluate(data)?.into_array(n))
                     .collect::<datafusion::error::Result<Vec<_>>>()?;
-                args.push(ArgValues::Inputs(conv.convert_columns(&cols)?));
+                args.push(if self.kinds[i] == Kind::Sketch {
+                    ArgValues::Columns(cols)
+                } else {
+                    ArgValues::Inputs(conv.convert_columns(&cols)?)
+                });
                 filters.push(match &spec.filter {
                     Some(f) => Some(f.evaluate(data)?.into_array(n)?.as_boolean().clone()),
                     None => None,
@@ -808,7 +942,7 @@ impl Operator for HashAggregate {
                 (Some(a), Kind::SumFloat | Kind::AvgFloat) => {
                     ArgValues::Float(cast(&a, &DataType::Float64)?)
                 }
-                (Some(_), Kind::Recompute) => {
+                (Some(_), Kind::Recompute | Kind::Sketch) => {
                     return Err(KappaError::internal(
                         "an aggregate to recompute without its accumulator",
                     ));
@@ -830,6 +964,8 @@ impl Operator for HashAggregate {
         let mut key_buf = std::mem::take(&mut self.key_buf);
         let mut batch_groups = std::mem::take(&mut self.batch_groups);
         batch_groups.clear();
+        // (sketch aggregate, dirty-set position) → the batch's rows it takes.
+        let mut sketch_rows: HashMap<(usize, usize), Vec<u32>> = HashMap::default();
         // (aggregate, row) pairs whose min/max multiset changes; reused across rows.
         let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
         for row in 0..n {
@@ -887,6 +1023,10 @@ impl Operator for HashAggregate {
             };
             add_row(&mut self.dirty.at(at).state, &mut extreme_updates)?;
             for &(i, r) in &extreme_updates {
+                if let ArgValues::Columns(_) = &args[i] {
+                    sketch_rows.entry((i, at)).or_default().push(r as u32);
+                    continue;
+                }
                 let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {
                     continue;
                 };
@@ -902,6 +1042,24 @@ impl Operator for HashAggregate {
         }
         self.key_buf = key_buf;
         self.batch_groups = batch_groups;
+        // Each touched sketch takes its rows of the batch at once.
+        for ((agg, at), rows) in sketch_rows {
+            let ArgValues::Columns(cols) = &args[agg] else {
+                continue;
+            };
+            let idx = datafusion::arrow::array::UInt32Array::from(rows);
+            let cols = datafusion::arrow::compute::take_arrays(cols, &idx, None)?;
+            if !self.live_sketches.contains_key(&(agg, at)) {
+                let acc = match &self.dirty.get(at).state.accs[agg] {
+                    Acc::Sketch(bytes) => self.sketch(agg, bytes)?,
+                    _ => return Err(KappaError::internal("a sketch without its state")),
+                };
+                self.live_sketches.insert((agg, at), acc);
+            }
+            if let Some(acc) = self.live_sketches.get_mut(&(agg, at)) {
+                acc.update_batch(&cols)?;
+            }
+        }
         Ok(())
     }
 
@@ -918,12 +1076,14 @@ impl Operator for HashAggregate {
                 self.dirty.insert(self.dirty.hash(&[]), &[], d);
             }
         }
-        // In key order: neighbouring updates touch the same state pages.
         let mut deltas: Vec<(Box<[u8]>, i64)> = std::mem::take(&mut self.extreme_deltas)
             .into_iter()
             .filter(|(_, d)| *d != 0)
             .collect();
-        deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // In key order, into an ordered table: neighbouring updates touch the same pages.
+        if reads_in_order(&self.kinds, self.window_close.is_some()) {
+            deltas.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        }
         for (key, delta) in deltas {
             let new = add_to_count(
                 self.extremes.as_mut(),
@@ -937,6 +1097,11 @@ impl Operator for HashAggregate {
             if distinct && (old > 0) != (new > 0) {
                 self.count_distinct(&key, if new > 0 { 1 } else { -1 })?;
             }
+        }
+        // The sketches updated this epoch, back into their groups' states.
+        for ((agg, at), mut acc) in std::mem::take(&mut self.live_sketches) {
+            let state = self.sketch_state(agg, acc.as_mut())?;
+            self.dirty.at(at).state.accs[agg] = Acc::Sketch(state);
         }
         let scalar = self.is_scalar();
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();
@@ -1154,8 +1319,9 @@ mod tests {
     #[test]
     fn append_only_min_max_keep_only_the_running_extreme() {
         use AggFunc::*;
-        let mut op =
-            agg(&[Max, Min, Count], "k:utf8, mx:i64, mn:i64, c:i64", true).with_append_only_input();
+        let mut op = agg(&[Max, Min, Count], "k:utf8, mx:i64, mn:i64, c:i64", true)
+            .with_append_only_input()
+            .unwrap();
         let out = epoch(&mut op, "+ a | 10\n+ a | NULL\n+ a | -7\n+ b | 5");
         // count(v) skips the NULL.
         assert_changes(&out, "+ a | 10 | -7 | 2\n+ b | 5 | 5 | 1");

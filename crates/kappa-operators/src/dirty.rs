@@ -56,6 +56,10 @@ impl<V> DirtySet<V> {
         &mut self.entries[i].1
     }
 
+    pub fn get(&self, i: usize) -> &V {
+        &self.entries[i].1
+    }
+
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
         let i = self.find(self.hash(key), key)?;
         Some(self.at(i))
@@ -83,7 +87,12 @@ pub(crate) struct BatchGroups {
 impl BatchGroups {
     /// The dirty-set position of `row`'s group, if the batch met it before. `key(r)` is
     /// row `r`'s key, `hash` the dirty set's hash of row `row`'s key.
-    pub fn find<'k>(&self, hash: u64, row: usize, key: impl Fn(usize) -> &'k [u8]) -> Option<usize> {
+    pub fn find<'k>(
+        &self,
+        hash: u64,
+        row: usize,
+        key: impl Fn(usize) -> &'k [u8],
+    ) -> Option<usize> {
         let k = key(row);
         self.index
             .find(hash, |&(r, _)| key(r as usize) == k)
@@ -91,13 +100,7 @@ impl BatchGroups {
     }
 
     /// Records that `row`'s group is at dirty-set position `at`.
-    pub fn insert<'k>(
-        &mut self,
-        hash: u64,
-        row: usize,
-        at: usize,
-        rehash: impl Fn(usize) -> u64,
-    ) {
+    pub fn insert<'k>(&mut self, hash: u64, row: usize, at: usize, rehash: impl Fn(usize) -> u64) {
         self.index
             .insert_unique(hash, (row as u32, at as u32), |&(r, _)| rehash(r as usize));
     }
@@ -138,10 +141,18 @@ mod tests {
         assert_eq!(probes, 3);
         assert_eq!(dirty.get_mut(b"a"), Some(&mut 3));
         assert!(dirty.contains(b"b") && !dirty.contains(b"c"));
-        let all: Vec<(Vec<u8>, i64)> = dirty.take().into_iter().map(|(k, v)| (k.to_vec(), v)).collect();
+        let all: Vec<(Vec<u8>, i64)> = dirty
+            .take()
+            .into_iter()
+            .map(|(k, v)| (k.to_vec(), v))
+            .collect();
         assert_eq!(
             all,
-            vec![(b"old".to_vec(), 102), (b"a".to_vec(), 3), (b"b".to_vec(), 1)]
+            vec![
+                (b"old".to_vec(), 102),
+                (b"a".to_vec(), 3),
+                (b"b".to_vec(), 1)
+            ]
         );
         assert!(!dirty.contains(b"a"));
     }

@@ -421,7 +421,8 @@ impl HashJoin {
                             .iter()
                             .zip(&expiry)
                             .map(|(&l, t)| {
-                                let expired = matches!((t, self.watermark), (Some(t), Some(w)) if *t <= w);
+                                let expired =
+                                    matches!((t, self.watermark), (Some(t), Some(w)) if *t <= w);
                                 Some(l && !expired)
                             })
                             .collect();
@@ -533,8 +534,9 @@ impl HashJoin {
             // tracked). The key rows are kept with the batch; a copy is cheap beside the batch.
             let keys = keys.clone();
             b.add(batch.columns(), batch.weights(), keys, stored, &expiry)?;
-            return Ok(((0..n).any(|i| !stored(i)))
-                .then(|| (0..n).map(|i| Some(stored(i))).collect()));
+            return Ok(
+                ((0..n).any(|i| !stored(i))).then(|| (0..n).map(|i| Some(stored(i))).collect())
+            );
         }
         let rows = self.sides[side].rows.convert_columns(batch.columns())?;
         let weights = batch.weights();
@@ -646,7 +648,9 @@ impl Operator for HashJoin {
                 continue;
             }
             let Found::Row(stored) = &c.other else {
-                return Err(KappaError::internal("a tracked join side stored as batches"));
+                return Err(KappaError::internal(
+                    "a tracked join side stored as batches",
+                ));
             };
             let before = self.sides[other].store.add_matches(
                 keys.row(row).as_ref(),
@@ -1324,10 +1328,16 @@ mod tests {
                 ],
                 Some(110 * sec),
             ),
-            (vec![l("+ 1 | 111\n+2 1 | 105"), r("+ 1 | 109")], Some(112 * sec)),
+            (
+                vec![l("+ 1 | 111\n+2 1 | 105"), r("+ 1 | 109")],
+                Some(112 * sec),
+            ),
             (vec![r("+ 1 | 113\n+ 2 | 135")], Some(116 * sec)),
             (vec![r("+ 1 | 116"), l("+ 2 | 133")], Some(130 * sec)),
-            (vec![r("+ 1 | 131\n+ 2 | 140"), l("+ 1 | 125")], Some(131 * sec)),
+            (
+                vec![r("+ 1 | 131\n+ 2 | 140"), l("+ 1 | 125")],
+                Some(131 * sec),
+            ),
             (vec![l("+ 2 | 139")], Some(200 * sec)),
         ]
     }

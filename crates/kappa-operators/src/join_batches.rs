@@ -286,7 +286,10 @@ mod tests {
             return vec![];
         }
         let cols = s.gather(&refs).unwrap();
-        assert_eq!(cols[0].as_primitive::<Int64Type>().values().to_vec(), vec![key; refs.len()]);
+        assert_eq!(
+            cols[0].as_primitive::<Int64Type>().values().to_vec(),
+            vec![key; refs.len()]
+        );
         let mut out: Vec<(String, i64)> = cols[1]
             .as_string::<i32>()
             .iter()
@@ -306,7 +309,11 @@ mod tests {
         let mut s = BatchRows::default();
         add(
             &mut s,
-            &[(1, "a", 1, Some(10)), (2, "b", 2, None), (1, "c", 1, Some(20))],
+            &[
+                (1, "a", 1, Some(10)),
+                (2, "b", 2, None),
+                (1, "c", 1, Some(20)),
+            ],
             &[0, 1, 2],
         );
         // Row 1 is not stored (e.g. its key is NULL): kept with its batch, never found.
@@ -320,8 +327,16 @@ mod tests {
     #[test]
     fn batches_are_freed_from_the_front_when_all_their_rows_expired() {
         let mut s = BatchRows::default();
-        add(&mut s, &[(1, "a", 1, Some(10)), (2, "b", 1, Some(12))], &[0, 1]);
-        add(&mut s, &[(1, "c", 1, Some(11)), (2, "d", 1, Some(40))], &[0, 1]);
+        add(
+            &mut s,
+            &[(1, "a", 1, Some(10)), (2, "b", 1, Some(12))],
+            &[0, 1],
+        );
+        add(
+            &mut s,
+            &[(1, "c", 1, Some(11)), (2, "d", 1, Some(40))],
+            &[0, 1],
+        );
         add(&mut s, &[(1, "e", 1, Some(5))], &[0]);
         // W = 11: "a" and "c" expired, but no batch has expired whole.
         s.expire(11);

@@ -350,7 +350,7 @@ fn build_op(
                 extremes,
             )?;
             let agg = if append_only {
-                agg.with_append_only_input()
+                agg.with_append_only_input()?
             } else {
                 agg
             };
