@@ -24,11 +24,10 @@
 //! A batch is freed when every row in it has expired (`expiry <= W`), and only from the
 //! front: chains point from newer rows to older ones, so a walk stops at the first row
 //! older than the oldest batch kept. A row that has expired while others of its batch
-//! have not stays findable until its batch goes. That changes no output: a row expires
-//! when no future row of the other side can match it (the planner derives the expiry from
-//! the join condition, which the probe still checks), so keeping it longer is what an
-//! engine that never freed anything would do. [`BatchRows::len`] counts only the rows
-//! that have not expired, so the state a view reports is the same in every form.
+//! have not stays in memory until its batch goes, but a probe skips it (its expiry time
+//! is kept per row), so the output is the row form's exactly, also for a late row of the
+//! other side, and also after a restore (which keeps only the live rows).
+//! [`BatchRows::len`] counts only the rows that have not expired.
 //!
 //! # Invariants
 //! Every linked row has weight > 0 (a retraction reaching this form is an internal
@@ -72,6 +71,8 @@ struct Stored {
     next: Vec<RowRef>,
     /// The expiry times of the linked rows that expire, sorted.
     times: Vec<i64>,
+    /// Per row, its expiry time (`i64::MAX`: never): a probe skips expired rows.
+    expiry: Vec<i64>,
     /// Linked rows that never expire (no expiry column, or a NULL time).
     never: usize,
 }
@@ -143,7 +144,9 @@ impl BatchRows {
             return Ok(());
         }
         times.sort_unstable();
+        let row_expiry = expiry.iter().map(|t| t.unwrap_or(i64::MAX)).collect();
         let stored = Stored {
+            expiry: row_expiry,
             columns: columns.to_vec(),
             weights: weights.clone(),
             keys,
@@ -171,7 +174,9 @@ impl BatchRows {
                 // Older than the oldest batch kept: the rest of the chain is freed.
                 break;
             };
-            if b.keys.row(row).as_ref() == key {
+            // An expired row is not found, as if freed (the row form frees it at once).
+            let live = self.watermark.is_none_or(|w| b.expiry[row] > w);
+            if live && b.keys.row(row).as_ref() == key {
                 f(at, b.weights.value(row));
             }
             at = b.next[row];
