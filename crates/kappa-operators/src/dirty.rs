@@ -100,7 +100,7 @@ impl BatchGroups {
     }
 
     /// Records that `row`'s group is at dirty-set position `at`.
-    pub fn insert<'k>(&mut self, hash: u64, row: usize, at: usize, rehash: impl Fn(usize) -> u64) {
+    pub fn insert(&mut self, hash: u64, row: usize, at: usize, rehash: impl Fn(usize) -> u64) {
         self.index
             .insert_unique(hash, (row as u32, at as u32), |&(r, _)| rehash(r as usize));
     }

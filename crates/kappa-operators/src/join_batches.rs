@@ -271,7 +271,7 @@ mod tests {
         let tag: ArrayRef = Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1)));
         let weights = Int64Array::from_iter_values(rows.iter().map(|r| r.2));
         let expiry: Vec<Option<i64>> = rows.iter().map(|r| r.3).collect();
-        let keys = conv.convert_columns(&[key.clone()]).unwrap();
+        let keys = conv.convert_columns(std::slice::from_ref(&key)).unwrap();
         s.add(&[key, tag], &weights, keys, |i| keep.contains(&i), &expiry)
             .unwrap();
     }
@@ -377,7 +377,7 @@ mod tests {
         let mut s = BatchRows::default();
         let conv = RowConverter::new(vec![SortField::new(DataType::Int64)]).unwrap();
         let key: ArrayRef = Arc::new(Int64Array::from(vec![1]));
-        let keys = conv.convert_columns(&[key.clone()]).unwrap();
+        let keys = conv.convert_columns(std::slice::from_ref(&key)).unwrap();
         let err = s.add(&[key], &Int64Array::from(vec![-1]), keys, |_| true, &[None]);
         assert!(err.is_err());
     }
