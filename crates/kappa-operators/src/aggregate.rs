@@ -163,7 +163,12 @@ pub struct HashAggregate {
     aggs: Vec<AggSpec>,
     kinds: Vec<Kind>,
     /// Per aggregate, whether it is over distinct values (its values go to `extremes`).
+    /// Over an append-only input a DISTINCT multiset needs only each value's presence: a
+    /// value is stored once, with count 1, when first seen (at once, not at the barrier:
+    /// no group's earlier output reads it), and a value seen before changes nothing.
     distinct: Vec<bool>,
+    /// The input never retracts (see [`HashAggregate::with_append_only_input`]).
+    append_only: bool,
     /// Per aggregate, for min/max and DISTINCT: encodes the argument values.
     value_converters: Vec<Option<RowConverter>>,
     schema: SchemaRef,
@@ -281,6 +286,7 @@ impl HashAggregate {
             state_converters: (0..n_aggs).map(|_| None).collect(),
             live_sketches: HashMap::default(),
             extreme_deltas: HashMap::default(),
+            append_only: false,
             key_buf: Vec::new(),
             window_close: None,
             emit_on_window_close: false,
@@ -318,6 +324,7 @@ impl HashAggregate {
     /// their sketch instead of the group's rows. A retraction that still arrives is an
     /// internal error.
     pub fn with_append_only_input(mut self) -> Result<Self> {
+        self.append_only = true;
         for (i, k) in self.kinds.iter_mut().enumerate() {
             match *k {
                 Kind::Extreme { max } => *k = Kind::Best { max },
@@ -1032,6 +1039,19 @@ impl Operator for HashAggregate {
                 };
                 Self::extreme_prefix(&mut key_buf, i, group);
                 key_buf.extend_from_slice(rows.row(r).data());
+                if self.append_only && self.distinct[i] {
+                    if w <= 0 {
+                        return Err(KappaError::internal(
+                            "a retraction reached a DISTINCT aggregate over an append-only input",
+                        ));
+                    }
+                    if self.extremes.get(&key_buf).is_none() {
+                        self.extremes
+                            .put(Arc::from(key_buf.as_slice()), kappa_state::encode_count(1));
+                        self.count_distinct(&key_buf, 1)?;
+                    }
+                    continue;
+                }
                 match self.extreme_deltas.get_mut(key_buf.as_slice()) {
                     Some(d) => *d += w,
                     None => {
@@ -1314,6 +1334,32 @@ mod tests {
         assert_changes(&out, "- a | 0 | NULL | NULL | 0\n- b | 1 | 5 | 5.0 | 1");
         assert!(op.extremes.is_empty());
         assert!(op.groups.is_empty());
+    }
+
+    #[test]
+    fn append_only_distinct_aggregates_keep_each_value_once() {
+        use AggFunc::*;
+        let mut op = distinct_agg(
+            &[(Count, true), (Sum, true), (Avg, true), (Count, false)],
+            "k:utf8, cd:i64, sd:i64, ad:f64, c:i64",
+            true,
+        )
+        .with_append_only_input()
+        .unwrap();
+        let out = epoch(&mut op, "+ a | 10\n+2 a | 10\n+ a | 4\n+ a | NULL\n+ b | 5");
+        assert_changes(&out, "+ a | 2 | 14 | 7.0 | 4\n+ b | 1 | 5 | 5.0 | 1");
+        // Values seen before (in an earlier epoch or this one) change only count(v).
+        let out = epoch(&mut op, "+ a | 4\n+ a | 6\n+ a | 6");
+        assert_changes(
+            &out,
+            "- a | 2 | 14 | 7.0 | 4\n+ a | 3 | 20 | 6.666666666666667 | 7",
+        );
+        let out = epoch(&mut op, "+3 b | 5");
+        assert_changes(&out, "- b | 1 | 5 | 5.0 | 1\n+ b | 1 | 5 | 5.0 | 4");
+        // One entry per (aggregate, group, value): a: {4, 6, 10}, b: {5}, for 3 aggregates.
+        assert_eq!(op.extremes.len(), 3 * 4);
+        let mut out = vec![];
+        assert!(op.process(0, changes(IN, "- a | 4"), &mut out).is_err());
     }
 
     #[test]

@@ -415,17 +415,7 @@ impl HashJoin {
             match &side.store {
                 SideRows::Batches(b) => {
                     // The stored rows not expired, with their weights as counts.
-                    for (columns, weights, linked) in b.batches() {
-                        let expiry = self.expiry_times(i, columns, weights.len())?;
-                        let live: BooleanArray = linked
-                            .iter()
-                            .zip(&expiry)
-                            .map(|(&l, t)| {
-                                let expired =
-                                    matches!((t, self.watermark), (Some(t), Some(w)) if *t <= w);
-                                Some(l && !expired)
-                            })
-                            .collect();
+                    for (columns, weights, live) in b.batches() {
                         let n = live.true_count();
                         if n == 0 {
                             continue;

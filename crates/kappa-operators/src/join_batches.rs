@@ -36,7 +36,7 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
-use datafusion::arrow::array::{Array, ArrayRef, Int64Array};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array};
 use datafusion::arrow::compute::interleave;
 use datafusion::arrow::row::Rows;
 use kappa_common::{KappaError, Result};
@@ -69,7 +69,8 @@ struct Stored {
     keys: Rows,
     /// Per row: the next older row with the same key hash, [`NIL`], or [`UNLINKED`].
     next: Vec<RowRef>,
-    /// The expiry times of the linked rows that expire, sorted.
+    /// The expiry times of the linked rows that expire, sorted: counts the live rows at a
+    /// watermark in O(log n) (`expiry` holds the same times in row order).
     times: Vec<i64>,
     /// Per row, its expiry time (`i64::MAX`: never): a probe skips expired rows.
     expiry: Vec<i64>,
@@ -216,6 +217,13 @@ impl BatchRows {
             .collect()
     }
 
+    /// Column `col` of the batch holding stored row `r`, and `r`'s index in it.
+    pub fn column_of(&self, r: RowRef, col: usize) -> Option<(&dyn Array, usize)> {
+        let (batch, row) = split_ref(r);
+        let b = self.batches.get(batch.checked_sub(self.first)? as usize)?;
+        Some((b.columns.get(col)?.as_ref(), row))
+    }
+
     /// Frees the batches whose rows have all expired at `w`, from the front.
     pub fn expire(&mut self, w: i64) {
         while let Some(b) = self.batches.front()
@@ -243,15 +251,17 @@ impl BatchRows {
         self.len
     }
 
-    /// Each kept batch: its columns, weights, and which rows are stored (linked). The
-    /// caller drops the rows that have expired.
-    pub fn batches(&self) -> impl Iterator<Item = (&[ArrayRef], &Int64Array, Vec<bool>)> {
+    /// Each kept batch: its columns, weights, and which of its rows are live (stored and
+    /// not expired at the watermark).
+    pub fn batches(&self) -> impl Iterator<Item = (&[ArrayRef], &Int64Array, BooleanArray)> {
         self.batches.iter().map(|b| {
-            (
-                b.columns.as_slice(),
-                &b.weights,
-                b.next.iter().map(|&l| l != UNLINKED).collect(),
-            )
+            let live = b
+                .next
+                .iter()
+                .zip(&b.expiry)
+                .map(|(&l, &t)| Some(l != UNLINKED && self.watermark.is_none_or(|w| t > w)))
+                .collect();
+            (b.columns.as_slice(), &b.weights, live)
         })
     }
 }

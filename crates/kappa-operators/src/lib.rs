@@ -21,6 +21,7 @@ mod session;
 mod source;
 mod temporal_filter;
 mod temporal_join;
+mod temporal_probes;
 pub mod testing;
 mod top_n;
 mod union;

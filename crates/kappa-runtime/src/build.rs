@@ -437,13 +437,20 @@ fn build_op(
                 version_bound: *version_bound,
             };
             let table = store.create_table(&table_name("temporal"))?;
-            Box::new(TemporalJoin::new(
-                spec,
-                &arrow_schema(ls),
-                &arrow_schema(rs),
-                schema,
-                table,
-            )?)
+            let join =
+                TemporalJoin::new(spec, &arrow_schema(ls), &arrow_schema(rs), schema, table)?;
+            // An append-only probe input's rows are kept as batches in memory, unless the
+            // store spills (then in the table).
+            Box::new(if graph.nodes[node.inputs[0]].append_only {
+                let log = if store.checkpointed() {
+                    Some(store.create_cold_table(&table_name("temporal.probes"))?)
+                } else {
+                    None
+                };
+                join.with_append_only_probes(log, !store.spills())
+            } else {
+                join
+            })
         }
         NodeKind::Join {
             kind,

@@ -44,6 +44,11 @@ impl KeyRows {
     pub fn get(&self, i: usize) -> &[u8] {
         self.0.as_ref().map_or(&[], |r| r.row(i).data())
     }
+
+    /// The encoded keys (`None`: there are no key columns).
+    pub fn into_rows(self) -> Option<datafusion::arrow::row::Rows> {
+        self.0
+    }
 }
 
 /// Rows in `conv`'s row format (as stored in state), back as columns.
