@@ -40,8 +40,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array, RecordBatch};
-use datafusion::arrow::compute::cast;
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Float64Array, Int64Array, RecordBatch,
+    UInt32Array, new_null_array,
+};
+use datafusion::arrow::compute::{CastOptions, cast, cast_with_options, take};
 use datafusion::arrow::datatypes::{DataType, Decimal128Type, Float64Type, Int64Type, SchemaRef};
 use datafusion::arrow::row::{RowConverter, Rows, SortField};
 use datafusion::physical_expr::PhysicalExpr;
@@ -150,10 +153,19 @@ struct GroupState {
     accs: Vec<Acc>,
 }
 
+/// A group's aggregate values: computed one by one, or, when every aggregate's value
+/// follows from its accumulator alone (count, sum, avg, min/max over an append-only input),
+/// the accumulators, turned into output columns for all of an epoch's output rows at once.
+#[derive(Clone, Debug)]
+enum Output {
+    Values(Vec<ScalarValue>),
+    Accs(Vec<Acc>),
+}
+
 struct Dirty {
     /// The aggregate values the group's output row had before this epoch; `None` if the
     /// group had no row.
-    before: Option<Vec<ScalarValue>>,
+    before: Option<Output>,
     state: GroupState,
 }
 
@@ -194,6 +206,36 @@ pub struct HashAggregate {
     /// The watermark the last barrier closed windows at.
     watermark: Option<i64>,
     late_rows: u64,
+}
+
+/// Whether accumulators `a` and `b` of an aggregate of kind `k` give the same value.
+fn same_value(k: Kind, a: &Acc, b: &Acc) -> bool {
+    match (a, b) {
+        (Acc::Int { sum: s, n }, Acc::Int { sum: t, n: m }) => match (*n, *m) {
+            (0, 0) => true,
+            (0, _) | (_, 0) => false,
+            _ if matches!(k, Kind::AvgInt) => {
+                (*s as f64 / *n as f64).to_bits() == (*t as f64 / *m as f64).to_bits()
+            }
+            _ => s == t,
+        },
+        (
+            Acc::Float { sum: s, comp: c, n },
+            Acc::Float {
+                sum: t,
+                comp: d,
+                n: m,
+            },
+        ) => match (*n, *m) {
+            (0, 0) => true,
+            (0, _) | (_, 0) => false,
+            _ if matches!(k, Kind::AvgFloat) => {
+                ((s + c) / *n as f64).to_bits() == ((t + d) / *m as f64).to_bits()
+            }
+            _ => (s + c).to_bits() == (t + d).to_bits(),
+        },
+        _ => a == b,
+    }
 }
 
 fn kind_of(spec: &AggSpec) -> Result<Kind> {
@@ -422,7 +464,7 @@ impl HashAggregate {
         close: WatermarkCol,
         w: i64,
         keys: &mut Vec<Box<[u8]>>,
-        vals: &mut Vec<Vec<ScalarValue>>,
+        vals: &mut Vec<Output>,
         weights: &mut Vec<i64>,
     ) -> Result<()> {
         // Values v with v + offset <= w, i.e. v <= w - offset.
@@ -434,7 +476,7 @@ impl HashAggregate {
                 };
                 let state = self.decode_state(&bytes)?;
                 if state.rows > 0 {
-                    vals.push(self.outputs(&state, &group)?);
+                    vals.push(self.output(state, &group)?);
                     keys.push(group.clone());
                     weights.push(1);
                 }
@@ -517,6 +559,149 @@ impl HashAggregate {
         buf.extend_from_slice(&(agg as u16).to_be_bytes());
         buf.extend_from_slice(&(group.len() as u32).to_be_bytes());
         buf.extend_from_slice(group);
+    }
+
+    /// Whether every aggregate's value follows from its accumulator alone.
+    fn columnar(&self) -> bool {
+        self.kinds.iter().all(|k| {
+            matches!(
+                k,
+                Kind::Count
+                    | Kind::SumInt { .. }
+                    | Kind::SumFloat
+                    | Kind::AvgInt
+                    | Kind::AvgFloat
+                    | Kind::Best { .. }
+            )
+        })
+    }
+
+    /// A group's aggregate values (see [`Output`]), as of now.
+    fn output(&self, state: GroupState, group: &[u8]) -> Result<Output> {
+        Ok(if self.columnar() {
+            Output::Accs(state.accs)
+        } else {
+            Output::Values(self.outputs(&state, group)?)
+        })
+    }
+
+    /// Whether two outputs of a group hold the same values.
+    fn same_output(&self, a: &Option<Output>, b: &Option<Output>) -> bool {
+        match (a, b) {
+            (None, None) => true,
+            (Some(Output::Values(x)), Some(Output::Values(y))) => x == y,
+            (Some(Output::Accs(x)), Some(Output::Accs(y))) => x
+                .iter()
+                .zip(y)
+                .zip(&self.kinds)
+                .all(|((a, b), k)| same_value(*k, a, b)),
+            _ => false,
+        }
+    }
+
+    /// Aggregate `agg`'s column over output rows `vals`.
+    fn output_column(&self, agg: usize, vals: &[Output]) -> Result<ArrayRef> {
+        let spec = &self.aggs[agg];
+        let mismatch = || KappaError::internal("aggregate state does not match its kind");
+        if !vals.iter().all(|v| matches!(v, Output::Accs(_))) {
+            let vals = vals.iter().map(|v| match v {
+                Output::Values(v) => Ok(v[agg].clone()),
+                Output::Accs(_) => Err(mismatch()),
+            });
+            let arr = ScalarValue::iter_to_array(vals.collect::<Result<Vec<_>>>()?)?;
+            return Ok(if arr.data_type() != &spec.output_type {
+                cast(&arr, &spec.output_type)?
+            } else {
+                arr
+            });
+        }
+        let accs = vals.iter().map(|v| match v {
+            Output::Accs(a) => &a[agg],
+            Output::Values(_) => &Acc::None,
+        });
+        let arr: ArrayRef = match self.kinds[agg] {
+            Kind::Count => Arc::new(
+                accs.map(|a| match a {
+                    Acc::Count(c) => Ok(*c),
+                    _ => Err(mismatch()),
+                })
+                .collect::<Result<Int64Array>>()?,
+            ),
+            Kind::SumInt { scale } => Arc::new(
+                accs.map(|a| match a {
+                    Acc::Int { sum, n } => Ok((*n != 0).then_some(*sum)),
+                    _ => Err(mismatch()),
+                })
+                .collect::<Result<Decimal128Array>>()?
+                .with_precision_and_scale(38, scale)?,
+            ),
+            Kind::AvgInt => Arc::new(
+                accs.map(|a| match a {
+                    Acc::Int { sum, n } => Ok((*n != 0).then(|| *sum as f64 / *n as f64)),
+                    _ => Err(mismatch()),
+                })
+                .collect::<Result<Float64Array>>()?,
+            ),
+            Kind::SumFloat | Kind::AvgFloat => {
+                let avg = matches!(self.kinds[agg], Kind::AvgFloat);
+                Arc::new(
+                    accs.map(|a| match a {
+                        Acc::Float { sum, comp, n } => Ok((*n != 0).then(|| {
+                            if avg {
+                                (sum + comp) / *n as f64
+                            } else {
+                                sum + comp
+                            }
+                        })),
+                        _ => Err(mismatch()),
+                    })
+                    .collect::<Result<Float64Array>>()?,
+                )
+            }
+            Kind::Best { .. } => {
+                let conv = self.value_converters[agg]
+                    .as_ref()
+                    .ok_or_else(|| KappaError::internal("min/max without converter"))?;
+                let mut found: Vec<&[u8]> = Vec::new();
+                let mut at: Vec<Option<u32>> = Vec::with_capacity(vals.len());
+                for a in accs {
+                    match a {
+                        Acc::Best(Some(v)) => {
+                            at.push(Some(found.len() as u32));
+                            found.push(v);
+                        }
+                        Acc::Best(None) => at.push(None),
+                        _ => return Err(mismatch()),
+                    }
+                }
+                if found.is_empty() {
+                    new_null_array(&spec.output_type, vals.len())
+                } else {
+                    let decoded = kappa_state::decode_rows(conv, found)?;
+                    let col = decoded.into_iter().next().ok_or_else(mismatch)?;
+                    if at.iter().all(Option::is_some) && at.len() == col.len() {
+                        col
+                    } else {
+                        take(&col, &UInt32Array::from(at), None)?
+                    }
+                }
+            }
+            _ => return Err(mismatch()),
+        };
+        // Not the safe cast: a value that does not fit the output type is an error, as
+        // it is for a single value.
+        Ok(if arr.data_type() != &spec.output_type {
+            cast_with_options(
+                &arr,
+                &spec.output_type,
+                &CastOptions {
+                    safe: false,
+                    ..Default::default()
+                },
+            )?
+        } else {
+            arr
+        })
     }
 
     /// The aggregate values of a group, reading extremes from the state table.
@@ -680,7 +865,11 @@ impl HashAggregate {
         Ok(match self.groups.get(group) {
             Some(bytes) => {
                 let state = self.decode_state(&bytes)?;
-                let before = Some(self.outputs(&state, group)?);
+                let before = Some(if self.columnar() {
+                    Output::Accs(state.accs.clone())
+                } else {
+                    Output::Values(self.outputs(&state, group)?)
+                });
                 Dirty { before, state }
             }
             None => Dirty {
@@ -1125,24 +1314,28 @@ impl Operator for HashAggregate {
         }
         let scalar = self.is_scalar();
         let mut out_keys: Vec<Box<[u8]>> = Vec::new();
-        let mut out_vals: Vec<Vec<ScalarValue>> = Vec::new();
+        let mut out_vals: Vec<Output> = Vec::new();
         let mut out_weights: Vec<i64> = Vec::new();
         for (group, d) in self.dirty.take() {
             if d.state.rows < 0 {
                 return Err(KappaError::internal("group row count became negative"));
             }
-            let after = if d.state.rows > 0 || scalar {
-                Some(self.outputs(&d.state, &group)?)
+            let exists = d.state.rows > 0 || scalar;
+            if exists {
+                self.groups
+                    .put(Arc::from(&*group), Arc::from(Self::encode_state(&d.state)));
+            } else {
+                self.groups.delete(&group);
+            }
+            if self.emit_on_window_close {
+                continue;
+            }
+            let after = if exists {
+                Some(self.output(d.state, &group)?)
             } else {
                 None
             };
-            if d.state.rows == 0 && !scalar {
-                self.groups.delete(&group);
-            } else {
-                self.groups
-                    .put(Arc::from(&*group), Arc::from(Self::encode_state(&d.state)));
-            }
-            if d.before == after || self.emit_on_window_close {
+            if self.same_output(&d.before, &after) {
                 continue;
             }
             if let Some(b) = d.before {
@@ -1170,14 +1363,7 @@ impl Operator for HashAggregate {
             None => vec![],
         };
         for i in 0..self.aggs.len() {
-            let vals = out_vals.iter().map(|v| v[i].clone());
-            let arr = ScalarValue::iter_to_array(vals)?;
-            let arr = if arr.data_type() != &self.aggs[i].output_type {
-                cast(&arr, &self.aggs[i].output_type)?
-            } else {
-                arr
-            };
-            columns.push(arr);
+            columns.push(self.output_column(i, &out_vals)?);
         }
         let data = RecordBatch::try_new(self.schema.clone(), columns)?;
         out.push(ChangeBatch::new(data, Int64Array::from(out_weights))?);
