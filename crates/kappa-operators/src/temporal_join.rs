@@ -1022,6 +1022,7 @@ mod tests {
             let (mut a, mut b) = (vec![], vec![]);
             let mut rates: Vec<(i64, i64, i64)> = vec![];
             let mut w = 0i64;
+            let mut amount = 0;
             for step in 0..80 {
                 match rng.gen_range(0..4) {
                     0 => {
@@ -1062,10 +1063,12 @@ mod tests {
                                 k => k.to_string(),
                             };
                             let t = w + rng.gen_range(-2..10);
+                            // A distinct amount: the table merges equal rows into one
+                            // entry, the batches do not.
+                            amount += 1;
                             lines.push_str(&format!(
-                                "+{} {k} | {t} | {}\n",
-                                rng.gen_range(1..3),
-                                rng.gen_range(0..9)
+                                "+{} {k} | {t} | {amount}\n",
+                                rng.gen_range(1..3)
                             ));
                         }
                         in_table.process(0, changes(FACTS, &lines), &mut a).unwrap();
