@@ -1038,8 +1038,12 @@ mod tests {
                         let facts = in_table.table.scan_prefix(&[PROBES]).count();
                         assert_eq!(batched.batches.as_ref().map(ProbeBatches::len), Some(facts));
                     }
-                    1 if !rates.is_empty() && rng.gen_bool(0.5) => {
-                        let r = rates.swap_remove(rng.gen_range(0..rates.len()));
+                    // Only versions above the watermark change (the bounds' promise;
+                    // older ones may have been freed).
+                    1 if rates.iter().any(|r| r.1 > w) && rng.gen_bool(0.5) => {
+                        let open: Vec<usize> =
+                            (0..rates.len()).filter(|&i| rates[i].1 > w).collect();
+                        let r = rates.swap_remove(open[rng.gen_range(0..open.len())]);
                         let lines = format!("- {} | {} | {}", r.0, r.1, r.2);
                         in_table.process(1, changes(RATES, &lines), &mut a).unwrap();
                         batched.process(1, changes(RATES, &lines), &mut b).unwrap();
@@ -1047,7 +1051,7 @@ mod tests {
                     1 => {
                         let r = (
                             rng.gen_range(0..3),
-                            w + rng.gen_range(0..10),
+                            w + rng.gen_range(1..10),
                             rng.gen_range(0..5),
                         );
                         rates.push(r);
@@ -1062,7 +1066,7 @@ mod tests {
                                 -1 => "NULL".to_string(),
                                 k => k.to_string(),
                             };
-                            let t = w + rng.gen_range(-2..10);
+                            let t = w + rng.gen_range(1..10);
                             // A distinct amount: the table merges equal rows into one
                             // entry, the batches do not.
                             amount += 1;
