@@ -181,6 +181,14 @@ pub struct HashAggregate {
     distinct: Vec<bool>,
     /// The input never retracts (see [`HashAggregate::with_append_only_input`]).
     append_only: bool,
+    /// Over an append-only input, the DISTINCT aggregates of one argument (count, sum and
+    /// avg, each with its own FILTER) share one presence set: per aggregate, the set's
+    /// first aggregate (whose multiset prefix it uses) and its bit. A value's entry holds
+    /// the bits of the aggregates that have seen it (a u64), so a row costs one lookup per
+    /// argument, not per aggregate. `presence_members[first]` lists the set's aggregates
+    /// in bit order.
+    presence: Vec<Option<(usize, u32)>>,
+    presence_members: Vec<Vec<usize>>,
     /// Per aggregate, for min/max and DISTINCT: encodes the argument values.
     value_converters: Vec<Option<RowConverter>>,
     schema: SchemaRef,
@@ -329,6 +337,8 @@ impl HashAggregate {
             live_sketches: HashMap::default(),
             extreme_deltas: HashMap::default(),
             append_only: false,
+            presence: Vec::new(),
+            presence_members: Vec::new(),
             key_buf: Vec::new(),
             window_close: None,
             emit_on_window_close: false,
@@ -367,6 +377,34 @@ impl HashAggregate {
     /// internal error.
     pub fn with_append_only_input(mut self) -> Result<Self> {
         self.append_only = true;
+        self.presence = vec![None; self.aggs.len()];
+        self.presence_members = vec![Vec::new(); self.aggs.len()];
+        for i in 0..self.aggs.len() {
+            let counted = matches!(
+                self.kinds[i],
+                Kind::Count | Kind::SumInt { .. } | Kind::AvgInt | Kind::SumFloat | Kind::AvgFloat
+            );
+            let Some(arg) = self.aggs[i]
+                .arg
+                .as_ref()
+                .filter(|_| self.distinct[i] && counted)
+            else {
+                continue;
+            };
+            let same = |j: usize| {
+                let a = &self.aggs[j];
+                a.input_type == self.aggs[i].input_type
+                    && a.arg
+                        .as_ref()
+                        .is_some_and(|b| b.to_string() == arg.to_string())
+            };
+            let first = (0..i)
+                .find(|&j| self.presence_members[j].len() < 64 && same(j))
+                .filter(|&j| self.presence[j].is_some_and(|(f, _)| f == j));
+            let first = first.unwrap_or(i);
+            self.presence[i] = Some((first, self.presence_members[first].len() as u32));
+            self.presence_members[first].push(i);
+        }
         for (i, k) in self.kinds.iter_mut().enumerate() {
             match *k {
                 Kind::Extreme { max } => *k = Kind::Best { max },
@@ -885,6 +923,17 @@ impl HashAggregate {
     fn count_distinct(&mut self, key: &[u8], sign: i64) -> Result<()> {
         let (agg, group, value) = split_multiset_key(key)
             .ok_or_else(|| KappaError::internal("corrupt DISTINCT multiset key"))?;
+        self.count_distinct_value(agg, group, value, sign)
+    }
+
+    /// [`Self::count_distinct`] for aggregate `agg`'s `value` (row format) in `group`.
+    fn count_distinct_value(
+        &mut self,
+        agg: usize,
+        group: &[u8],
+        value: &[u8],
+        sign: i64,
+    ) -> Result<()> {
         let kind = self
             .kinds
             .get(agg)
@@ -1164,6 +1213,8 @@ impl Operator for HashAggregate {
         let mut sketch_rows: HashMap<(usize, usize), Vec<u32>> = HashMap::default();
         // (aggregate, row) pairs whose min/max multiset changes; reused across rows.
         let mut extreme_updates: Vec<(usize, usize)> = Vec::new();
+        // The row's presence sets: (first aggregate, bits of the aggregates it reaches).
+        let mut present: Vec<(usize, u64)> = Vec::new();
         for row in 0..n {
             let w = weights.value(row);
             let group = keys.get(row);
@@ -1218,6 +1269,7 @@ impl Operator for HashAggregate {
                 }
             };
             add_row(&mut self.dirty.at(at).state, &mut extreme_updates)?;
+            present.clear();
             for &(i, r) in &extreme_updates {
                 if let ArgValues::Columns(_) = &args[i] {
                     sketch_rows.entry((i, at)).or_default().push(r as u32);
@@ -1226,26 +1278,59 @@ impl Operator for HashAggregate {
                 let (ArgValues::Rows(_, rows) | ArgValues::Inputs(rows)) = &args[i] else {
                     continue;
                 };
-                Self::extreme_prefix(&mut key_buf, i, group);
-                key_buf.extend_from_slice(rows.row(r).data());
-                if self.append_only && self.distinct[i] {
+                if let Some((first, bit)) = self.presence.get(i).copied().flatten() {
                     if w <= 0 {
                         return Err(KappaError::internal(
                             "a retraction reached a DISTINCT aggregate over an append-only input",
                         ));
                     }
-                    if self.extremes.get(&key_buf).is_none() {
-                        self.extremes
-                            .put(Arc::from(key_buf.as_slice()), kappa_state::encode_count(1));
-                        self.count_distinct(&key_buf, 1)?;
+                    match present.iter_mut().find(|p| p.0 == first) {
+                        Some(p) => p.1 |= 1 << bit,
+                        None => present.push((first, 1 << bit)),
                     }
                     continue;
                 }
+                Self::extreme_prefix(&mut key_buf, i, group);
+                key_buf.extend_from_slice(rows.row(r).data());
                 match self.extreme_deltas.get_mut(key_buf.as_slice()) {
                     Some(d) => *d += w,
                     None => {
                         self.extreme_deltas.insert(key_buf.as_slice().into(), w);
                     }
+                }
+            }
+            // Each presence set: one lookup; the aggregates that see the value for the
+            // first time count it.
+            for &(first, bits) in &present {
+                let (ArgValues::Rows(_, rows), Some(members)) =
+                    (&args[first], self.presence_members.get(first))
+                else {
+                    return Err(KappaError::internal(
+                        "a DISTINCT presence set without values",
+                    ));
+                };
+                let value = rows.row(row);
+                Self::extreme_prefix(&mut key_buf, first, group);
+                let prefix = key_buf.len();
+                key_buf.extend_from_slice(value.data());
+                let seen = self
+                    .extremes
+                    .get(&key_buf)
+                    .map_or(0, |v| kappa_state::decode_count(&v) as u64);
+                let new = bits & !seen;
+                if new == 0 {
+                    continue;
+                }
+                self.extremes.put(
+                    Arc::from(key_buf.as_slice()),
+                    kappa_state::encode_count((seen | new) as i64),
+                );
+                let members: Vec<usize> = (0..members.len())
+                    .filter(|b| new & (1 << b) != 0)
+                    .map(|b| members[b])
+                    .collect();
+                for agg in members {
+                    self.count_distinct_value(agg, group, &key_buf[prefix..], 1)?;
                 }
             }
         }
@@ -1542,10 +1627,56 @@ mod tests {
         );
         let out = epoch(&mut op, "+3 b | 5");
         assert_changes(&out, "- b | 1 | 5 | 5.0 | 1\n+ b | 1 | 5 | 5.0 | 4");
-        // One entry per (aggregate, group, value): a: {4, 6, 10}, b: {5}, for 3 aggregates.
-        assert_eq!(op.extremes.len(), 3 * 4);
+        // The three aggregates of `v` share one presence set: one entry per (group, value),
+        // a: {4, 6, 10}, b: {5}.
+        assert_eq!(op.extremes.len(), 4);
         let mut out = vec![];
         assert!(op.process(0, changes(IN, "- a | 4"), &mut out).is_err());
+    }
+
+    /// DISTINCT aggregates of one argument with different FILTERs share a presence set,
+    /// yet each counts exactly the values its own filter let through.
+    #[test]
+    fn append_only_distinct_aggregates_with_filters_share_one_lookup() {
+        use datafusion::logical_expr::lit;
+        let ctx = SessionContext::new();
+        let input = df_schema(IN);
+        let v = ctx.create_physical_expr(col("v"), &input).unwrap();
+        let k = ctx.create_physical_expr(col("k"), &input).unwrap();
+        let filter = |e| Some(ctx.create_physical_expr(e, &input).unwrap());
+        let spec = |func, filter| AggSpec {
+            distinct: true,
+            func,
+            arg: Some(v.clone()),
+            filter,
+            input_type: DataType::Int64,
+            output_type: DataType::Int64,
+            recompute: None,
+        };
+        let specs = vec![
+            spec(AggFunc::Count, None),
+            spec(AggFunc::Count, filter(col("v").gt(lit(5i64)))),
+            spec(AggFunc::Sum, filter(col("v").lt(lit(8i64)))),
+        ];
+        let mut op = HashAggregate::new(
+            vec![k],
+            vec![DataType::Utf8],
+            specs,
+            schema("k:utf8, c:i64, big:i64, small:i64"),
+            Box::new(MemStateTable::default()),
+            Box::new(MemStateTable::default()),
+        )
+        .unwrap()
+        .with_append_only_input()
+        .unwrap();
+        assert_eq!(op.presence, vec![Some((0, 0)), Some((0, 1)), Some((0, 2))]);
+        let out = epoch(&mut op, "+ a | 3\n+ a | 7\n+ a | 9\n+ a | 3");
+        // all {3, 7, 9}; > 5: {7, 9}; < 8: 3 + 7.
+        assert_changes(&out, "+ a | 3 | 2 | 10");
+        // 7 again changes nothing; 6 reaches all three; 20 only the first two.
+        let out = epoch(&mut op, "+ a | 7\n+ a | 6\n+ a | 20");
+        assert_changes(&out, "- a | 3 | 2 | 10\n+ a | 5 | 4 | 16");
+        assert_eq!(op.extremes.len(), 5, "one entry per value");
     }
 
     #[test]
