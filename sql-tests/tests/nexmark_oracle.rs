@@ -48,6 +48,12 @@ const SEED: u64 = 42;
 /// integers only, so both engines print them the same way.
 const QUERIES: &[(&str, &str, &str, &str)] = &[
     (
+        "q0",
+        "SELECT auction, bidder, price, date_time FROM bid",
+        "SELECT auction, bidder, price, CAST(date_time AS BIGINT) FROM q0",
+        "SELECT auction, bidder, price, epoch_us(date_time) FROM bid",
+    ),
+    (
         "q1",
         "SELECT auction, bidder, 0.908 * price AS price, date_time FROM bid",
         "SELECT auction, bidder, CAST(round(price * 1000) AS BIGINT), CAST(date_time AS BIGINT) FROM q1",
