@@ -31,7 +31,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 
 use datafusion::arrow::array::{
     ArrayRef, Int64Array, RecordBatch, RecordBatchOptions, StringBuilder, TimestampMicrosecondArray,
@@ -634,6 +634,9 @@ fn worker(
     }
 }
 
+/// How long a poll that finds no chunk ready waits for the next one.
+const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
 impl SourceReader for NexmarkReader {
     fn poll(&mut self, max_rows: usize) -> Result<Poll> {
         let mut batches = Vec::new();
@@ -649,18 +652,34 @@ impl SourceReader for NexmarkReader {
                 break;
             }
             let w = (self.next_chunk % self.workers.len() as u64) as usize;
-            match self.workers[w].try_recv() {
-                Ok(b) => {
-                    let b = b?;
-                    rows += b.num_rows();
-                    batches.push(b);
-                    self.next_chunk += 1;
+            let received = match self.workers[w].try_recv() {
+                Ok(b) => Some(b),
+                // Nothing ready and nothing taken yet: the generator runs as fast as it
+                // can, so the next chunk is a few milliseconds away. Waiting for it keeps
+                // the source busy; returning nothing would make the runtime wait a whole
+                // barrier interval before polling again (a pipeline that keeps up with
+                // the generator then idled most of the time).
+                Err(TryRecvError::Empty) if batches.is_empty() => {
+                    match self.workers[w].recv_timeout(CHUNK_WAIT) {
+                        Ok(b) => Some(b),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            return Err(KappaError::internal("nexmark generator thread stopped"));
+                        }
+                    }
                 }
-                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Empty) => None,
                 Err(TryRecvError::Disconnected) => {
                     return Err(KappaError::internal("nexmark generator thread stopped"));
                 }
-            }
+            };
+            let Some(b) = received else {
+                break;
+            };
+            let b = b?;
+            rows += b.num_rows();
+            batches.push(b);
+            self.next_chunk += 1;
         }
         Ok(Poll {
             batches,
