@@ -60,7 +60,7 @@ use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int64Array, UInt32Array, new_null_array,
 };
 use datafusion::arrow::compute::kernels::filter::prep_null_mask_filter;
-use datafusion::arrow::compute::{cast, filter, take_arrays};
+use datafusion::arrow::compute::{cast, take_arrays};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
@@ -415,16 +415,9 @@ impl HashJoin {
             match &side.store {
                 SideRows::Batches(b) => {
                     // The stored rows not expired, with their weights as counts.
-                    for (columns, weights, live) in b.batches() {
-                        let n = live.true_count();
-                        if n == 0 {
-                            continue;
-                        }
-                        let mut cols = columns
-                            .iter()
-                            .map(|c| Ok(filter(c, &live)?))
-                            .collect::<Result<Vec<_>>>()?;
-                        cols.push(filter(weights, &live)?);
+                    for live in b.live_rows(side.schema.fields().len()) {
+                        let (mut cols, weights, n) = live?;
+                        cols.push(Arc::new(weights));
                         cols.push(Arc::new(Int64Array::from(vec![0; n])));
                         write(cols, n)?;
                     }

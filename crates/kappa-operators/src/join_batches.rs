@@ -36,8 +36,10 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, Int64Array};
-use datafusion::arrow::compute::interleave;
+use datafusion::arrow::compute::{filter, interleave};
+use datafusion::arrow::datatypes::Int64Type;
 use datafusion::arrow::row::Rows;
 use kappa_common::{KappaError, Result};
 
@@ -251,17 +253,31 @@ impl BatchRows {
         self.len
     }
 
-    /// Each kept batch: its columns, weights, and which of its rows are live (stored and
-    /// not expired at the watermark).
-    pub fn batches(&self) -> impl Iterator<Item = (&[ArrayRef], &Int64Array, BooleanArray)> {
-        self.batches.iter().map(|b| {
-            let live = b
+    /// The live rows (stored and not expired at the watermark), batch by batch: the first
+    /// `width` columns and the weights, filtered to them, and their number. Batches with
+    /// none are skipped.
+    pub fn live_rows(
+        &self,
+        width: usize,
+    ) -> impl Iterator<Item = Result<(Vec<ArrayRef>, Int64Array, usize)>> {
+        self.batches.iter().filter_map(move |b| {
+            let live: BooleanArray = b
                 .next
                 .iter()
                 .zip(&b.expiry)
                 .map(|(&l, &t)| Some(l != UNLINKED && self.watermark.is_none_or(|w| t > w)))
                 .collect();
-            (b.columns.as_slice(), &b.weights, live)
+            let n = live.true_count();
+            (n > 0).then(|| {
+                let columns = b.columns[..width.min(b.columns.len())]
+                    .iter()
+                    .map(|c| Ok(filter(c, &live)?))
+                    .collect::<Result<Vec<_>>>()?;
+                let weights = filter(&b.weights, &live)?
+                    .as_primitive::<Int64Type>()
+                    .clone();
+                Ok((columns, weights, n))
+            })
         })
     }
 }

@@ -350,14 +350,35 @@ impl TemporalJoin {
         Ok(())
     }
 
+    /// Each row's probe time, as microseconds.
+    fn probe_times(&self, batch: &ChangeBatch) -> Result<ArrayRef> {
+        let n = batch.num_rows();
+        Ok(cast(
+            &self.spec.probe_time.evaluate(batch.data())?.into_array(n)?,
+            &DataType::Timestamp(TimeUnit::Microsecond, None),
+        )?)
+    }
+
+    /// Stores probe row `row` (key `key`, time `t`) in the table form, `w` more copies.
+    fn store_in_table(&mut self, key: &[u8], t: i64, row: &[u8], w: i64) -> Result<()> {
+        kappa_state::add_to_count(
+            self.table.as_mut(),
+            &key_with(PROBES, key, t, row),
+            w,
+            &WHAT,
+        )?;
+        if self.spec.version_bound.is_some() {
+            self.table
+                .put(Arc::from(index_key(PROBES_BY_TIME, t, key)), Arc::from([]));
+        }
+        Ok(())
+    }
+
     /// A batch of the probe input: joined with the versions now, then stored.
     fn probe(&mut self, batch: ChangeBatch, out: &mut Vec<ChangeBatch>) -> Result<()> {
         let n = batch.num_rows();
         let (keys, null_key) = self.keyed(&batch, &self.spec.probe_keys)?;
-        let times_array = cast(
-            &self.spec.probe_time.evaluate(batch.data())?.into_array(n)?,
-            &DataType::Timestamp(TimeUnit::Microsecond, None),
-        )?;
+        let times_array = self.probe_times(&batch)?;
         let times = times_array.as_primitive::<TimestampMicrosecondType>();
         let rows: Option<Rows> = match self.batches {
             Some(_) => None,
@@ -384,16 +405,7 @@ impl TemporalJoin {
                 keep[i] = true;
                 continue;
             };
-            kappa_state::add_to_count(
-                self.table.as_mut(),
-                &key_with(PROBES, key, t, rows.row(i).data()),
-                w,
-                &WHAT,
-            )?;
-            if self.spec.version_bound.is_some() {
-                self.table
-                    .put(Arc::from(index_key(PROBES_BY_TIME, t, key)), Arc::from([]));
-            }
+            self.store_in_table(key, t, rows.row(i).data(), w)?;
         }
         let idx = UInt32Array::from(pairs.left);
         let left = take_arrays(batch.columns(), &idx, None)?;
@@ -457,24 +469,12 @@ impl TemporalJoin {
         let moved = log.drain(|batch| {
             let n = batch.num_rows();
             let (keys, null_key) = self.keyed(&batch, &self.spec.probe_keys)?;
-            let times = cast(
-                &self.spec.probe_time.evaluate(batch.data())?.into_array(n)?,
-                &DataType::Timestamp(TimeUnit::Microsecond, None),
-            )?;
+            let times = self.probe_times(&batch)?;
             let times = times.as_primitive::<TimestampMicrosecondType>();
             let rows = self.probe_rows.convert_columns(batch.columns())?;
             for i in (0..n).filter(|&i| !null_key[i] && times.is_valid(i)) {
-                let (key, t) = (keys.get(i), times.value(i));
-                kappa_state::add_to_count(
-                    self.table.as_mut(),
-                    &key_with(PROBES, key, t, rows.row(i).data()),
-                    batch.weights().value(i),
-                    &WHAT,
-                )?;
-                if self.spec.version_bound.is_some() {
-                    self.table
-                        .put(Arc::from(index_key(PROBES_BY_TIME, t, key)), Arc::from([]));
-                }
+                let w = batch.weights().value(i);
+                self.store_in_table(keys.get(i), times.value(i), rows.row(i).data(), w)?;
             }
             Ok(())
         });
@@ -492,10 +492,7 @@ impl TemporalJoin {
             Replayed::Stored(batch) => {
                 let n = batch.num_rows();
                 let (keys, null_key) = self.keyed(&batch, &self.spec.probe_keys)?;
-                let times = cast(
-                    &self.spec.probe_time.evaluate(batch.data())?.into_array(n)?,
-                    &DataType::Timestamp(TimeUnit::Microsecond, None),
-                )?;
+                let times = self.probe_times(&batch)?;
                 let keep: Vec<bool> = (0..n).map(|i| !null_key[i] && times.is_valid(i)).collect();
                 store_probes(
                     Some(store),

@@ -17,7 +17,6 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Int64Array};
-use datafusion::arrow::compute::filter;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimestampMicrosecondType};
 use datafusion::arrow::row::Rows;
 use kappa_common::{ChangeBatch, KappaError, Result};
@@ -172,16 +171,9 @@ impl ProbeBatches {
         if let Some(w) = w {
             log.mark(w.to_be_bytes().to_vec());
         }
-        for (columns, weights, live) in self.rows.batches() {
-            let n = live.true_count();
-            if n == 0 {
-                continue;
-            }
-            let mut cols = columns[..self.width]
-                .iter()
-                .map(|c| Ok(filter(c, &live)?))
-                .collect::<Result<Vec<_>>>()?;
-            cols.push(filter(weights, &live)?);
+        for live in self.rows.live_rows(self.width) {
+            let (mut cols, weights, n) = live?;
+            cols.push(Arc::new(weights));
             log.push(STORED, cols, n)?;
             log.flush(table)?;
         }
@@ -191,26 +183,10 @@ impl ProbeBatches {
     /// Hands `f` the live rows (the probe's columns and weights, batch by batch), then
     /// empties the store and its log (the log's entries are deleted at the next checkpoint).
     pub fn drain(&mut self, mut f: impl FnMut(ChangeBatch) -> Result<()>) -> Result<()> {
-        for (columns, weights, live) in self.rows.batches() {
-            let n = live.true_count();
-            if n == 0 {
-                continue;
-            }
-            let cols = columns[..self.width]
-                .iter()
-                .map(|c| Ok(filter(c, &live)?))
-                .collect::<Result<Vec<_>>>()?;
-            let weights = filter(weights, &live)?;
-            let weights = weights
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .cloned()
-                .ok_or_else(|| KappaError::internal("join weights are not Int64"))?;
-            let schema = self.schema.clone();
-            f(ChangeBatch::new(
-                crate::batch_with_rows(schema, cols, n)?,
-                weights,
-            )?)?;
+        for live in self.rows.live_rows(self.width) {
+            let (cols, weights, n) = live?;
+            let data = crate::batch_with_rows(self.schema.clone(), cols, n)?;
+            f(ChangeBatch::new(data, weights)?)?;
         }
         self.rows = BatchRows::default();
         if let Some((log, table)) = &mut self.log {
