@@ -176,8 +176,9 @@ pub struct HashAggregate {
     kinds: Vec<Kind>,
     /// Per aggregate, whether it is over distinct values (its values go to `extremes`).
     /// Over an append-only input a DISTINCT multiset needs only each value's presence: a
-    /// value is stored once, with count 1, when first seen (at once, not at the barrier:
-    /// no group's earlier output reads it), and a value seen before changes nothing.
+    /// value is written when first seen (at once, not at the barrier: no group's earlier
+    /// output reads it), into its presence set's entry (see `presence`), and a value seen
+    /// before changes nothing.
     distinct: Vec<bool>,
     /// The input never retracts (see [`HashAggregate::with_append_only_input`]).
     append_only: bool,
