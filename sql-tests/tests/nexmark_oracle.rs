@@ -38,6 +38,7 @@ use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{
     DataType, Field, Int64Type, Schema, TimeUnit, TimestampMicrosecondType,
 };
+use kappa_connectors::ColumnSet;
 use kappa_connectors::nexmark::{NexmarkConfig, NexmarkTable, generate};
 
 const EVENTS: u64 = 1_000_000;
@@ -452,7 +453,7 @@ fn write_csv(path: &std::path::Path, table: NexmarkTable, cols: &[Col]) {
     let mut start = 0;
     while start < rows {
         let end = (start + 65_536).min(rows);
-        let b: RecordBatch = generate(&c, &schema, start..end).expect("generate");
+        let b: RecordBatch = generate(&c, &schema, start..end, ColumnSet::ALL).expect("generate");
         for i in 0..b.num_rows() {
             let cells: Vec<String> = b
                 .columns()

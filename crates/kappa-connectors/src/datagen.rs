@@ -19,7 +19,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
 
 use crate::rng::Rng;
-use crate::{Poll, SourceReader, int_option};
+use crate::{ColumnSet, Poll, SourceReader, int_option};
 
 const CHUNK: u64 = 8192;
 
@@ -32,6 +32,8 @@ pub struct DatagenReader {
     interval_us: i64,
     ranges: Vec<(f64, f64)>,
     lengths: Vec<usize>,
+    /// The columns anyone reads; the others are left unfilled.
+    read: ColumnSet,
 }
 
 fn float_option(o: &BTreeMap<String, String>, key: &str, default: f64) -> Result<f64> {
@@ -102,6 +104,7 @@ impl DatagenReader {
             interval_us: int_option(o, "datagen.interval.us", Some(1000))?.unwrap_or(1000) as i64,
             ranges,
             lengths,
+            read: ColumnSet::ALL,
         })
     }
 
@@ -109,6 +112,10 @@ impl DatagenReader {
         let n = (end - start) as usize;
         let mut cols: Vec<ArrayRef> = vec![];
         for (i, f) in self.schema.fields().iter().enumerate() {
+            if !self.read.contains(i) {
+                cols.push(crate::unread_column(f, n)?);
+                continue;
+            }
             let s = i as u64 + 1;
             let (lo, hi) = self.ranges[i];
             let rng = |r: u64| Rng::new(self.seed, r, s);
@@ -193,5 +200,9 @@ impl SourceReader for DatagenReader {
     fn seek(&mut self, rows: u64) -> Result<()> {
         self.next = rows;
         Ok(())
+    }
+
+    fn set_columns_read(&mut self, read: ColumnSet) {
+        self.read = read;
     }
 }

@@ -11,8 +11,9 @@ mod rng;
 
 use std::collections::BTreeMap;
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{ArrayRef, RecordBatch, new_null_array};
+use datafusion::arrow::datatypes::{Field, SchemaRef};
+use datafusion::common::ScalarValue;
 use kappa_common::{KappaError, Result, SqlState};
 
 /// What one poll returned.
@@ -40,6 +41,60 @@ pub trait SourceReader: Send {
     fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>> {
         self.read_range(0, rows)
     }
+
+    /// Tells the reader which of its schema's columns anyone reads: the views' scans and
+    /// the watermark expression. It may leave the others unfilled ([`unread_column`]),
+    /// which spares generating or decoding them. Every batch handed out after this call,
+    /// by any method, holds real values in every column of `read`. A reader that ignores
+    /// the call fills every column.
+    fn set_columns_read(&mut self, _read: ColumnSet) {}
+}
+
+/// A set of a schema's columns by position. Columns from 64 on are always in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ColumnSet(u64);
+
+impl ColumnSet {
+    pub const ALL: ColumnSet = ColumnSet(u64::MAX);
+    pub const NONE: ColumnSet = ColumnSet(0);
+
+    pub fn of(columns: impl IntoIterator<Item = usize>) -> Self {
+        let mut bits = 0;
+        for c in columns {
+            bits |= if c >= 64 { u64::MAX } else { 1 << c };
+        }
+        ColumnSet(bits)
+    }
+
+    pub fn contains(self, column: usize) -> bool {
+        column >= 64 || self.0 & (1 << column) != 0
+    }
+
+    /// Every column of `other` is in this set.
+    pub fn covers(self, other: ColumnSet) -> bool {
+        other.0 & !self.0 == 0
+    }
+
+    pub fn union(self, other: ColumnSet) -> ColumnSet {
+        ColumnSet(self.0 | other.0)
+    }
+
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u64) -> Self {
+        ColumnSet(bits)
+    }
+}
+
+/// A column nobody reads, `n` rows of it: NULL, or where the column is NOT NULL its type's
+/// zero (0, '', false, the epoch). Costs a zeroed buffer, not a generated value.
+pub fn unread_column(field: &Field, n: usize) -> Result<ArrayRef> {
+    if field.is_nullable() {
+        return Ok(new_null_array(field.data_type(), n));
+    }
+    Ok(ScalarValue::new_default(field.data_type())?.to_array_of_size(n)?)
 }
 
 /// Splits `[from, to)` at multiples of `chunk`: the batches a chunked generator hands out.

@@ -31,6 +31,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError, sync_channel};
 
 use datafusion::arrow::array::{
@@ -40,7 +41,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
 
 use crate::rng::Rng;
-use crate::{Poll, SourceReader, check_known, int_option};
+use crate::{ColumnSet, Poll, SourceReader, check_known, int_option};
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;
@@ -338,15 +339,25 @@ mod stream {
 }
 
 /// Generates this table's rows `rows` with the columns of `schema` (a subset of
-/// [`NexmarkTable::columns`], in any order).
-pub fn generate(c: &NexmarkConfig, schema: &SchemaRef, rows: Range<u64>) -> Result<RecordBatch> {
+/// [`NexmarkTable::columns`], in any order); the columns not in `read` are left unfilled
+/// ([`crate::unread_column`]). A column's values do not depend on which others are made.
+pub fn generate(
+    c: &NexmarkConfig,
+    schema: &SchemaRef,
+    rows: Range<u64>,
+    read: ColumnSet,
+) -> Result<RecordBatch> {
     let n = (rows.end - rows.start) as usize;
     let events: Vec<u64> = rows.clone().map(|r| c.event_id(r)).collect();
     let seed = c.seed;
     let rng = |e: u64, s: u64| Rng::new(seed, e, s);
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
     let mut scratch = String::new();
-    for field in schema.fields() {
+    for (i, field) in schema.fields().iter().enumerate() {
+        if !read.contains(i) {
+            columns.push(crate::unread_column(field, n)?);
+            continue;
+        }
         let name = field.name().as_str();
         let ints = |f: &dyn Fn(u64) -> i64| -> ArrayRef {
             Arc::new(Int64Array::from_iter_values(events.iter().map(|&e| f(e))))
@@ -562,7 +573,11 @@ pub fn check_schema(table: NexmarkTable, schema: &SchemaRef) -> Result<()> {
 pub struct NexmarkReader {
     config: NexmarkConfig,
     schema: SchemaRef,
-    workers: Vec<Receiver<Result<RecordBatch>>>,
+    /// The columns anyone reads ([`ColumnSet`] bits), shared with the workers, which read
+    /// it anew for each chunk.
+    read: Arc<AtomicU64>,
+    /// Each chunk with the columns it was generated with.
+    workers: Vec<Receiver<Result<(ColumnSet, RecordBatch)>>>,
     next_chunk: u64,
     total_chunks: Option<u64>,
 }
@@ -575,6 +590,7 @@ impl NexmarkReader {
         let mut reader = Self {
             config,
             schema,
+            read: Arc::new(AtomicU64::new(ColumnSet::ALL.bits())),
             workers: vec![],
             next_chunk: 0,
             total_chunks,
@@ -595,10 +611,11 @@ impl NexmarkReader {
             let (tx, rx) = sync_channel(4);
             let c = self.config.clone();
             let s = self.schema.clone();
+            let read = self.read.clone();
             let own = first + (w + n - first % n) % n;
             std::thread::Builder::new()
                 .name(format!("nexmark-gen-{w}"))
-                .spawn(move || worker(c, s, own, total_rows, tx))
+                .spawn(move || worker(c, s, read, own, total_rows, tx))
                 .map_err(|e| KappaError::internal(format!("cannot start generator: {e}")))?;
             workers.push(rx);
         }
@@ -608,13 +625,20 @@ impl NexmarkReader {
     }
 }
 
+impl NexmarkReader {
+    fn columns_read(&self) -> ColumnSet {
+        ColumnSet::from_bits(self.read.load(Ordering::Acquire))
+    }
+}
+
 /// Generates chunks `first`, `first + workers`, `first + 2·workers`, … into `tx`.
 fn worker(
     c: NexmarkConfig,
     schema: SchemaRef,
+    read: Arc<AtomicU64>,
     first: u64,
     total_rows: Option<u64>,
-    tx: SyncSender<Result<RecordBatch>>,
+    tx: SyncSender<Result<(ColumnSet, RecordBatch)>>,
 ) {
     let step = c.workers as u64;
     let mut chunk = first;
@@ -625,7 +649,8 @@ fn worker(
             Some(t) => (start + c.chunk_rows).min(t),
             None => start + c.chunk_rows,
         };
-        let batch = generate(&c, &schema, start..end);
+        let cols = ColumnSet::from_bits(read.load(Ordering::Acquire));
+        let batch = generate(&c, &schema, start..end, cols).map(|b| (cols, b));
         let failed = batch.is_err();
         if tx.send(batch).is_err() || failed {
             return;
@@ -676,7 +701,13 @@ impl SourceReader for NexmarkReader {
             let Some(b) = received else {
                 break;
             };
-            let b = b?;
+            let (made_with, mut b) = b?;
+            if !made_with.covers(self.columns_read()) {
+                // Generated ahead before a new reader asked for more columns.
+                let start = self.next_chunk * self.config.chunk_rows;
+                let end = start + b.num_rows() as u64;
+                b = generate(&self.config, &self.schema, start..end, self.columns_read())?;
+            }
             rows += b.num_rows();
             batches.push(b);
             self.next_chunk += 1;
@@ -689,8 +720,14 @@ impl SourceReader for NexmarkReader {
 
     fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
         crate::chunks(from, to, self.config.chunk_rows)
-            .map(|(start, end)| generate(&self.config, &self.schema, start..end))
+            .map(|(start, end)| {
+                generate(&self.config, &self.schema, start..end, self.columns_read())
+            })
             .collect()
+    }
+
+    fn set_columns_read(&mut self, read: ColumnSet) {
+        self.read.store(read.bits(), Ordering::Release);
     }
 
     fn seek(&mut self, rows: u64) -> Result<()> {
@@ -755,8 +792,8 @@ mod tests {
         let mut c = NexmarkConfig::new(NexmarkTable::Bid);
         c.seed = 7;
         let s = schema(NexmarkTable::Bid);
-        let a = generate(&c, &s, 0..100_000).unwrap();
-        let b = generate(&c, &s, 50_000..100_000).unwrap();
+        let a = generate(&c, &s, 0..100_000, ColumnSet::ALL).unwrap();
+        let b = generate(&c, &s, 50_000..100_000, ColumnSet::ALL).unwrap();
         assert_eq!(a.slice(50_000, 50_000), b);
         let price = a.column(2).as_primitive::<Int64Type>();
         let (lo, hi) = (
@@ -787,6 +824,70 @@ mod tests {
             .sum::<usize>()
             / extra.len();
         assert!((60..76).contains(&avg), "{avg}");
+    }
+
+    /// A column's values do not depend on which others are generated; the unread ones are
+    /// NULL (or, NOT NULL, empty / zero).
+    #[test]
+    fn unread_columns_are_left_unfilled_and_the_read_ones_unchanged() {
+        let c = NexmarkConfig::new(NexmarkTable::Bid);
+        let s = schema(NexmarkTable::Bid);
+        let all = generate(&c, &s, 0..5000, ColumnSet::ALL).unwrap();
+        // auction and date_time only.
+        let some = generate(&c, &s, 0..5000, ColumnSet::of([0, 5])).unwrap();
+        assert_eq!(some.schema(), all.schema());
+        for i in 0..s.fields().len() {
+            if [0, 5].contains(&i) {
+                assert_eq!(some.column(i), all.column(i), "column {i}");
+            } else {
+                assert_eq!(some.column(i).null_count(), 5000, "column {i}");
+            }
+        }
+        let not_null: SchemaRef = Arc::new(Schema::new(
+            s.fields()
+                .iter()
+                .map(|f| f.as_ref().clone().with_nullable(false))
+                .collect::<Vec<Field>>(),
+        ));
+        let b = generate(&c, &not_null, 0..10, ColumnSet::of([0])).unwrap();
+        assert_eq!(
+            b.column(2).as_primitive::<Int64Type>().values()[..],
+            [0; 10]
+        );
+        assert!(b.column(6).as_string::<i32>().iter().all(|v| v == Some("")));
+    }
+
+    /// Chunks generated ahead with fewer columns than a new reader asks for are made again.
+    #[test]
+    fn a_reader_fills_the_columns_asked_for_after_it_generated_ahead() {
+        let mut c = small_auctions();
+        c.chunk_rows = 100;
+        let s = schema(NexmarkTable::Auction);
+        let total = c.rows_in(100_000);
+        let all = generate(&c, &s, 0..total, ColumnSet::ALL).unwrap();
+        let mut r = NexmarkReader::start(c, s).unwrap();
+        r.set_columns_read(ColumnSet::of([0]));
+        // Each worker holds at most 5 chunks: the ones made while this poll frees room
+        // (from chunk 15 on) have column 0 only, and wait in the queues after it.
+        let first = r.poll(2000).unwrap().batches;
+        assert!(first.iter().all(|b| b.column(0).null_count() == 0));
+        r.set_columns_read(ColumnSet::of([0, 1]));
+        let mut at = first.iter().map(|b| b.num_rows()).sum::<usize>();
+        loop {
+            let p = r.poll(10_000).unwrap();
+            for b in &p.batches {
+                let n = b.num_rows();
+                assert_eq!(b.column(1), &all.column(1).slice(at, n), "rows from {at}");
+                at += n;
+            }
+            if p.finished {
+                break;
+            }
+        }
+        assert_eq!(at as u64, total);
+        let replayed = r.replay(100).unwrap();
+        assert_eq!(replayed[0].column(1), &all.column(1).slice(0, 100));
+        assert_eq!(replayed[0].column(2).null_count(), 100);
     }
 
     /// 100k events of auctions (6,000 rows) in chunks of 1,000 over three workers.
@@ -836,7 +937,7 @@ mod tests {
         let c = small_auctions();
         let s = schema(NexmarkTable::Auction);
         let total = c.rows_in(100_000);
-        let all = ids(&[generate(&c, &s, 0..total).unwrap()]);
+        let all = ids(&[generate(&c, &s, 0..total, ColumnSet::ALL).unwrap()]);
         for from in [2000, 3000, 4000] {
             let mut r = NexmarkReader::start(c.clone(), s.clone()).unwrap();
             r.seek(from).unwrap();

@@ -54,6 +54,16 @@ impl EventClock {
         }
     }
 
+    /// The columns the clock reads: its event-time column and the watermark expression's.
+    pub fn columns(&self) -> impl Iterator<Item = usize> + use<> {
+        let mut cols: Vec<usize> = datafusion::physical_expr::utils::collect_columns(&self.expr)
+            .into_iter()
+            .map(|c| c.index())
+            .collect();
+        cols.push(self.column);
+        cols.into_iter()
+    }
+
     /// The on-time part of `change` (all of it if nothing is late). Does not move the
     /// watermark: call [`EventClock::advance`] once the whole write is admitted.
     pub fn admit(&mut self, change: ChangeBatch) -> Result<ChangeBatch> {

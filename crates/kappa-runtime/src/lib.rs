@@ -39,8 +39,9 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
+use kappa_connectors::ColumnSet;
 use kappa_operators::ContentsSnapshot;
-use kappa_plan::StreamGraph;
+use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{EpochRecord, History, Record, SourcePosition, StateStore};
 
 pub use dataflow::{EventTime, cores};
@@ -170,6 +171,30 @@ struct LiveSource {
     /// After this long without rows the source reports itself idle; `None`: never.
     idle_timeout: Option<std::time::Duration>,
     last_rows: std::time::Instant,
+}
+
+/// Tells each source which of its columns are read: by its event clock, and by the scans
+/// of the views (and of `new`, a view about to be added) over it.
+fn set_columns_read(inner: &mut Inner, new: Option<&StreamGraph>) {
+    let graphs: Vec<&StreamGraph> = inner.views.iter().map(|v| &v.graph).chain(new).collect();
+    for (id, s) in inner.sources.iter_mut() {
+        let mut read = ColumnSet::of(s.clock.iter().flat_map(|c| c.columns()));
+        for node in graphs.iter().flat_map(|g| &g.nodes) {
+            if let NodeKind::Source {
+                relation,
+                projection,
+                ..
+            } = &node.kind
+                && relation == id
+            {
+                read = read.union(match projection {
+                    Some(cols) => ColumnSet::of(cols.iter().copied()),
+                    None => ColumnSet::ALL,
+                });
+            }
+        }
+        s.reader.set_columns_read(read);
+    }
 }
 
 impl LiveSource {
@@ -825,6 +850,7 @@ impl Runtime {
                 last_rows: std::time::Instant::now(),
             },
         );
+        set_columns_read(&mut inner, None);
         Ok(())
     }
 
@@ -877,10 +903,13 @@ impl Runtime {
                 view.restore()?;
             }
             inner.views.push(view);
+            set_columns_read(&mut inner, None);
             return Ok(());
         }
         let mut view =
             build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref(), parallelism)?;
+        // Before the replay, which must fill the columns the new view reads.
+        set_columns_read(&mut inner, Some(&view.graph));
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
             if let Some(s) = inner.sources.get(&src) {
@@ -928,6 +957,7 @@ impl Runtime {
         inner.views.retain(|v| v.relation != relation);
         let view = inner.views.len() < views;
         inner.sources.remove(&relation);
+        set_columns_read(&mut inner, None);
         if self.restoring()? {
             // The checkpoint holds no state of it any more.
             return Ok(());

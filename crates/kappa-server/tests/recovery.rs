@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Array, Int64Array};
+use kappa_connectors::ColumnSet;
 use kappa_connectors::nexmark::{NexmarkConfig, generate};
 use kappa_sql_tests::{Postgres, query_text};
 use rand::rngs::StdRng;
@@ -342,7 +343,7 @@ fn source_oracle() -> Vec<Vec<Vec<String>>> {
             true,
         ),
     ]));
-    let batch = generate(&c, &schema, 0..c.rows_in(EVENTS)).expect("generate");
+    let batch = generate(&c, &schema, 0..c.rows_in(EVENTS), ColumnSet::ALL).expect("generate");
     let col = |i: usize| {
         batch
             .column(i)
