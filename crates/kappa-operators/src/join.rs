@@ -176,6 +176,7 @@ impl HashJoin {
         let side = |s: JoinSide, i: usize| -> Result<Side> {
             let tracked =
                 kind.preserves(i) || kind.semi_side() == Some(i) || kind.anti_side() == Some(i);
+            let by_key = expires_by_key(&s, &key_types);
             Ok(Side {
                 keys: s.keys,
                 rows: kappa_state::row_converter(&s.schema)?,
@@ -183,7 +184,7 @@ impl HashJoin {
                 store: if s.append_only && !tracked {
                     SideRows::Batches(BatchRows::default())
                 } else {
-                    SideRows::Memory(MemRows::default())
+                    SideRows::Memory(MemRows::new(by_key))
                 },
                 expiry: s.expiry,
                 tracked,
@@ -816,6 +817,22 @@ impl HashJoin {
         }
         Ok(())
     }
+}
+
+/// Whether a row's expiry time on `side` is a function of its join key: every expiry
+/// column is itself a key column, compared without a cast (a cast could map different
+/// times to one key).
+fn expires_by_key(side: &JoinSide, key_types: &[DataType]) -> bool {
+    !side.expiry.is_empty()
+        && side.expiry.iter().all(|e| {
+            side.keys.iter().zip(key_types).any(|(k, t)| {
+                let any: &dyn std::any::Any = k.as_ref();
+                any.downcast_ref::<datafusion::physical_expr::expressions::Column>()
+                    .is_some_and(|c| {
+                        c.index() == e.col && side.schema.field(e.col).data_type() == t
+                    })
+            })
+        })
 }
 
 /// Calls `write` with the stored rows of a side in the row form, decoded in chunks: the

@@ -95,8 +95,15 @@ fn by_batch() -> KappaError {
 pub(crate) struct MemRows {
     buckets: HashMap<Bytes, HashMap<Bytes, Entry>>,
     len: usize,
-    /// Expiry time → (key, row) of the rows stored with it.
-    expiring: BTreeMap<i64, Vec<(Bytes, Bytes)>>,
+    /// Expiry time → (key, row) of the rows stored with it; with `by_key`, (key, `None`)
+    /// for each key's whole bucket.
+    expiring: BTreeMap<i64, Vec<(Bytes, Option<Bytes>)>>,
+    /// A row's expiry time is a function of its join key (it is computed from key columns
+    /// only, as in a window join on `window_start`): a key's rows all expire together, so
+    /// the index holds each key once, when its bucket is created, and expiry drops the
+    /// bucket whole. A side whose rows retract and come back (an aggregate's updates) then
+    /// costs no index entry per row, and no lookup per row to expire it.
+    by_key: bool,
 }
 
 fn row_key(key: &[u8], row: &[u8]) -> Bytes {
@@ -182,13 +189,7 @@ impl SideRows {
         expires: Option<i64>,
     ) -> Result<()> {
         match self {
-            SideRows::Memory(m) => {
-                if let Some((key, row)) = m.add(key, row, weight, matches)?
-                    && let Some(t) = expires
-                {
-                    m.expiring.entry(t).or_default().push((key, row));
-                }
-            }
+            SideRows::Memory(m) => m.add(key, row, weight, matches, expires)?,
             SideRows::Batches(_) => return Err(by_batch()),
             SideRows::Tables(t) => {
                 let k = row_key(key, row);
@@ -223,7 +224,14 @@ impl SideRows {
                     .into_values()
                     .flatten()
                 {
-                    m.remove(&key, &row);
+                    match row {
+                        Some(row) => m.remove(&key, &row),
+                        None => {
+                            if let Some(bucket) = m.buckets.remove(&key) {
+                                m.len -= bucket.len();
+                            }
+                        }
+                    }
                 }
             }
             SideRows::Batches(b) => b.expire(w),
@@ -280,7 +288,7 @@ impl SideRows {
     /// Empties the in-memory forms (before restoring them).
     pub fn clear_memory(&mut self) {
         match self {
-            SideRows::Memory(m) => *m = MemRows::default(),
+            SideRows::Memory(m) => *m = MemRows::new(m.by_key),
             SideRows::Batches(b) => *b = BatchRows::default(),
             SideRows::Tables(_) => {}
         }
@@ -323,17 +331,35 @@ fn added_count(count: i64, weight: i64) -> Result<i64> {
 }
 
 impl MemRows {
-    /// Adds `weight` copies of `row` under `key` (with match count `matches`); returns the
-    /// shared key and row if the row is new.
+    /// `by_key`: a row's expiry time follows from its key (see the field).
+    pub fn new(by_key: bool) -> Self {
+        Self {
+            by_key,
+            ..Self::default()
+        }
+    }
+
+    /// Adds `weight` copies of `row` under `key` (with match count `matches`); a new row
+    /// (with `by_key`, a new key) that expires at `expires` is indexed.
     fn add(
         &mut self,
         key: &[u8],
         row: &[u8],
         weight: i64,
         matches: i64,
-    ) -> Result<Option<(Bytes, Bytes)>> {
+        expires: Option<i64>,
+    ) -> Result<()> {
         if !self.buckets.contains_key(key) {
-            self.buckets.insert(Arc::from(key), HashMap::default());
+            let key: Bytes = Arc::from(key);
+            if self.by_key
+                && let Some(t) = expires
+            {
+                self.expiring
+                    .entry(t)
+                    .or_default()
+                    .push((key.clone(), None));
+            }
+            self.buckets.insert(key, HashMap::default());
         }
         let Some((bucket_key, bucket)) = self.buckets.get_key_value_mut(key) else {
             return Err(KappaError::internal("join bucket vanished"));
@@ -342,27 +368,32 @@ impl MemRows {
             e.count = added_count(e.count, weight)?;
             e.matches = matches;
             if e.count > 0 {
-                return Ok(None);
+                return Ok(());
             }
             bucket.remove(row);
             self.len -= 1;
             if bucket.is_empty() {
                 self.buckets.remove(key);
             }
-            return Ok(None);
+            return Ok(());
         }
         let count = added_count(0, weight)?;
         if count == 0 {
             if bucket.is_empty() {
                 self.buckets.remove(key);
             }
-            return Ok(None);
+            return Ok(());
         }
         let row: Bytes = Arc::from(row);
-        let key = bucket_key.clone();
         bucket.insert(row.clone(), Entry { count, matches });
         self.len += 1;
-        Ok(Some((key, row)))
+        if !self.by_key
+            && let Some(t) = expires
+        {
+            let key = bucket_key.clone();
+            self.expiring.entry(t).or_default().push((key, Some(row)));
+        }
+        Ok(())
     }
 
     fn remove(&mut self, key: &[u8], row: &[u8]) {
@@ -436,6 +467,73 @@ mod tests {
             assert_eq!(probe(&s, b"a"), vec![(b"r3".to_vec(), 1)]);
             assert_eq!(s.len(), 1);
         }
+    }
+
+    /// Rows whose expiry follows from their key, as a window join's: the memory form that
+    /// indexes keys expires exactly the rows the per-row forms do, through retractions
+    /// and rows that come back.
+    #[test]
+    fn expiry_by_key_frees_the_rows_per_row_expiry_does() {
+        let changes: &[(&[u8], &[u8], i64, i64)] = &[
+            (b"w10", b"a1", 1, 10),
+            (b"w10", b"a2", 1, 10),
+            (b"w20", b"a1", 2, 20),
+            (b"w10", b"a1", -1, 10),
+            (b"w10", b"a1", 1, 10),
+            (b"w20", b"a1", -2, 20),
+            (b"w20", b"a3", 1, 20),
+            (b"w30", b"a4", 1, 30),
+            (b"w30", b"a4", -1, 30),
+        ];
+        let forms = || {
+            [
+                SideRows::Memory(MemRows::new(true)),
+                SideRows::Memory(MemRows::new(false)),
+                tables(),
+            ]
+        };
+        let mut sides = forms();
+        for s in &mut sides {
+            for (key, row, w, t) in changes {
+                s.add(key, row, *w, 0, Some(*t)).unwrap();
+            }
+        }
+        let contents = |s: &SideRows| -> Vec<Vec<(Vec<u8>, i64)>> {
+            [&b"w10"[..], b"w20", b"w30"]
+                .iter()
+                .map(|k| probe(s, k))
+                .collect()
+        };
+        let expected = |w10: bool, w20: bool| {
+            vec![
+                if w10 {
+                    vec![(b"a1".to_vec(), 1), (b"a2".to_vec(), 1)]
+                } else {
+                    vec![]
+                },
+                if w20 {
+                    vec![(b"a3".to_vec(), 1)]
+                } else {
+                    vec![]
+                },
+                vec![],
+            ]
+        };
+        for (w, live) in [(5, (true, true)), (10, (false, true)), (25, (false, false))] {
+            for s in &mut sides {
+                s.expire(w).unwrap();
+                assert_eq!(contents(s), expected(live.0, live.1), "at watermark {w}");
+                assert_eq!(s.len(), live.0 as usize * 2 + live.1 as usize);
+            }
+        }
+        // A key that comes back after its bucket emptied is indexed again.
+        let mut s = SideRows::Memory(MemRows::new(true));
+        s.add(b"w40", b"a5", 1, 0, Some(40)).unwrap();
+        s.add(b"w40", b"a5", -1, 0, Some(40)).unwrap();
+        s.add(b"w40", b"a6", 1, 0, Some(40)).unwrap();
+        s.expire(40).unwrap();
+        assert!(probe(&s, b"w40").is_empty());
+        assert_eq!(s.len(), 0);
     }
 
     #[test]
