@@ -212,6 +212,9 @@ pub struct HashAggregate {
     emit_on_window_close: bool,
     /// Window value → keys of the groups created with it, while not closed.
     open: BTreeMap<i64, Vec<Box<[u8]>>>,
+    /// A group whose window value is NULL (which never closes, and is not in `open`) may
+    /// exist. Until one does, a barrier that leaves no window open has closed every group.
+    unclosable: bool,
     /// The watermark the last barrier closed windows at.
     watermark: Option<i64>,
     late_rows: u64,
@@ -344,6 +347,7 @@ impl HashAggregate {
             window_close: None,
             emit_on_window_close: false,
             open: BTreeMap::new(),
+            unclosable: false,
             watermark: None,
             late_rows: 0,
         })
@@ -508,6 +512,9 @@ impl HashAggregate {
     ) -> Result<()> {
         // Values v with v + offset <= w, i.e. v <= w - offset.
         let closed = crate::take_closed(&mut self.open, w.saturating_sub(close.offset));
+        // Every group closes (a bounded stream's end): the tables are emptied at once
+        // instead of a delete per group and multiset entry.
+        let all = self.open.is_empty() && !self.unclosable && !closed.is_empty();
         for group in closed.into_values().flatten() {
             if self.emit_on_window_close {
                 let Some(bytes) = self.groups.get(&group) else {
@@ -520,7 +527,13 @@ impl HashAggregate {
                     weights.push(1);
                 }
             }
-            self.free_group(&group);
+            if !all {
+                self.free_group(&group);
+            }
+        }
+        if all {
+            self.groups.clear();
+            self.extremes.clear();
         }
         Ok(())
     }
@@ -1256,10 +1269,11 @@ impl Operator for HashAggregate {
                         None => {
                             let d = self.load(group)?;
                             // Not stored: the group is created now, in window `v`.
-                            if d.before.is_none()
-                                && let Some(v) = window
-                            {
-                                self.open.entry(v).or_default().push(group.into());
+                            if d.before.is_none() {
+                                match window {
+                                    Some(v) => self.open.entry(v).or_default().push(group.into()),
+                                    None => self.unclosable = true,
+                                }
                             }
                             self.dirty.insert(hash, group, d)
                         }
@@ -1480,6 +1494,7 @@ impl Operator for HashAggregate {
     fn restore(&mut self, saved: &[u8]) -> Result<()> {
         (self.watermark, self.late_rows) = crate::restore_progress(saved, "an aggregate")?;
         self.open.clear();
+        self.unclosable = false;
         let (Some(close), Some(conv)) = (self.window_close, &self.group_converter) else {
             return Ok(());
         };
@@ -1495,6 +1510,8 @@ impl Operator for HashAggregate {
                         .entry(v.value(i))
                         .or_default()
                         .push(key[..].into());
+                } else {
+                    self.unclosable = true;
                 }
             }
         }
@@ -1777,6 +1794,66 @@ mod tests {
             )
         };
         crate::testing::assert_restores_exactly(make, 2, &epochs, 2);
+    }
+
+    /// A window aggregate over `w:i64, v:i64`: sum and max of `v` per window `w` (the max
+    /// keeps its multiset), windows closing at the watermark.
+    fn window_sum_max() -> HashAggregate {
+        use AggFunc::*;
+        const W: &str = "w:i64, v:i64";
+        let ctx = SessionContext::new();
+        let input = df_schema(W);
+        let v = ctx.create_physical_expr(col("v"), &input).unwrap();
+        let w = ctx.create_physical_expr(col("w"), &input).unwrap();
+        let spec = |func| AggSpec {
+            distinct: false,
+            func,
+            arg: Some(v.clone()),
+            filter: None,
+            input_type: DataType::Int64,
+            output_type: DataType::Int64,
+            recompute: None,
+        };
+        HashAggregate::new(
+            vec![w],
+            vec![DataType::Int64],
+            vec![spec(Sum), spec(Max)],
+            schema("w:i64, s:i64, m:i64"),
+            Box::new(MemStateTable::keyed()),
+            Box::new(MemStateTable::default()),
+        )
+        .unwrap()
+        .with_window_close(WatermarkCol { col: 0, offset: 0 }, false)
+    }
+
+    /// When a barrier closes every window the tables are emptied at once; a group whose
+    /// window is NULL never closes, so then each closed group is freed alone.
+    #[test]
+    fn closing_every_window_frees_all_state_but_never_a_null_window() {
+        const W: &str = "w:i64, v:i64";
+        let run = |op: &mut HashAggregate, lines: &str, wm: i64| {
+            let mut out = vec![];
+            op.process(0, changes(W, lines), &mut out).unwrap();
+            op.on_barrier(1, Some(wm), &mut out).unwrap();
+            out
+        };
+        let mut op = window_sum_max();
+        run(&mut op, "+ 10 | 1\n+ 10 | 3\n+ 20 | 2", 5);
+        assert!(op.state_entries() > 2);
+        run(&mut op, "", 20);
+        assert_eq!(op.state_entries(), 0);
+        // Late for a closed window; a new window opens as usual.
+        let out = run(&mut op, "+ 10 | 7\n+ 30 | 4", 20);
+        assert_eq!(op.late_rows(), 1);
+        crate::testing::assert_changes(&out, "+ 30 | 4 | 4");
+
+        let mut op = window_sum_max();
+        run(&mut op, "+ 10 | 1\n+ NULL | 5\n+ NULL | 6", 5);
+        run(&mut op, "", 20);
+        // The NULL window's group and its max's two values remain.
+        assert_eq!(op.state_entries(), 3);
+        let out = run(&mut op, "- NULL | 6", 30);
+        crate::testing::assert_changes(&out, "- NULL | 11 | 6\n+ NULL | 5 | 5");
     }
 
     #[test]

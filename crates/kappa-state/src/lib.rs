@@ -52,6 +52,11 @@ pub trait StateTable: Send + Sync {
     /// The contents as of now, unaffected by later writes.
     fn snapshot(&self) -> Arc<dyn StateSnapshot>;
 
+    /// Deletes every entry, as deleting each would (a table that can drops them at once).
+    fn clear(&mut self) {
+        delete_all(self);
+    }
+
     // Checkpoints (tables of a checkpointed store; the defaults are for tables that are not
     // checkpointed). `take_changes` hands out the changes since the last checkpoint that was
     // written; the table holds them as in flight until `checkpoint_done` says whether that
@@ -69,6 +74,14 @@ pub trait StateTable: Send + Sync {
     /// snapshots read the stored base keeps what live snapshots taken before those changes
     /// need of it.
     fn before_checkpoint_write(&mut self) {}
+}
+
+/// Deletes every entry of `t`, one by one.
+pub(crate) fn delete_all<T: StateTable + ?Sized>(t: &mut T) {
+    let keys: Vec<Bytes> = t.scan_prefix(&[]).map(|(k, _)| k).collect();
+    for k in keys {
+        t.delete(&k);
+    }
 }
 
 /// One state table's changes for a checkpoint: each key written since the last checkpoint

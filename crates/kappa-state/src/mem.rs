@@ -263,6 +263,18 @@ impl StateTable for MemStateTable {
         self.map.len()
     }
 
+    fn clear(&mut self) {
+        if self.tracking.is_some() {
+            // Each deleted key is a change the next checkpoint writes.
+            crate::delete_all(self);
+            return;
+        }
+        self.map = match self.map {
+            Map::Ordered(_) => Map::Ordered(OrdMap::new()),
+            Map::Hashed(_) => Map::Hashed(HashMap::default()),
+        };
+    }
+
     fn snapshot(&self) -> Arc<dyn StateSnapshot> {
         Arc::new(MemSnapshot {
             map: self.map.clone(),
