@@ -529,6 +529,10 @@ impl HashAggregate {
             }
             if !all {
                 self.free_group(&group);
+            } else if self.emit_on_window_close {
+                // A group deleted and created again while open is listed twice: it is
+                // emitted once.
+                self.groups.delete(&group);
             }
         }
         if all {
@@ -1798,7 +1802,7 @@ mod tests {
 
     /// A window aggregate over `w:i64, v:i64`: sum and max of `v` per window `w` (the max
     /// keeps its multiset), windows closing at the watermark.
-    fn window_sum_max() -> HashAggregate {
+    fn window_sum_max(emit_on_window_close: bool) -> HashAggregate {
         use AggFunc::*;
         const W: &str = "w:i64, v:i64";
         let ctx = SessionContext::new();
@@ -1823,7 +1827,7 @@ mod tests {
             Box::new(MemStateTable::default()),
         )
         .unwrap()
-        .with_window_close(WatermarkCol { col: 0, offset: 0 }, false)
+        .with_window_close(WatermarkCol { col: 0, offset: 0 }, emit_on_window_close)
     }
 
     /// When a barrier closes every window the tables are emptied at once; a group whose
@@ -1837,7 +1841,7 @@ mod tests {
             op.on_barrier(1, Some(wm), &mut out).unwrap();
             out
         };
-        let mut op = window_sum_max();
+        let mut op = window_sum_max(false);
         run(&mut op, "+ 10 | 1\n+ 10 | 3\n+ 20 | 2", 5);
         assert!(op.state_entries() > 2);
         run(&mut op, "", 20);
@@ -1847,13 +1851,22 @@ mod tests {
         assert_eq!(op.late_rows(), 1);
         crate::testing::assert_changes(&out, "+ 30 | 4 | 4");
 
-        let mut op = window_sum_max();
+        let mut op = window_sum_max(false);
         run(&mut op, "+ 10 | 1\n+ NULL | 5\n+ NULL | 6", 5);
         run(&mut op, "", 20);
         // The NULL window's group and its max's two values remain.
         assert_eq!(op.state_entries(), 3);
         let out = run(&mut op, "- NULL | 6", 30);
         crate::testing::assert_changes(&out, "- NULL | 11 | 6\n+ NULL | 5 | 5");
+
+        // Emitting on close: a group deleted and created again is emitted once.
+        let mut op = window_sum_max(true);
+        run(&mut op, "+ 10 | 1\n+ 20 | 2", 5);
+        run(&mut op, "- 10 | 1", 5);
+        run(&mut op, "+ 10 | 3", 5);
+        let out = run(&mut op, "", 20);
+        crate::testing::assert_changes(&out, "+ 10 | 3 | 3\n+ 20 | 2 | 2");
+        assert_eq!(op.state_entries(), 0);
     }
 
     #[test]
