@@ -26,7 +26,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use kappa_common::{KappaError, Result};
-use kappa_state::StateTable;
+use kappa_state::{BytesMap, StateTable};
 
 use crate::join_batches::{BatchRows, RowRef};
 use kappa_state::codec::{
@@ -93,7 +93,7 @@ fn by_batch() -> KappaError {
 
 #[derive(Default)]
 pub(crate) struct MemRows {
-    buckets: HashMap<Bytes, HashMap<Bytes, Entry>>,
+    buckets: BytesMap<BytesMap<Entry>>,
     len: usize,
     /// Expiry time → (key, row) of the rows stored with it; with `by_key`, (key, `None`)
     /// for each key's whole bucket.
@@ -124,7 +124,7 @@ impl SideRows {
         match self {
             SideRows::Memory(m) => {
                 if let Some(bucket) = m.buckets.get(key) {
-                    for (row, e) in bucket {
+                    for (row, e) in bucket.iter() {
                         f(Found::Row(row.clone()), e.count);
                     }
                 }
@@ -349,21 +349,17 @@ impl MemRows {
         matches: i64,
         expires: Option<i64>,
     ) -> Result<()> {
-        if !self.buckets.contains_key(key) {
-            let key: Bytes = Arc::from(key);
-            if self.by_key
-                && let Some(t) = expires
-            {
-                self.expiring
-                    .entry(t)
-                    .or_default()
-                    .push((key.clone(), None));
-            }
-            self.buckets.insert(key, HashMap::default());
+        let (created, bucket_key, bucket) =
+            self.buckets.entry_or_insert_with(key, BytesMap::default);
+        if created
+            && self.by_key
+            && let Some(t) = expires
+        {
+            self.expiring
+                .entry(t)
+                .or_default()
+                .push((bucket_key.clone(), None));
         }
-        let Some((bucket_key, bucket)) = self.buckets.get_key_value_mut(key) else {
-            return Err(KappaError::internal("join bucket vanished"));
-        };
         if let Some(e) = bucket.get_mut(row) {
             e.count = added_count(e.count, weight)?;
             e.matches = matches;
@@ -385,7 +381,7 @@ impl MemRows {
             return Ok(());
         }
         let row: Bytes = Arc::from(row);
-        bucket.insert(row.clone(), Entry { count, matches });
+        bucket.insert_absent(row.clone(), Entry { count, matches });
         self.len += 1;
         if !self.by_key
             && let Some(t) = expires

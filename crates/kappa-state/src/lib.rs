@@ -14,6 +14,7 @@
 //! [`SpillStore`] keeps only the changes since the last checkpoint in memory and reads the
 //! rest from RocksDB (whose cache has a memory budget): state larger than memory.
 
+mod bytes_map;
 mod checkpointed;
 pub mod codec;
 mod history;
@@ -23,6 +24,7 @@ mod spill;
 
 use std::sync::Arc;
 
+pub use bytes_map::BytesMap;
 pub use checkpointed::CheckpointedStore;
 pub use history::{CheckpointState, EpochRecord, History, HistoryOptions, Record, SourcePosition};
 pub use mem::{MemStateStore, MemStateTable};

@@ -22,7 +22,7 @@ impl StateStore for MemStateStore {
     }
 }
 
-type HashMap = hashbrown::HashMap<Bytes, Bytes>;
+type HashMap = crate::BytesMap<Bytes>;
 
 /// A table's entries. A lookup in the hashed form costs a hash and a probe instead of a
 /// binary search per B-tree level, and an entry takes less memory; but its prefix scans
