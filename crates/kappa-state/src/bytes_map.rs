@@ -34,6 +34,12 @@ struct Slot<V> {
     value: V,
 }
 
+/// Whether `slot` holds `key`, whose hash is `hash`: the stored hash first, the bytes
+/// (behind a pointer) only when it agrees.
+fn holds<V>(hash: u64, key: &[u8]) -> impl Fn(&Slot<V>) -> bool + '_ {
+    move |s| s.hash == hash && *s.key == *key
+}
+
 impl<V> BytesMap<V> {
     fn hash(&self, key: &[u8]) -> u64 {
         self.hasher.hash_one(key)
@@ -49,40 +55,20 @@ impl<V> BytesMap<V> {
 
     pub fn get(&self, key: &[u8]) -> Option<&V> {
         let hash = self.hash(key);
-        self.table
-            .find(hash, |s| s.hash == hash && *s.key == *key)
-            .map(|s| &s.value)
-    }
-
-    pub fn get_key_value(&self, key: &[u8]) -> Option<(&Bytes, &V)> {
-        let hash = self.hash(key);
-        self.table
-            .find(hash, |s| s.hash == hash && *s.key == *key)
-            .map(|s| (&s.key, &s.value))
+        self.table.find(hash, holds(hash, key)).map(|s| &s.value)
     }
 
     pub fn get_mut(&mut self, key: &[u8]) -> Option<&mut V> {
-        self.get_key_value_mut(key).map(|(_, v)| v)
-    }
-
-    pub fn get_key_value_mut(&mut self, key: &[u8]) -> Option<(&Bytes, &mut V)> {
         let hash = self.hash(key);
         self.table
-            .find_mut(hash, |s| s.hash == hash && *s.key == *key)
-            .map(|s| (&s.key, &mut s.value))
-    }
-
-    pub fn contains_key(&self, key: &[u8]) -> bool {
-        self.get(key).is_some()
+            .find_mut(hash, holds(hash, key))
+            .map(|s| &mut s.value)
     }
 
     /// Sets `key` to `value`; returns the value it held.
     pub fn insert(&mut self, key: Bytes, value: V) -> Option<V> {
         let hash = self.hash(&key);
-        match self
-            .table
-            .entry(hash, |s| s.hash == hash && s.key == key, |s| s.hash)
-        {
+        match self.table.entry(hash, holds(hash, &key), |s| s.hash) {
             hashbrown::hash_table::Entry::Occupied(mut o) => {
                 Some(std::mem::replace(&mut o.get_mut().value, value))
             }
@@ -101,12 +87,8 @@ impl<V> BytesMap<V> {
             .insert_unique(hash, Slot { hash, key, value }, |s| s.hash);
     }
 
-    /// The value of `key`, inserted as `make()` first if absent.
-    pub fn get_or_insert_with(&mut self, key: &[u8], make: impl FnOnce() -> V) -> &mut V {
-        self.entry_or_insert_with(key, make).2
-    }
-
-    /// [`BytesMap::get_or_insert_with`] with whether it inserted, and the stored key.
+    /// The value of `key`, inserted as `make()` first if absent; with whether it was
+    /// inserted, and the stored key (to share rather than copy).
     pub fn entry_or_insert_with(
         &mut self,
         key: &[u8],
@@ -116,7 +98,7 @@ impl<V> BytesMap<V> {
         let mut inserted = false;
         let slot = self
             .table
-            .entry(hash, |s| s.hash == hash && *s.key == *key, |s| s.hash)
+            .entry(hash, holds(hash, key), |s| s.hash)
             .or_insert_with(|| {
                 inserted = true;
                 Slot {
@@ -135,10 +117,7 @@ impl<V> BytesMap<V> {
 
     pub fn remove_entry(&mut self, key: &[u8]) -> Option<(Bytes, V)> {
         let hash = self.hash(key);
-        let found = self
-            .table
-            .find_entry(hash, |s| s.hash == hash && *s.key == *key)
-            .ok()?;
+        let found = self.table.find_entry(hash, holds(hash, key)).ok()?;
         let (slot, _) = found.remove();
         Some((slot.key, slot.value))
     }
@@ -149,10 +128,6 @@ impl<V> BytesMap<V> {
 
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.table.iter().map(|s| &s.value)
-    }
-
-    pub fn retain(&mut self, mut keep: impl FnMut(&Bytes, &mut V) -> bool) {
-        self.table.retain(|s| keep(&s.key, &mut s.value));
     }
 }
 
@@ -185,10 +160,10 @@ mod tests {
         assert_eq!(m.get(b"k7"), Some(&70));
         assert_eq!(m.get(b"k9999"), Some(&9999));
         assert_eq!(m.get(b"k10000"), None);
-        *m.get_or_insert_with(b"new", || 1) += 1;
-        *m.get_or_insert_with(b"new", || 100) += 1;
-        let (inserted, key, _) = m.entry_or_insert_with(b"new", || 100);
-        assert_eq!((inserted, &**key), (false, &b"new"[..]));
+        *m.entry_or_insert_with(b"new", || 1).2 += 1;
+        let (inserted, key, n) = m.entry_or_insert_with(b"new", || 100);
+        assert_eq!((inserted, &**key, *n), (false, &b"new"[..], 2));
+        *m.get_mut(b"new").unwrap() += 1;
         assert!(m.entry_or_insert_with(b"newer", || 0).0);
         assert_eq!(m.remove(b"newer"), Some(0));
         m.insert_absent(b("newest"), 5);
@@ -197,16 +172,24 @@ mod tests {
         assert_eq!(m.get(b"new"), Some(&3));
         assert_eq!(m.remove_entry(b"k3"), Some((b("k3"), 3)));
         assert_eq!(m.remove(b"k3"), None);
-        assert!(!m.contains_key(b"k3"));
-        m.retain(|k, _| k.len() == 2);
-        let mut left: Vec<_> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        left.sort();
+        assert_eq!(m.get(b"k3"), None);
+        assert_eq!(m.len(), 10_000);
+        assert_eq!(
+            m.values().sum::<u64>(),
+            (0..10_000).sum::<u64>() + 63 - 3 + 3
+        );
+        let mut small: Vec<_> = m
+            .iter()
+            .filter(|(k, _)| k.len() == 2)
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        small.sort();
         let want: Vec<_> = (0..10u64)
             .filter(|i| *i != 3)
             .map(|i| (b(&format!("k{i}")), if i == 7 { 70 } else { i }))
             .collect();
-        assert_eq!(left, want);
-        let copy: BytesMap<u64> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        assert_eq!(small, want);
+        let copy: BytesMap<u64> = small.into_iter().collect();
         assert_eq!(copy.len(), 9);
         assert_eq!(copy.get(b"k7"), Some(&70));
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use im::OrdMap;
 
-use crate::{Bytes, StateSnapshot, StateStore, StateTable, prefix_end};
+use crate::{Bytes, BytesMap, StateSnapshot, StateStore, StateTable, prefix_end};
 
 #[derive(Default, Debug)]
 pub struct MemStateStore;
@@ -22,8 +22,6 @@ impl StateStore for MemStateStore {
     }
 }
 
-type HashMap = crate::BytesMap<Bytes>;
-
 /// A table's entries. A lookup in the hashed form costs a hash and a probe instead of a
 /// binary search per B-tree level, and an entry takes less memory; but its prefix scans
 /// sort what they find (so they stay correct) and its snapshot copies it, which is why
@@ -31,7 +29,7 @@ type HashMap = crate::BytesMap<Bytes>;
 #[derive(Clone)]
 enum Map {
     Ordered(OrdMap<Bytes, Bytes>),
-    Hashed(HashMap),
+    Hashed(BytesMap<Bytes>),
 }
 
 impl Default for Map {
@@ -136,7 +134,7 @@ impl MemStateTable {
     /// An empty table read only by key (see [`StateStore::create_keyed_table`]).
     pub fn keyed() -> Self {
         Self {
-            map: Map::Hashed(HashMap::default()),
+            map: Map::Hashed(BytesMap::default()),
             tracking: None,
         }
     }
@@ -271,7 +269,7 @@ impl StateTable for MemStateTable {
         }
         self.map = match self.map {
             Map::Ordered(_) => Map::Ordered(OrdMap::new()),
-            Map::Hashed(_) => Map::Hashed(HashMap::default()),
+            Map::Hashed(_) => Map::Hashed(BytesMap::default()),
         };
     }
 
