@@ -42,9 +42,12 @@ impl SqlState {
     pub const DISK_FULL: Self = Self("53100");
     pub const IO_ERROR: Self = Self("58030");
     pub const QUERY_CANCELED: Self = Self("57014");
+    pub const PROGRAM_LIMIT_EXCEEDED: Self = Self("54000");
+    pub const INVALID_CURSOR_NAME: Self = Self("34000");
+    pub const DUPLICATE_CURSOR: Self = Self("42P03");
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum KappaError {
     /// The user's input is wrong; the message says what to fix.
     #[error("{message}")]

@@ -1,6 +1,6 @@
 //! DataFusion sessions over Kappa's relations.
 //!
-//! A query sees one catalog version and one committed [`Snapshot`]: every table and
+//! A query sees one catalog version and one [`Commit`]: every table and
 //! materialized view at the same epoch. DML statements read tables at their latest contents
 //! instead (the write they make applies to exactly what they read), and views in both cases.
 
@@ -21,7 +21,7 @@ use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::prelude::SessionContext;
 use kappa_common::{KappaError, SqlState};
-use kappa_runtime::{Runtime, Snapshot};
+use kappa_runtime::{Commit, Runtime};
 use kappa_sql::catalog::{Catalog, RelationKind};
 use kappa_sql::tvf::WindowTable;
 
@@ -37,7 +37,7 @@ pub enum TableReads {
 #[derive(Clone)]
 struct Sources {
     catalog: Arc<Catalog>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Arc<Commit>,
     runtime: Arc<Runtime>,
     reads: TableReads,
     /// Plans only; scans are refused (used to plan materialized views).
@@ -75,7 +75,7 @@ fn plans_views(ctx: &SessionContext) -> bool {
 /// Builds a SessionContext whose `public` schema is Kappa's catalog.
 pub fn session_context(
     catalog: Arc<Catalog>,
-    snapshot: Arc<Snapshot>,
+    snapshot: Arc<Commit>,
     runtime: Arc<Runtime>,
     reads: TableReads,
     planning_only: bool,
@@ -278,6 +278,7 @@ impl KappaSchema {
             .filter_map(|r| match &r.kind {
                 RelationKind::Source { connector } => s
                     .snapshot
+                    .delta
                     .source_stats
                     .get(&r.id)
                     .map(|st| (r.name.as_str(), connector.as_str(), st)),
@@ -315,6 +316,7 @@ impl KappaSchema {
             .relations()
             .filter_map(|r| {
                 s.snapshot
+                    .delta
                     .view_stats
                     .get(&r.id)
                     .map(|st| (r.name.as_str(), st))

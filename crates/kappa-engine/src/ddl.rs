@@ -325,7 +325,7 @@ pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Ou
     let catalog = engine.catalog();
     let ctx = session_context(
         catalog.clone(),
-        engine.runtime().snapshot(),
+        engine.runtime().committed(),
         engine.runtime().clone(),
         TableReads::Committed,
         true,
@@ -362,6 +362,43 @@ fn lower(
             .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
     };
     kappa_sql::lower_to_stream_graph(&optimized, &resolve, (id, name), emit_on_window_close)
+}
+
+/// A query (SQL text) planned as a streaming graph with sink `id` named `name`, over the
+/// current catalog, and its result schema: what `SUBSCRIBE (query)` runs.
+pub(crate) async fn plan_query_graph(
+    engine: &Engine,
+    sql: &str,
+    id: RelationId,
+    name: &str,
+) -> Result<(
+    datafusion::arrow::datatypes::SchemaRef,
+    kappa_plan::StreamGraph,
+)> {
+    let mut stmts = kappa_sql::parse::parse_statements(sql)?;
+    let mut query = match (stmts.pop(), stmts.is_empty()) {
+        (Some(Statement::Query(q)), true) => q,
+        _ => {
+            return Err(KappaError::user(
+                SqlState::SYNTAX_ERROR,
+                "SUBSCRIBE ( … ) takes one SELECT query",
+            ));
+        }
+    };
+    let catalog = engine.catalog();
+    kappa_sql::tvf::rewrite_window_tvfs(&mut query, &catalog)?;
+    kappa_sql::as_of::rewrite_temporal_joins(&mut query, &catalog)?;
+    let ctx = session_context(
+        catalog.clone(),
+        engine.runtime().committed(),
+        engine.runtime().clone(),
+        TableReads::Committed,
+        true,
+    );
+    let plan = plan_statement(&ctx, Statement::Query(query)).await?;
+    let schema = Arc::new(plan.schema().as_arrow().clone());
+    let graph = lower(&ctx, &catalog, &plan, id, name, false)?;
+    Ok((schema, graph))
 }
 
 /// The options of CREATE MATERIALIZED VIEW: whether it emits on window close.
@@ -460,7 +497,7 @@ async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Outpu
     let depends_on = direct_dependencies(engine, &query)?;
     let definition = query.to_string();
     let catalog = engine.catalog();
-    let snapshot = engine.runtime().snapshot();
+    let snapshot = engine.runtime().committed();
     let ctx = session_context(
         catalog.clone(),
         snapshot,

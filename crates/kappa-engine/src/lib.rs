@@ -14,6 +14,7 @@ mod ddl;
 mod dml;
 mod session;
 mod source;
+mod subscribe;
 pub mod types;
 
 use std::sync::{Arc, RwLock};
@@ -29,7 +30,9 @@ use kappa_state::{MemStateStore, StateStore};
 
 pub use context::TableReads;
 pub use copy::{CopyFormat, CopyIn};
+pub use kappa_sql::subscribe::CopyFormat as StreamCopyFormat;
 pub use session::Session;
+pub use subscribe::Subscription;
 
 /// What a statement returns to the client.
 pub enum Output {
@@ -44,6 +47,18 @@ pub enum Output {
     },
     /// The statement is `COPY … FROM STDIN`: the client sends data next.
     CopyIn(CopyIn),
+    /// `FETCH` from a cursor: rows, with the command tag `FETCH n`.
+    Fetched {
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    },
+    /// `SUBSCRIBE`: rows streamed until the client goes away or the stream ends.
+    Subscribe(Box<Subscription>),
+    /// `COPY (SUBSCRIBE …) TO STDOUT`: the same rows as COPY data.
+    CopyOut {
+        subscription: Box<Subscription>,
+        format: StreamCopyFormat,
+    },
     TransactionStart,
     TransactionEnd(&'static str),
 }
@@ -283,7 +298,7 @@ impl Engine {
     pub fn context(&self, reads: TableReads) -> datafusion::prelude::SessionContext {
         context::session_context(
             self.catalog(),
-            self.runtime.snapshot(),
+            self.runtime.committed(),
             self.runtime.clone(),
             reads,
             false,
@@ -356,6 +371,12 @@ impl Engine {
     /// Runs a Kappa command that is not standard SQL, if `sql` is one. Returns `None` for
     /// anything else.
     pub async fn execute_extension(&self, session: &Session, sql: &str) -> Option<Result<Output>> {
+        if let Some(cmd) = kappa_sql::subscribe::parse_stream_command(sql) {
+            return Some(match cmd {
+                Ok(cmd) => self.stream_command(session, cmd).await,
+                Err(e) => Err(e),
+            });
+        }
         let words: Vec<String> = sql
             .trim()
             .trim_end_matches(';')
@@ -377,6 +398,70 @@ impl Engine {
                 let _ = session;
                 return None;
             }
+        })
+    }
+
+    async fn stream_command(
+        &self,
+        session: &Session,
+        cmd: kappa_sql::subscribe::StreamCommand,
+    ) -> Result<Output> {
+        use kappa_sql::subscribe::StreamCommand as C;
+        match cmd {
+            C::Subscribe(s) => Ok(Output::Subscribe(Box::new(
+                self.subscribe(session, &s).await?,
+            ))),
+            C::CopyOut { subscribe, format } => Ok(Output::CopyOut {
+                subscription: Box::new(self.subscribe(session, &subscribe).await?),
+                format,
+            }),
+            C::Declare { cursor, subscribe } => {
+                // Checked before subscribing too: a duplicate name must not start a stream.
+                if session.cursor(&cursor).is_ok() {
+                    return Err(KappaError::user(
+                        SqlState::DUPLICATE_CURSOR,
+                        format!("cursor \"{cursor}\" already exists"),
+                    ));
+                }
+                let sub = self.subscribe(session, &subscribe).await?;
+                session.declare(&cursor, sub)?;
+                Ok(Output::command("DECLARE CURSOR"))
+            }
+            C::Fetch(f) => {
+                let cursor = session.cursor(&f.cursor)?;
+                let batches = cursor
+                    .subscription
+                    .lock()
+                    .await
+                    .fetch(f.count, f.timeout)
+                    .await?;
+                Ok(Output::Fetched {
+                    schema: cursor.schema,
+                    batches,
+                })
+            }
+            C::Close(name) => session
+                .close(name.as_deref())
+                .map(|()| Output::command("CLOSE CURSOR")),
+        }
+    }
+
+    /// The result columns of a change-stream command (`Some(None)`: it returns none), without
+    /// running it; `None` if `sql` is not one.
+    pub async fn describe_extension(
+        &self,
+        session: &Session,
+        sql: &str,
+    ) -> Option<Result<Option<SchemaRef>>> {
+        use kappa_sql::subscribe::StreamCommand as C;
+        let cmd = match kappa_sql::subscribe::parse_stream_command(sql)? {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(match cmd {
+            C::Subscribe(s) => self.subscribe_schema(&s).await.map(Some),
+            C::Fetch(f) => session.cursor(&f.cursor).map(|c| Some(c.schema)),
+            C::Declare { .. } | C::Close(_) | C::CopyOut { .. } => Ok(None),
         })
     }
 
@@ -524,7 +609,7 @@ impl Engine {
 /// (back-pressure): it is acknowledged to the client only then.
 pub(crate) async fn acknowledge(
     runtime: &Runtime,
-    commit: kappa_runtime::Commit,
+    commit: kappa_runtime::WriteAck,
     table: &kappa_runtime::Table,
 ) -> Result<()> {
     if commit.waits() {

@@ -1,8 +1,8 @@
-//! Per-connection state: settings, the transaction flag, and unflushed writes.
+//! Per-connection state: settings, the transaction flag, unflushed writes and cursors.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use datafusion::sql::sqlparser::ast::{Ident, Set};
 use kappa_common::{KappaError, Result, SqlState};
@@ -18,6 +18,17 @@ pub struct Session {
     in_block: AtomicBool,
     wrote_in_block: AtomicBool,
     unflushed: AtomicBool,
+    cursors: Mutex<BTreeMap<String, Cursor>>,
+}
+
+/// A cursor over a subscription (`DECLARE c CURSOR FOR SUBSCRIBE …`). One declared inside
+/// a transaction block is closed when the block ends, as PostgreSQL closes a cursor
+/// without HOLD; one declared outside lives until `CLOSE` or the end of the session.
+#[derive(Clone)]
+pub(crate) struct Cursor {
+    pub schema: datafusion::arrow::datatypes::SchemaRef,
+    pub subscription: Arc<tokio::sync::Mutex<crate::subscribe::Subscription>>,
+    in_block: bool,
 }
 
 impl Session {
@@ -42,6 +53,9 @@ impl Session {
         if let Ok(mut s) = self.settings.lock() {
             s.clear();
         }
+        if let Ok(mut c) = self.cursors.lock() {
+            c.clear();
+        }
     }
 
     pub(crate) fn begin(&self) {
@@ -51,15 +65,83 @@ impl Session {
 
     pub(crate) fn end(&self) {
         self.in_block.store(false, Ordering::SeqCst);
+        self.close_block_cursors();
     }
 
     pub(crate) fn rollback(&self) -> Result<()> {
         self.in_block.store(false, Ordering::SeqCst);
+        self.close_block_cursors();
         if self.wrote_in_block.swap(false, Ordering::SeqCst) {
             return Err(KappaError::user(
                 SqlState::INVALID_TRANSACTION_STATE,
                 "cannot roll back: Kappa commits every statement on its own and the writes since BEGIN are already committed",
             ));
+        }
+        Ok(())
+    }
+
+    fn close_block_cursors(&self) {
+        if let Ok(mut c) = self.cursors.lock() {
+            c.retain(|_, c| !c.in_block);
+        }
+    }
+
+    pub(crate) fn declare(
+        &self,
+        name: &str,
+        subscription: crate::subscribe::Subscription,
+    ) -> Result<()> {
+        let mut cursors = self
+            .cursors
+            .lock()
+            .map_err(|_| KappaError::internal("cursor registry poisoned"))?;
+        if cursors.contains_key(name) {
+            return Err(KappaError::user(
+                SqlState::DUPLICATE_CURSOR,
+                format!("cursor \"{name}\" already exists"),
+            ));
+        }
+        cursors.insert(
+            name.to_string(),
+            Cursor {
+                schema: subscription.schema(),
+                subscription: Arc::new(tokio::sync::Mutex::new(subscription)),
+                in_block: self.in_block.load(Ordering::SeqCst),
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn cursor(&self, name: &str) -> Result<Cursor> {
+        self.cursors
+            .lock()
+            .map_err(|_| KappaError::internal("cursor registry poisoned"))?
+            .get(name)
+            .cloned()
+            .ok_or_else(|| {
+                KappaError::user(
+                    SqlState::INVALID_CURSOR_NAME,
+                    format!("cursor \"{name}\" does not exist"),
+                )
+            })
+    }
+
+    /// Closes cursor `name` (`None`: every cursor).
+    pub(crate) fn close(&self, name: Option<&str>) -> Result<()> {
+        let mut cursors = self
+            .cursors
+            .lock()
+            .map_err(|_| KappaError::internal("cursor registry poisoned"))?;
+        match name {
+            None => cursors.clear(),
+            Some(n) => {
+                if cursors.remove(n).is_none() {
+                    return Err(KappaError::user(
+                        SqlState::INVALID_CURSOR_NAME,
+                        format!("cursor \"{n}\" does not exist"),
+                    ));
+                }
+            }
         }
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! STDIN). Each connection gets its own [`Session`]; every error becomes an ErrorResponse
 //! with the error's SQLSTATE and the connection stays usable.
 
+mod changes;
 mod encode;
 mod params;
 mod split;
@@ -99,6 +100,19 @@ impl Handler {
                     stream::iter(rows.into_iter().map(Ok)),
                 ))
             }
+            Output::Fetched { schema, batches } => {
+                let fields = Arc::new(encode::fields(&schema, format));
+                let rows = encode::encode_rows(fields.clone(), &batches)?;
+                let mut r = QueryResponse::new(fields, stream::iter(rows.into_iter().map(Ok)));
+                r.set_command_tag("FETCH");
+                Response::Query(r)
+            }
+            // Streamed by the caller, which holds the connection (see `changes.rs`).
+            Output::Subscribe(_) | Output::CopyOut { .. } => {
+                return Err(pg_error(KappaError::internal(
+                    "a subscription reached the one-shot response path",
+                )));
+            }
             Output::Command { tag, rows } => {
                 let t = Tag::new(&tag);
                 Response::Execution(match rows {
@@ -140,6 +154,13 @@ impl SimpleQueryHandler for Handler {
         let mut responses = vec![];
         for sql in split::split_statements(query) {
             match self.run(&session, &sql, None).await {
+                Ok(out @ (Output::Subscribe(_) | Output::CopyOut { .. })) => {
+                    // The responses so far go first; the stream is sent as it comes.
+                    changes::send_responses(client, std::mem::take(&mut responses)).await?;
+                    let ended = changes::stream(client, out, true).await?;
+                    responses.push(Response::Error(Box::new(error_info(&ended))));
+                    break;
+                }
                 Ok(out) => {
                     let copy = matches!(out, Output::CopyIn(_));
                     responses.push(Self::response(client, out, &Format::UnifiedText)?);
@@ -292,12 +313,17 @@ impl ExtendedQueryHandler for Handler {
             .run(&session, &portal.statement.statement.sql, stmt)
             .await
             .map_err(pg_error)?;
+        if matches!(out, Output::Subscribe(_) | Output::CopyOut { .. }) {
+            // Sent as it comes; the row description went with Describe.
+            let ended = changes::stream(client, out, false).await?;
+            return Err(pg_error(ended));
+        }
         Self::response(client, out, &portal.result_column_format)
     }
 
     async fn do_describe_statement<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         target: &StoredStatement<Prepared>,
     ) -> PgWireResult<DescribeStatementResponse>
     where
@@ -313,14 +339,19 @@ impl ExtendedQueryHandler for Handler {
             .collect();
         let stmt = &target.statement;
         let fields = self
-            .result_fields(stmt.stmt.as_ref(), &stmt.sql, &Format::UnifiedText)
+            .result_fields(
+                &Self::session(client),
+                stmt.stmt.as_ref(),
+                &stmt.sql,
+                &Format::UnifiedText,
+            )
             .await?;
         Ok(DescribeStatementResponse::new(params, fields))
     }
 
     async fn do_describe_portal<C>(
         &self,
-        _client: &mut C,
+        client: &mut C,
         portal: &Portal<Prepared>,
     ) -> PgWireResult<DescribePortalResponse>
     where
@@ -333,6 +364,7 @@ impl ExtendedQueryHandler for Handler {
         let stmt = self.bound(portal, &inferred).map_err(pg_error)?;
         let fields = self
             .result_fields(
+                &Self::session(client),
                 stmt.as_ref(),
                 &portal.statement.statement.sql,
                 &portal.result_column_format,
@@ -355,10 +387,17 @@ impl Handler {
     /// The columns a statement returns, for Describe.
     async fn result_fields(
         &self,
+        session: &Session,
         stmt: Option<&Statement>,
         sql: &str,
         format: &Format,
     ) -> PgWireResult<Vec<FieldInfo>> {
+        if let Some(d) = self.engine.describe_extension(session, sql).await {
+            return Ok(match d.map_err(pg_error)? {
+                Some(schema) => encode::fields(&schema, format),
+                None => vec![],
+            });
+        }
         Ok(match stmt {
             Some(s) => match self.engine.describe_statement(s).await.map_err(pg_error)? {
                 (Some(schema), _) => encode::fields(&schema, format),

@@ -60,6 +60,9 @@ fn push(out: &mut Vec<String>, part: &str) {
 
 /// Kappa's own commands that the SQL parser does not know.
 pub fn is_extension(sql: &str) -> bool {
+    if kappa_sql::subscribe::parse_stream_command(sql).is_some() {
+        return true;
+    }
     let upper = sql.trim().to_uppercase();
     let words: Vec<&str> = upper.split_whitespace().collect();
     matches!(

@@ -29,6 +29,61 @@ const VIEW_KEY: &[u8] = b"view";
 /// Under this key, the view's parallelism (4 bytes big-endian; absent: 1).
 const PARALLELISM_KEY: &[u8] = b"parallelism";
 
+/// Under this key, per node, its operator's name and state version
+/// ([`Operator::state_version`]); absent (a checkpoint from before versions were recorded):
+/// every operator's state is version 1.
+pub const STATE_VERSIONS_KEY: &[u8] = b"state_versions";
+
+/// Encodes each node's operator name and state version, in node order.
+fn encode_state_versions(ops: &[Vec<Box<dyn Operator>>]) -> Vec<u8> {
+    let mut e = Encoder::new();
+    e.u64(ops.len() as u64);
+    for shards in ops {
+        let (name, version) = shards
+            .first()
+            .map_or(("", 1), |o| (o.name(), o.state_version()));
+        e.str(name).u64(u64::from(version));
+    }
+    e.finish()
+}
+
+/// Refuses a checkpoint whose operators' state versions differ from this build's.
+fn check_state_versions(
+    saved: Option<&[u8]>,
+    ops: &[Vec<Box<dyn Operator>>],
+    what: &str,
+) -> Result<()> {
+    let recorded: Vec<(String, u32)> = match saved {
+        Some(bytes) => {
+            let mut d = Decoder::new(bytes, what);
+            let mut v = Vec::new();
+            for _ in 0..d.u64()? {
+                let name = d.str()?;
+                let version = u32::try_from(d.u64()?).unwrap_or(u32::MAX);
+                v.push((name, version));
+            }
+            d.end()?;
+            v
+        }
+        None => Vec::new(),
+    };
+    for (i, shards) in ops.iter().enumerate() {
+        let Some(op) = shards.first() else { continue };
+        let found = recorded.get(i).map_or(1, |(_, v)| *v);
+        if found != op.state_version() {
+            return Err(KappaError::user(
+                kappa_common::SqlState::DATA_CORRUPTED,
+                format!(
+                    "the checkpoint of {what} holds state format {found} for its operator {} (node {i}), but this build of Kappa reads format {}; start the server on a new data directory (or with the build that wrote it)",
+                    op.name(),
+                    op.state_version()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Shard 0 of node `i`: its index, 4 bytes big-endian; shard `s > 0`: then `s`, 4 more.
 fn node_key(i: usize, shard: usize) -> Bytes {
     let mut k = (i as u32).to_be_bytes().to_vec();
@@ -74,6 +129,10 @@ pub(crate) struct Dataflow {
     pub late_rows: u64,
     /// With checkpoints: where the view's own state goes.
     pub checkpointed: Option<ViewTables>,
+    /// Set for a subscription's own dataflow (`SUBSCRIBE (query)`): not in the catalog, not
+    /// recorded, not checkpointed, its state in memory; removed at the first barrier after
+    /// the flag is raised (the subscription ended).
+    pub transient: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// Where a stream stands in event time at a barrier.
@@ -128,6 +187,7 @@ impl Dataflow {
             watermark: EventTime::default(),
             late_rows: 0,
             checkpointed: None,
+            transient: None,
         }
     }
 
@@ -223,6 +283,7 @@ impl Dataflow {
             late_rows: self.total_late_rows(),
             state_entries: self.state_entries(),
             parallelism: self.parallelism(),
+            failure: self.failure.clone(),
         }
     }
 
@@ -254,6 +315,10 @@ impl Dataflow {
         tables.meta.put(
             std::sync::Arc::from(PARALLELISM_KEY),
             std::sync::Arc::from((parallelism as u32).to_be_bytes().as_slice()),
+        );
+        tables.meta.put(
+            std::sync::Arc::from(STATE_VERSIONS_KEY),
+            std::sync::Arc::from(encode_state_versions(&self.ops)),
         );
         let view = Encoder::new()
             .opt_i64(self.watermark.watermark)
@@ -324,6 +389,11 @@ impl Dataflow {
                 format!("the checkpoint holds no state for {what}"),
             ));
         };
+        check_state_versions(
+            tables.meta.get(STATE_VERSIONS_KEY).as_deref(),
+            &self.ops,
+            &what,
+        )?;
         for (i, shards) in self.ops.iter_mut().enumerate() {
             for (shard, op) in shards.iter_mut().enumerate() {
                 let saved = tables
@@ -356,6 +426,13 @@ impl Dataflow {
             *batches = std::sync::Arc::new(restored);
         }
         Ok(())
+    }
+
+    /// A subscription's dataflow whose subscription has ended.
+    pub fn abandoned(&self) -> bool {
+        self.transient
+            .as_ref()
+            .is_some_and(|t| t.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     pub fn take_output(&mut self) -> Vec<ChangeBatch> {

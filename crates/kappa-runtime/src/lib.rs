@@ -29,6 +29,7 @@
 
 mod build;
 mod clock;
+pub mod commit;
 mod dataflow;
 mod exchange;
 mod table;
@@ -44,8 +45,9 @@ use kappa_operators::ContentsSnapshot;
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{EpochRecord, History, Record, SourcePosition, StateStore};
 
+pub use commit::{Commit, CommitDelta, ListenLimits, Listening};
 pub use dataflow::{EventTime, cores};
-pub use table::{Commit, Table, TableEventTime, TableWrite};
+pub use table::{Table, TableEventTime, TableWrite, WriteAck};
 
 use dataflow::Dataflow;
 
@@ -79,15 +81,14 @@ impl RelationSnapshot {
     }
 }
 
-/// Every relation's contents at one committed epoch: the consistent cut readers query.
-#[derive(Default)]
-pub struct Snapshot {
-    pub epoch: Epoch,
-    pub relations: HashMap<RelationId, Arc<RelationSnapshot>>,
-    /// Per materialized view, at this epoch.
-    pub view_stats: HashMap<RelationId, ViewStats>,
-    /// Per source, at this epoch.
-    pub source_stats: HashMap<RelationId, SourceStats>,
+/// Keeps a subscription's own dataflow running; dropped, the dataflow goes away at the
+/// next barrier.
+pub struct TransientView(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for TransientView {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// A materialized view's progress, as `kappa_view_stats` shows it.
@@ -101,6 +102,8 @@ pub struct ViewStats {
     pub state_entries: usize,
     /// Shards its keyed operators run in.
     pub parallelism: usize,
+    /// Why the view stopped updating, if it did.
+    pub failure: Option<String>,
 }
 
 struct Inner {
@@ -409,7 +412,8 @@ pub struct Runtime {
     /// Held shared by every DML statement while it applies its write, exclusively by the
     /// barrier while it cuts the tables' changelogs.
     gate: Arc<RwLock<()>>,
-    published: RwLock<Arc<Snapshot>>,
+    /// The last commit and its listeners.
+    commits: commit::Listeners,
     store: Arc<dyn StateStore>,
     ctx: SessionContext,
     /// Where every input is recorded; `None`: nothing survives a restart.
@@ -443,7 +447,7 @@ impl Runtime {
             }),
             tables: RwLock::new(BTreeMap::new()),
             gate: Arc::new(RwLock::new(())),
-            published: RwLock::new(Arc::new(Snapshot::default())),
+            commits: commit::Listeners::default(),
             store,
             ctx: SessionContext::new(),
             history,
@@ -586,11 +590,18 @@ impl Runtime {
                 )
             })
             .collect();
-        self.publish(Snapshot {
+        // The restored contents are the base the replay continues from: no changes.
+        self.commits.publish(Commit {
             epoch: inner.epoch,
+            now: inner.now,
             relations,
-            view_stats,
-            source_stats,
+            delta: Arc::new(CommitDelta {
+                epoch: inner.epoch,
+                now: inner.now,
+                changes: HashMap::new(),
+                view_stats,
+                source_stats,
+            }),
         });
         Ok(())
     }
@@ -735,21 +746,25 @@ impl Runtime {
             .map_err(|_| KappaError::internal("runtime lock poisoned"))
     }
 
-    /// The last committed cut.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        match self.published.read() {
-            Ok(s) => s.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+    /// The last commit: the consistent cut readers query.
+    pub fn committed(&self) -> Arc<Commit> {
+        self.commits.current()
     }
 
-    /// Makes `snapshot` the committed cut readers see.
-    fn publish(&self, snapshot: Snapshot) {
-        let snapshot = Arc::new(snapshot);
-        match self.published.write() {
-            Ok(mut p) => *p = snapshot,
-            Err(p) => *p.into_inner() = snapshot,
-        }
+    /// Follows the commits from now on (see [`commit::Listeners::listen`]): returns the
+    /// current commit, and the listener receives every later one's changes of `relations`
+    /// (`None`: all).
+    pub fn listen(
+        &self,
+        relations: Option<Vec<RelationId>>,
+        limits: ListenLimits,
+    ) -> (Arc<Commit>, Listening) {
+        self.commits.listen(relations, limits)
+    }
+
+    /// Listeners following the commits now.
+    pub fn listeners(&self) -> usize {
+        self.commits.count()
     }
 
     pub fn store(&self) -> &Arc<dyn StateStore> {
@@ -880,7 +895,7 @@ impl Runtime {
         parallelism: usize,
     ) -> Result<()> {
         let mut inner = self.lock()?;
-        let current = self.snapshot();
+        let current = self.committed();
         if self.restoring()? {
             // Its state is the checkpoint's (a view dropped before the checkpoint has none;
             // its DROP follows).
@@ -910,6 +925,22 @@ impl Runtime {
             build::build_dataflow(&self.ctx, relation, graph, self.store.as_ref(), parallelism)?;
         // Before the replay, which must fill the columns the new view reads.
         set_columns_read(&mut inner, Some(&view.graph));
+        let backfill = Self::backfill_inputs(&inner, &view, &current)?;
+        let epoch = inner.epoch;
+        let now = self.current_now(&mut inner);
+        view.run_epoch(epoch, now, &backfill, &HashMap::new())?;
+        self.record_ddl_locked(&mut inner, ddl)?;
+        inner.views.push(view);
+        self.run_barrier(&mut inner, None)
+    }
+
+    /// Every input relation's contents as of `current` (a source's rows up to its
+    /// position), as inserts: what a new dataflow is filled from.
+    fn backfill_inputs(
+        inner: &Inner,
+        view: &Dataflow,
+        current: &Commit,
+    ) -> Result<HashMap<RelationId, Vec<ChangeBatch>>> {
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
             if let Some(s) = inner.sources.get(&src) {
@@ -932,12 +963,43 @@ impl Runtime {
                 batches.iter().cloned().map(ChangeBatch::inserts).collect(),
             );
         }
-        let epoch = inner.epoch;
+        Ok(backfill)
+    }
+
+    /// Builds a subscription's own dataflow over `graph` (`SUBSCRIBE (query)`), fills it
+    /// from the last commit's contents, and follows it from the next commit on. Returns
+    /// the epoch it was filled at, its contents then, and the listener of its changes.
+    /// It is not recorded, not checkpointed and keeps its state in memory; it goes away at
+    /// the first barrier after the returned handle is dropped.
+    pub fn create_transient_view(
+        &self,
+        relation: RelationId,
+        graph: StreamGraph,
+        parallelism: usize,
+        limits: ListenLimits,
+    ) -> Result<(Epoch, ContentsSnapshot, Listening, TransientView)> {
+        let mut inner = self.lock()?;
+        let current = self.committed();
+        let mut view = build::build_dataflow(
+            &self.ctx,
+            relation,
+            graph,
+            &kappa_state::MemStateStore,
+            parallelism,
+        )?;
+        set_columns_read(&mut inner, Some(&view.graph));
+        let backfill = Self::backfill_inputs(&inner, &view, &current)?;
         let now = self.current_now(&mut inner);
-        view.run_epoch(epoch, now, &backfill, &HashMap::new())?;
-        self.record_ddl_locked(&mut inner, ddl)?;
+        view.run_epoch(current.epoch, now, &backfill, &HashMap::new())?;
+        // Its backfill is its contents, not a change.
+        view.take_output();
+        let ended = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        view.transient = Some(ended.clone());
+        let contents = view.snapshot()?;
         inner.views.push(view);
-        self.run_barrier(&mut inner, None)
+        // Under the runtime lock: the next commit is the first with the view in it.
+        let (commit, listening) = self.commits.listen(Some(vec![relation]), limits);
+        Ok((commit.epoch, contents, listening, TransientView(ended)))
     }
 
     /// Removes a relation's dataflow or table. Readers stop seeing it at the next commit.
@@ -989,7 +1051,11 @@ impl Runtime {
             None if self.recovering() => self.next_recorded_epoch()?,
             None => None,
         };
-        let previous = self.snapshot();
+        if inner.views.iter().any(Dataflow::abandoned) {
+            inner.views.retain(|v| !v.abandoned());
+            set_columns_read(inner, None);
+        }
+        let previous = self.committed();
         let mut deltas: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         let mut times: HashMap<RelationId, EventTime> = HashMap::new();
         let mut late: HashMap<RelationId, u64> = HashMap::new();
@@ -1143,8 +1209,19 @@ impl Runtime {
                         .get(&s)
                         .and_then(|r: &Arc<RelationSnapshot>| r.failure.clone())
                 });
+                // A subscription's dataflow over a relation dropped since it started.
+                let dropped_input = view.transient.is_some()
+                    && view
+                        .graph
+                        .sources()
+                        .iter()
+                        .any(|s| !relations.contains_key(s) && !deltas.contains_key(s));
                 if let Some(f) = failed_input {
                     view.failure = Some(f);
+                } else if dropped_input {
+                    view.failure = Some(format!(
+                        "the subscription ended at epoch {epoch}: a relation its query reads was dropped"
+                    ));
                 } else if let Err(e) = view
                     .run_epoch(epoch, now, &deltas, &times)
                     // A read of stored state that failed while the view ran.
@@ -1165,7 +1242,11 @@ impl Runtime {
                 .sum::<u64>();
             times.insert(view.relation, view.watermark);
             view_stats.insert(view.relation, view.stats());
-            let out = view.take_output();
+            let mut out = view.take_output();
+            if view.failure.is_some() {
+                // Whatever a failing epoch emitted is not a change of the view.
+                out.clear();
+            }
             let unchanged = out.is_empty() && was_failed == view.failure.is_some();
             deltas.insert(view.relation, out);
             let rel = match previous.relations.get(&view.relation) {
@@ -1174,11 +1255,20 @@ impl Runtime {
             };
             relations.insert(view.relation, rel);
         }
-        self.publish(Snapshot {
+        self.commits.publish(Commit {
             epoch,
+            now,
             relations,
-            view_stats,
-            source_stats,
+            delta: Arc::new(CommitDelta {
+                epoch,
+                now,
+                changes: deltas
+                    .into_iter()
+                    .map(|(id, c)| (id, Arc::new(c)))
+                    .collect(),
+                view_stats,
+                source_stats,
+            }),
         });
         // The snapshot just replaced pins older state; dropped first, it does not hold the
         // checkpoint back (a query's own reference still does).
@@ -1232,12 +1322,16 @@ impl Runtime {
         {
             return false;
         }
-        inner.checkpoints.paused = inner.views.iter().find(|v| !v.checkpointable()).map(|v| {
-            format!(
-                "materialized view \"{}\" uses an operator whose state cannot be checkpointed",
-                v.name()
-            )
-        });
+        inner.checkpoints.paused = inner
+            .views
+            .iter()
+            .find(|v| v.transient.is_none() && !v.checkpointable())
+            .map(|v| {
+                format!(
+                    "materialized view \"{}\" uses an operator whose state cannot be checkpointed",
+                    v.name()
+                )
+            });
         inner.checkpoints.paused.is_none()
     }
 
@@ -1279,7 +1373,7 @@ impl Runtime {
     fn finish_checkpoint(&self, inner: &mut Inner, mut cp: PendingCheckpoint) {
         let started = std::time::Instant::now();
         let mut taken = Vec::new();
-        for view in &mut inner.views {
+        for view in inner.views.iter_mut().filter(|v| v.transient.is_none()) {
             taken.push(view.relation);
             if let Err(e) = view.checkpoint(&mut cp.changes) {
                 self.checkpoint_ended(inner, &cp, &taken, Err(e));
@@ -1290,7 +1384,7 @@ impl Runtime {
         for t in &cp.tables {
             prepared = prepared.and(t.before_checkpoint_write());
         }
-        for v in &mut inner.views {
+        for v in inner.views.iter_mut().filter(|v| v.transient.is_none()) {
             prepared = prepared.and(v.before_checkpoint_write());
         }
         if let Err(e) = prepared {
@@ -1316,7 +1410,7 @@ impl Runtime {
                 })
                 .collect(),
             tables: std::mem::take(&mut cp.watermarks),
-            views: inner.views.iter().map(|v| v.relation).collect(),
+            views: taken.clone(),
         };
         let Some(history) = self.history.clone() else {
             return;

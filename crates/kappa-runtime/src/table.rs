@@ -9,7 +9,7 @@
 //! With a history (`--data-dir`), a write is appended to it after every check has passed
 //! and before it is applied, while the statement holds the DML gate: so the history's order
 //! of writes and epoch boundaries is the order the views saw. [`Table::apply`] returns a
-//! [`Commit`]; the statement is acknowledged only after [`Commit::durable`].
+//! [`WriteAck`]; the statement is acknowledged only after [`WriteAck::durable`].
 //!
 //! # Back-pressure
 //! The views take a table's changes at each barrier, and an epoch's work and memory grow
@@ -106,12 +106,12 @@ pub(crate) struct WriteOrder {
 
 /// An applied write, not yet known to be on disk.
 #[must_use = "a write is acknowledged only once durable"]
-pub struct Commit {
+pub struct WriteAck {
     history: Option<(Arc<History>, u64)>,
 }
 
-impl Commit {
-    /// Whether [`Commit::durable`] has anything to wait for.
+impl WriteAck {
+    /// Whether [`WriteAck::durable`] has anything to wait for.
     pub fn waits(&self) -> bool {
         self.history.is_some()
     }
@@ -191,9 +191,9 @@ impl Table {
 
     /// Applies one statement's write atomically: either every check passes and all of it is
     /// applied (and appended to the history), or nothing is.
-    pub fn apply(&self, write: TableWrite) -> Result<Commit> {
+    pub fn apply(&self, write: TableWrite) -> Result<WriteAck> {
         let seq = self.apply_write(write, true)?;
-        Ok(Commit {
+        Ok(WriteAck {
             history: self.order.history.clone().zip(seq),
         })
     }

@@ -1,5 +1,7 @@
 //! `kappa`: the Kappa server.
 
+mod metrics;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -55,6 +57,10 @@ enum Command {
         /// Default: the machine's cores.
         #[arg(long)]
         parallelism: Option<usize>,
+        /// Serve Prometheus metrics over HTTP on this address (`GET /metrics`; see
+        /// docs/operations.md). Default: no metrics endpoint.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
     },
 }
 
@@ -97,6 +103,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             checkpoint_interval_ms,
             state_memory_mb,
             parallelism,
+            metrics_listen,
         } => {
             let engine = Engine::open(EngineConfig {
                 barrier_interval: std::time::Duration::from_millis(barrier_interval_ms.max(1)),
@@ -112,6 +119,18 @@ async fn run(cli: Cli) -> Result<(), String> {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+            if let Some(addr) = metrics_listen {
+                let metrics = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+                tracing::info!(%addr, "metrics at http://{addr}/metrics");
+                let engine = engine.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = metrics::serve(metrics, engine).await {
+                        tracing::error!(error = %e, "the metrics endpoint failed");
+                    }
+                });
+            }
             tracing::info!(%listen, "kappa is ready: psql -h {} -p {} -U kappa", listen.ip(), listen.port());
             tokio::select! {
                 r = kappa_pgwire::serve(listener, engine) => r.map_err(|e| format!("server failed: {e}")),

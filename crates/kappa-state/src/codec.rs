@@ -110,6 +110,9 @@ impl Encoder {
     pub fn opt_str(&mut self, v: Option<&str>) -> &mut Self {
         self.bool(v.is_some()).bytes(v.unwrap_or("").as_bytes())
     }
+    pub fn str(&mut self, v: &str) -> &mut Self {
+        self.bytes(v.as_bytes())
+    }
     pub fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.0)
     }
@@ -171,6 +174,12 @@ impl<'a> Decoder<'a> {
         let b = self.bytes()?;
         let s = std::str::from_utf8(b).map_err(|_| self.damaged("a text is not UTF-8"))?;
         Ok(some.then(|| s.to_string()))
+    }
+    pub fn str(&mut self) -> Result<String> {
+        let b = self.bytes()?;
+        std::str::from_utf8(b)
+            .map(str::to_string)
+            .map_err(|_| self.damaged("a text is not UTF-8"))
     }
     /// Fails unless everything was read.
     pub fn end(&self) -> Result<()> {

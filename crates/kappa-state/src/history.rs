@@ -512,6 +512,26 @@ impl History {
         Ok(bytes)
     }
 
+    /// Test support: overwrites one entry of a state table as last checkpointed.
+    #[doc(hidden)]
+    pub fn overwrite_state(&self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
+        let cf = self
+            .db
+            .cf_handle(STATE_CF)
+            .ok_or_else(|| KappaError::internal("the state column family is missing"))?;
+        self.db
+            .put_cf(cf, state_key(table, key), value)
+            .map_err(|e| storage_error("cannot write state", &e))
+    }
+
+    /// Test support: overwrites the data directory's format marker.
+    #[doc(hidden)]
+    pub fn overwrite_format(&self, format: &[u8]) -> Result<()> {
+        self.db
+            .put(FORMAT_KEY, format)
+            .map_err(|e| storage_error("cannot write the format marker", &e))
+    }
+
     /// Test support: overwrites a record's stored bytes.
     #[doc(hidden)]
     pub fn overwrite_raw(&self, seq: u64, bytes: &[u8]) -> Result<()> {
