@@ -32,7 +32,14 @@ impl Server {
             .spawn()
             .expect("start kappa");
         let deadline = Instant::now() + Duration::from_secs(120);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        // A connection to a port nobody listens on can succeed by connecting to itself
+        // (the port came from the ephemeral range, and so may the probe's own): that is
+        // not the server.
+        let listening = || {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_ok_and(|s| s.local_addr().ok() != s.peer_addr().ok())
+        };
+        while !listening() {
             if let Ok(Some(status)) = child.try_wait() {
                 let err = std::fs::read_to_string(&log_path).unwrap_or_default();
                 panic!("kappa exited ({status}) before listening:\n{err}");
