@@ -2,9 +2,11 @@
 //! the error type that carries a Postgres SQLSTATE from wherever it is raised to the client.
 
 mod change;
+mod envelope;
 mod error;
 
 pub use change::{ChangeBatch, Weight};
+pub use envelope::Envelope;
 pub use error::{KappaError, Result, SqlState};
 
 /// An epoch is the unit of atomic visibility: every change that entered the dataflow before

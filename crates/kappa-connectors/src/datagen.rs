@@ -19,7 +19,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
 
 use crate::rng::Rng;
-use crate::{ColumnSet, Poll, SourceReader, int_option};
+use crate::{Batches, ColumnSet, RowStream, int_option};
 
 const CHUNK: u64 = 8192;
 
@@ -162,14 +162,14 @@ impl DatagenReader {
     }
 }
 
-impl SourceReader for DatagenReader {
-    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+impl RowStream for DatagenReader {
+    fn poll_batches(&mut self, max_rows: usize) -> Result<Batches> {
         let mut batches = vec![];
         let mut rows = 0;
         loop {
             let end = match self.rows {
                 Some(t) if self.next >= t => {
-                    return Ok(Poll {
+                    return Ok(Batches {
                         batches,
                         finished: true,
                     });
@@ -185,24 +185,28 @@ impl SourceReader for DatagenReader {
             batches.push(b);
             self.next = end;
         }
-        Ok(Poll {
+        Ok(Batches {
             batches,
             finished: false,
         })
     }
 
-    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
+    fn read_rows(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
         crate::chunks(from, to, CHUNK)
             .map(|(start, end)| self.generate(start, end))
             .collect()
     }
 
-    fn seek(&mut self, rows: u64) -> Result<()> {
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
         self.next = rows;
         Ok(())
     }
 
-    fn set_columns_read(&mut self, read: ColumnSet) {
+    fn next_row(&self) -> u64 {
+        self.next
+    }
+
+    fn set_read(&mut self, read: ColumnSet) {
         self.read = read;
     }
 }

@@ -1,13 +1,20 @@
 //! Connectors: where a source's rows come from.
 //!
-//! A connector is a [`SourceReader`]: an append-only stream of Arrow batches, split at
-//! offsets (events), that can be read from any offset again. The runtime polls it at each
-//! barrier; a materialized view created later replays the source from offset 0, so a
-//! deterministic connector (a generator with a seed) gives every view the same stream.
+//! A connector is a [`Source`] (see `source.rs` for the contract): a stream of changes with
+//! an envelope and opaque positions, which the runtime polls at each barrier, reads again
+//! between two positions (recovery, and a view created later, which replays it from its
+//! earliest position), and tells when a checkpoint holding a position is durable. The
+//! generators here are deterministic functions of their options and a row number, so every
+//! view gets the same stream.
 
 pub mod datagen;
 pub mod nexmark;
 mod rng;
+pub mod sink;
+pub mod source;
+
+pub use sink::{FileSink, Sink};
+pub use source::{Poll, Position, Source};
 
 use std::collections::BTreeMap;
 
@@ -16,38 +23,62 @@ use datafusion::arrow::datatypes::{Field, SchemaRef};
 use datafusion::common::ScalarValue;
 use kappa_common::{KappaError, Result, SqlState};
 
-/// What one poll returned.
-pub struct Poll {
+/// What a generator's poll returned: append-only batches, and whether the stream ended.
+pub struct Batches {
     pub batches: Vec<RecordBatch>,
     /// The stream has ended: nothing will ever follow.
     pub finished: bool,
 }
 
-/// A live source stream.
-pub trait SourceReader: Send {
-    /// Everything available now, without waiting, up to roughly `max_rows` rows.
-    fn poll(&mut self, max_rows: usize) -> Result<Poll>;
-
-    /// The rows from offset `from` up to (excluding) offset `to`, in the same batches `poll`
+/// A generator, split at row offsets: a [`Source`] whose position is a row count.
+pub(crate) trait RowStream: Send {
+    /// Everything available now, up to roughly `max_rows` rows.
+    fn poll_batches(&mut self, max_rows: usize) -> Result<Batches>;
+    /// The rows from offset `from` up to (excluding) `to`, in the batches `poll_batches`
     /// hands out when `from` is where a poll began.
-    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>>;
+    fn read_rows(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>>;
+    /// Continues at row `rows`.
+    fn seek_rows(&mut self, rows: u64) -> Result<()>;
+    /// The next poll's first row.
+    fn next_row(&self) -> u64;
+    fn set_read(&mut self, read: ColumnSet);
+}
 
-    /// Continues the stream at offset `rows`: the next poll starts there. Recovery uses it
-    /// after replaying a source's history.
-    fn seek(&mut self, rows: u64) -> Result<()>;
-
-    /// The rows from the start of the stream up to (excluding) row offset `rows`, as a
-    /// view created later replays them.
-    fn replay(&self, rows: u64) -> Result<Vec<RecordBatch>> {
-        self.read_range(0, rows)
+/// Every row stream is a source whose position is its row count (one split), which can
+/// replay from row 0, and whose rows are inserts.
+impl<T: RowStream> Source for T {
+    fn position(&self) -> Position {
+        Position::rows(self.next_row())
     }
 
-    /// Tells the reader which of its schema's columns anyone reads: the views' scans and
-    /// the watermark expression. It may leave the others unfilled ([`unread_column`]),
-    /// which spares generating or decoding them. Every batch handed out after this call,
-    /// by any method, holds real values in every column of `read`. A reader that ignores
-    /// the call fills every column.
-    fn set_columns_read(&mut self, _read: ColumnSet) {}
+    fn earliest(&self) -> Position {
+        Position::rows(0)
+    }
+
+    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+        let b = self.poll_batches(max_rows)?;
+        Ok(Poll::inserts(b.batches, b.finished))
+    }
+
+    fn read_range(&self, from: &Position, to: &Position) -> Result<Vec<kappa_common::ChangeBatch>> {
+        Ok(self
+            .read_rows(from.as_rows()?, to.as_rows()?)?
+            .into_iter()
+            .map(kappa_common::ChangeBatch::inserts)
+            .collect())
+    }
+
+    fn seek(&mut self, to: &Position) -> Result<()> {
+        self.seek_rows(to.as_rows()?)
+    }
+
+    fn rows_until(&self, at: &Position) -> Option<u64> {
+        at.as_rows().ok()
+    }
+
+    fn set_columns_read(&mut self, read: ColumnSet) {
+        self.set_read(read);
+    }
 }
 
 /// A set of a schema's columns by position. Columns from 64 on are always in it.
@@ -112,11 +143,11 @@ pub(crate) fn chunks(from: u64, to: u64, chunk: u64) -> impl Iterator<Item = (u6
     })
 }
 
-/// Builds the reader for `CREATE SOURCE … WITH (connector = …, …)` producing `schema`.
-pub fn create_reader(
+/// Builds the source for `CREATE SOURCE … WITH (connector = …, …)` producing `schema`.
+pub fn create_source(
     options: &BTreeMap<String, String>,
     schema: SchemaRef,
-) -> Result<Box<dyn SourceReader>> {
+) -> Result<Box<dyn Source>> {
     match options.get("connector").map(String::as_str) {
         Some("nexmark") => Ok(Box::new(nexmark::NexmarkReader::start(
             nexmark::NexmarkConfig::from_options(options)?,
@@ -130,6 +161,24 @@ pub fn create_reader(
         None => Err(KappaError::user(
             SqlState::INVALID_PARAMETER_VALUE,
             "CREATE SOURCE needs WITH (connector = '…')",
+        )),
+    }
+}
+
+/// Builds the sink for `CREATE SINK … WITH (connector = …, …)` writing `columns`' changes.
+pub fn create_sink(
+    options: &BTreeMap<String, String>,
+    columns: &datafusion::arrow::datatypes::Schema,
+) -> Result<Box<dyn Sink>> {
+    match options.get("connector").map(String::as_str) {
+        Some("file") => Ok(Box::new(FileSink::new(options, columns)?)),
+        Some(other) => Err(KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            format!("unknown sink connector '{other}' (available: file)"),
+        )),
+        None => Err(KappaError::user(
+            SqlState::INVALID_PARAMETER_VALUE,
+            "CREATE SINK needs WITH (connector = '…')",
         )),
     }
 }

@@ -41,7 +41,7 @@ use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
 use kappa_common::{KappaError, Result, SqlState};
 
 use crate::rng::Rng;
-use crate::{ColumnSet, Poll, SourceReader, check_known, int_option};
+use crate::{Batches, ColumnSet, RowStream, check_known, int_option};
 
 const PERSON_PROPORTION: u64 = 1;
 const AUCTION_PROPORTION: u64 = 3;
@@ -662,13 +662,13 @@ fn worker(
 /// How long a poll that finds no chunk ready waits for the next one.
 const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
 
-impl SourceReader for NexmarkReader {
-    fn poll(&mut self, max_rows: usize) -> Result<Poll> {
+impl RowStream for NexmarkReader {
+    fn poll_batches(&mut self, max_rows: usize) -> Result<Batches> {
         let mut batches = Vec::new();
         let mut rows = 0;
         loop {
             if self.total_chunks.is_some_and(|t| self.next_chunk >= t) {
-                return Ok(Poll {
+                return Ok(Batches {
                     batches,
                     finished: true,
                 });
@@ -712,13 +712,13 @@ impl SourceReader for NexmarkReader {
             batches.push(b);
             self.next_chunk += 1;
         }
-        Ok(Poll {
+        Ok(Batches {
             batches,
             finished: false,
         })
     }
 
-    fn read_range(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
+    fn read_rows(&self, from: u64, to: u64) -> Result<Vec<RecordBatch>> {
         crate::chunks(from, to, self.config.chunk_rows)
             .map(|(start, end)| {
                 generate(&self.config, &self.schema, start..end, self.columns_read())
@@ -726,11 +726,19 @@ impl SourceReader for NexmarkReader {
             .collect()
     }
 
-    fn set_columns_read(&mut self, read: ColumnSet) {
+    fn set_read(&mut self, read: ColumnSet) {
         self.read.store(read.bits(), Ordering::Release);
     }
 
-    fn seek(&mut self, rows: u64) -> Result<()> {
+    fn next_row(&self) -> u64 {
+        let at = self.next_chunk * self.config.chunk_rows;
+        match self.config.event_num {
+            Some(e) => at.min(self.config.rows_in(e)),
+            None => at,
+        }
+    }
+
+    fn seek_rows(&mut self, rows: u64) -> Result<()> {
         if !rows.is_multiple_of(self.config.chunk_rows)
             && Some(rows) != self.config.event_num.map(|e| self.config.rows_in(e))
         {
@@ -867,15 +875,15 @@ mod tests {
         let total = c.rows_in(100_000);
         let all = generate(&c, &s, 0..total, ColumnSet::ALL).unwrap();
         let mut r = NexmarkReader::start(c, s).unwrap();
-        r.set_columns_read(ColumnSet::of([0]));
+        r.set_read(ColumnSet::of([0]));
         // Each worker holds at most 5 chunks: the ones made while this poll frees room
         // (from chunk 15 on) have column 0 only, and wait in the queues after it.
-        let first = r.poll(2000).unwrap().batches;
+        let first = r.poll_batches(2000).unwrap().batches;
         assert!(first.iter().all(|b| b.column(0).null_count() == 0));
-        r.set_columns_read(ColumnSet::of([0, 1]));
+        r.set_read(ColumnSet::of([0, 1]));
         let mut at = first.iter().map(|b| b.num_rows()).sum::<usize>();
         loop {
-            let p = r.poll(10_000).unwrap();
+            let p = r.poll_batches(10_000).unwrap();
             for b in &p.batches {
                 let n = b.num_rows();
                 assert_eq!(b.column(1), &all.column(1).slice(at, n), "rows from {at}");
@@ -886,7 +894,7 @@ mod tests {
             }
         }
         assert_eq!(at as u64, total);
-        let replayed = r.replay(100).unwrap();
+        let replayed = r.read_rows(0, 100).unwrap();
         assert_eq!(replayed[0].column(1), &all.column(1).slice(0, 100));
         // NOT NULL and not read: empty.
         let unread = replayed[0].column(2).as_string::<i32>();
@@ -914,7 +922,7 @@ mod tests {
     fn read_to_end(r: &mut NexmarkReader) -> Vec<i64> {
         let mut out = vec![];
         loop {
-            let p = r.poll(10_000).unwrap();
+            let p = r.poll_batches(10_000).unwrap();
             out.extend(ids(&p.batches));
             if p.finished {
                 return out;
@@ -929,7 +937,12 @@ mod tests {
         let ids = read_to_end(&mut r);
         assert_eq!(ids.len() as u64, c.rows_in(100_000));
         assert!(ids.windows(2).all(|w| w[1] == w[0] + 1));
-        let replayed: usize = r.replay(5000).unwrap().iter().map(|b| b.num_rows()).sum();
+        let replayed: usize = r
+            .read_rows(0, 5000)
+            .unwrap()
+            .iter()
+            .map(|b| b.num_rows())
+            .sum();
         assert_eq!(replayed, 5000);
     }
 
@@ -943,14 +956,14 @@ mod tests {
         let all = ids(&[generate(&c, &s, 0..total, ColumnSet::ALL).unwrap()]);
         for from in [2000, 3000, 4000] {
             let mut r = NexmarkReader::start(c.clone(), s.clone()).unwrap();
-            r.seek(from).unwrap();
+            r.seek_rows(from).unwrap();
             assert_eq!(
                 read_to_end(&mut r),
                 all[from as usize..],
                 "continuing at row {from}"
             );
             assert_eq!(
-                ids(&r.read_range(from, from + 1500).unwrap()),
+                ids(&r.read_rows(from, from + 1500).unwrap()),
                 all[from as usize..from as usize + 1500]
             );
         }

@@ -276,7 +276,7 @@ impl KappaSchema {
             .catalog
             .relations()
             .filter_map(|r| match &r.kind {
-                RelationKind::Source { connector } => s
+                RelationKind::Source { connector, .. } => s
                     .snapshot
                     .delta
                     .source_stats
@@ -390,6 +390,10 @@ impl KappaSchema {
         } else if let RelationKind::Source { .. } = kind {
             Data::Unreadable(format!(
                 "source \"{name}\" keeps no contents to query; create a materialized view over it"
+            ))
+        } else if let RelationKind::Sink { .. } = kind {
+            Data::Unreadable(format!(
+                "sink \"{name}\" keeps no contents to query; query the relation it writes"
             ))
         } else if matches!(kind, RelationKind::Table { .. }) && s.reads == TableReads::Latest {
             let table = s.runtime.table(rel.id).ok_or_else(|| {

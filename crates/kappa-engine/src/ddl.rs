@@ -139,9 +139,15 @@ async fn create_table(engine: &Engine, ct: CreateTable, sql: &str) -> Result<Out
                 "a PRIMARY KEY on a source (sources are append-only streams)",
             ));
         }
-        let connector =
+        let (connector, envelope) =
             crate::source::start_source(engine, sql, id, &schema, &opts, watermark.as_ref())?;
-        (RelationKind::Source { connector }, "CREATE SOURCE")
+        (
+            RelationKind::Source {
+                connector,
+                envelope,
+            },
+            "CREATE SOURCE",
+        )
     } else {
         if let Some(k) = opts.with.keys().next() {
             return Err(KappaError::user(
@@ -357,7 +363,7 @@ fn lower(
                 name: r.name.clone(),
                 watermark_col: r.watermark.as_ref().map(|w| w.column),
                 window,
-                append_only: matches!(r.kind, RelationKind::Source { .. }),
+                append_only: r.envelope().is_append_only(),
             })
             .ok_or_else(|| KappaError::internal(format!("unresolved relation {t}")))
     };

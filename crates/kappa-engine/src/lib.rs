@@ -13,6 +13,7 @@ mod copy;
 mod ddl;
 mod dml;
 mod session;
+mod sink;
 mod source;
 mod subscribe;
 pub mod types;
@@ -194,6 +195,16 @@ impl Engine {
                 .await
                 .map_err(|e| KappaError::internal(format!("recovery task failed: {e}")))??;
             let Some(sql) = step else { break };
+            if let Some(cmd) = kappa_sql::sink::parse_sink_command(&sql) {
+                let _ddl = self.ddl.lock().await;
+                sink::execute(self, cmd?, &sql).await.map_err(|e| {
+                    KappaError::user(
+                        e.sqlstate(),
+                        format!("recovery failed replaying `{sql}`: {e}"),
+                    )
+                })?;
+                continue;
+            }
             let mut stmts = kappa_sql::parse::parse_recorded(&sql)?;
             let stmt = match (stmts.pop(), stmts.is_empty()) {
                 (Some(s), true) => s,
@@ -371,6 +382,19 @@ impl Engine {
     /// Runs a Kappa command that is not standard SQL, if `sql` is one. Returns `None` for
     /// anything else.
     pub async fn execute_extension(&self, session: &Session, sql: &str) -> Option<Result<Output>> {
+        if let Some(cmd) = kappa_sql::sink::parse_sink_command(sql) {
+            // The snapshot a new sink starts with holds the session's own writes.
+            if session.take_unflushed_writes()
+                && let Err(e) = self.barrier().await
+            {
+                return Some(Err(e));
+            }
+            let _ddl = self.ddl.lock().await;
+            return Some(match cmd {
+                Ok(cmd) => sink::execute(self, cmd, sql).await,
+                Err(e) => Err(e),
+            });
+        }
         if let Some(cmd) = kappa_sql::subscribe::parse_stream_command(sql) {
             return Some(match cmd {
                 Ok(cmd) => self.stream_command(session, cmd).await,

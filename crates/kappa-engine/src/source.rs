@@ -1,4 +1,4 @@
-//! CREATE SOURCE: connectors that feed append-only streams into the runtime.
+//! CREATE SOURCE: connectors that feed streams of changes into the runtime.
 
 use datafusion::arrow::datatypes::SchemaRef;
 use kappa_common::{RelationId, Result};
@@ -7,7 +7,7 @@ use kappa_sql::catalog::WatermarkDef;
 use crate::Engine;
 use crate::ddl::TableOptions;
 
-/// Starts the source's connector; returns the connector's name.
+/// Starts the source's connector; returns the connector's name and its envelope.
 pub(crate) fn start_source(
     engine: &Engine,
     ddl: &str,
@@ -15,15 +15,19 @@ pub(crate) fn start_source(
     schema: &SchemaRef,
     opts: &TableOptions,
     watermark: Option<&(WatermarkDef, datafusion::logical_expr::Expr)>,
-) -> Result<String> {
-    let reader = kappa_connectors::create_reader(&opts.with, schema.clone())?;
+) -> Result<(String, kappa_common::Envelope)> {
+    let source = kappa_connectors::create_source(&opts.with, schema.clone())?;
+    let envelope = source.envelope();
     engine.runtime().create_source(
         ddl,
         id,
         schema.clone(),
-        reader,
+        source,
         watermark.map(|(d, e)| (d.column, e.clone())),
         opts.idle_timeout,
     )?;
-    Ok(opts.with.get("connector").cloned().unwrap_or_default())
+    Ok((
+        opts.with.get("connector").cloned().unwrap_or_default(),
+        envelope,
+    ))
 }

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::prelude::SessionContext;
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result};
-use kappa_connectors::ColumnSet;
+use kappa_connectors::{ColumnSet, Position, Sink, Source};
 use kappa_operators::ContentsSnapshot;
 use kappa_plan::{NodeKind, StreamGraph};
 use kappa_state::{EpochRecord, History, Record, SourcePosition, StateStore};
@@ -114,6 +114,7 @@ struct Inner {
     /// In creation order (a topological order).
     views: Vec<Dataflow>,
     sources: BTreeMap<RelationId, LiveSource>,
+    sinks: BTreeMap<RelationId, LiveSink>,
     /// A relation was created or dropped since the last barrier: its epoch is recorded.
     relations_changed: bool,
     /// The idle inputs of the last recorded epoch.
@@ -162,10 +163,13 @@ impl Inner {
     }
 }
 
-/// A connector-fed source: its reader, how far the views have read it, its event clock.
+/// A connector-fed source: the source, how far the views have read it, its event clock.
 struct LiveSource {
-    reader: Box<dyn kappa_connectors::SourceReader>,
-    /// Rows handed to the views so far (the offset a later view replays up to).
+    source: Box<dyn Source>,
+    /// Where the views have read up to: what a later view replays to, and where the next
+    /// poll starts.
+    position: Position,
+    /// Rows handed to the views so far (`kappa_sources`).
     rows: u64,
     finished: bool,
     /// The last poll returned rows: there may be more ready.
@@ -196,7 +200,7 @@ fn set_columns_read(inner: &mut Inner, new: Option<&StreamGraph>) {
                 });
             }
         }
-        s.reader.set_columns_read(read);
+        s.source.set_columns_read(read);
     }
 }
 
@@ -216,6 +220,21 @@ impl LiveSource {
                 .is_some_and(|t| self.last_rows.elapsed() > t);
         EventTime { watermark, idle }
     }
+}
+
+/// A sink: the relation whose changes it writes, and how far it got.
+struct LiveSink {
+    sink: Box<dyn Sink>,
+    from: RelationId,
+    /// What the last successful `pre_commit` returned (what a restart resumes from, if its
+    /// checkpoint was written).
+    token: Option<Vec<u8>>,
+    /// Why it stopped writing, if it did (it resumes from its last checkpoint at the next
+    /// start).
+    failure: Option<String>,
+    /// Restored from a checkpoint that did not hold it (it was dropped before, its DROP
+    /// follows): it must not touch its output.
+    dormant: bool,
 }
 
 /// Rows a barrier takes from one source at most, so an epoch stays short.
@@ -271,18 +290,30 @@ pub struct CheckpointStats {
     pub paused: Option<String>,
 }
 
+/// A source at a checkpoint.
+#[derive(Clone, Debug, Default)]
+struct SourceCheckpoint {
+    /// Its position, as the source encodes it.
+    position: Vec<u8>,
+    rows: u64,
+    finished: bool,
+    watermark: Option<i64>,
+}
+
 /// The runtime's own state at a checkpoint (the state tables hold the rest).
 #[derive(Default)]
 struct RuntimeCheckpoint {
     epoch: Epoch,
     now: i64,
     recorded_idle: Vec<RelationId>,
-    /// Source → rows read, finished, watermark.
-    sources: HashMap<RelationId, (u64, bool, Option<i64>)>,
+    /// Per source, where it stood.
+    sources: HashMap<RelationId, SourceCheckpoint>,
     /// Table → watermark.
     tables: HashMap<RelationId, Option<i64>>,
     /// The views that existed.
     views: Vec<RelationId>,
+    /// Per sink, what its `pre_commit` returned for this checkpoint.
+    sinks: HashMap<RelationId, Vec<u8>>,
 }
 
 impl RuntimeCheckpoint {
@@ -295,8 +326,12 @@ impl RuntimeCheckpoint {
             e.u64(*id);
         }
         e.u64(self.sources.len() as u64);
-        for (id, (rows, finished, wm)) in &self.sources {
-            e.u64(*id).u64(*rows).bool(*finished).opt_i64(*wm);
+        for (id, s) in &self.sources {
+            e.u64(*id)
+                .bytes(&s.position)
+                .u64(s.rows)
+                .bool(s.finished)
+                .opt_i64(s.watermark);
         }
         e.u64(self.tables.len() as u64);
         for (id, wm) in &self.tables {
@@ -305,6 +340,10 @@ impl RuntimeCheckpoint {
         e.u64(self.views.len() as u64);
         for id in &self.views {
             e.u64(*id);
+        }
+        e.u64(self.sinks.len() as u64);
+        for (id, token) in &self.sinks {
+            e.u64(*id).bytes(token);
         }
         e.finish()
     }
@@ -321,7 +360,13 @@ impl RuntimeCheckpoint {
         }
         for _ in 0..d.u64()? {
             let id = d.u64()?;
-            c.sources.insert(id, (d.u64()?, d.bool()?, d.opt_i64()?));
+            let source = SourceCheckpoint {
+                position: d.bytes()?.to_vec(),
+                rows: d.u64()?,
+                finished: d.bool()?,
+                watermark: d.opt_i64()?,
+            };
+            c.sources.insert(id, source);
         }
         for _ in 0..d.u64()? {
             let id = d.u64()?;
@@ -329,6 +374,10 @@ impl RuntimeCheckpoint {
         }
         for _ in 0..d.u64()? {
             c.views.push(d.u64()?);
+        }
+        for _ in 0..d.u64()? {
+            let id = d.u64()?;
+            c.sinks.insert(id, d.bytes()?.to_vec());
         }
         d.end()?;
         Ok(c)
@@ -436,6 +485,7 @@ impl Runtime {
                 now: i64::MIN,
                 views: Vec::new(),
                 sources: BTreeMap::new(),
+                sinks: BTreeMap::new(),
                 relations_changed: false,
                 recorded_idle: Vec::new(),
                 last_checkpoint: std::time::Instant::now(),
@@ -707,7 +757,7 @@ impl Runtime {
         }
         let mut inner = self.lock()?;
         for s in inner.sources.values_mut() {
-            s.reader.seek(s.rows)?;
+            s.source.seek(&s.position)?;
             s.busy = !s.finished;
         }
         // What was replayed after the checkpoint is in the next one.
@@ -827,7 +877,7 @@ impl Runtime {
         ddl: &str,
         id: RelationId,
         schema: datafusion::arrow::datatypes::SchemaRef,
-        reader: Box<dyn kappa_connectors::SourceReader>,
+        source: Box<dyn Source>,
         watermark: Option<(usize, datafusion::logical_expr::Expr)>,
         idle_timeout: Option<std::time::Duration>,
     ) -> Result<()> {
@@ -842,21 +892,26 @@ impl Runtime {
             None => None,
         };
         let mut clock = clock;
-        let (rows, finished) = match self.restored(|c| c.sources.get(&id).copied())? {
-            Some((rows, finished, watermark)) if self.restoring()? => {
+        let (position, rows, finished) = match self.restored(|c| c.sources.get(&id).cloned())? {
+            Some(saved) if self.restoring()? => {
                 if let Some(c) = &mut clock {
-                    c.watermark = watermark;
+                    c.watermark = saved.watermark;
                 }
-                (rows, finished)
+                (
+                    Position::decode(&saved.position)?,
+                    saved.rows,
+                    saved.finished,
+                )
             }
-            _ => (0, false),
+            _ => (source.earliest(), 0, false),
         };
         let mut inner = self.lock()?;
         self.record_ddl_locked(&mut inner, ddl)?;
         inner.sources.insert(
             id,
             LiveSource {
-                reader,
+                source,
+                position,
                 rows,
                 finished,
                 busy: true,
@@ -944,8 +999,8 @@ impl Runtime {
         let mut backfill: HashMap<RelationId, Vec<ChangeBatch>> = HashMap::new();
         for src in view.graph.sources() {
             if let Some(s) = inner.sources.get(&src) {
-                let batches = s.reader.replay(s.rows)?;
-                backfill.insert(src, batches.into_iter().map(ChangeBatch::inserts).collect());
+                let changes = s.source.read_range(&s.source.earliest(), &s.position)?;
+                backfill.insert(src, changes);
                 continue;
             }
             let snap = current.relations.get(&src).ok_or_else(|| {
@@ -1002,6 +1057,61 @@ impl Runtime {
         Ok((commit.epoch, contents, listening, TransientView(ended)))
     }
 
+    /// Registers a sink of relation `from`'s changes. Unless restored from a checkpoint
+    /// (then it resumes from the checkpoint's token), it starts empty, is given the
+    /// relation's contents at the last commit when `snapshot` (as inserts of that epoch),
+    /// and then every later epoch's changes.
+    pub fn create_sink(
+        &self,
+        ddl: &str,
+        id: RelationId,
+        from: RelationId,
+        sink: Box<dyn Sink>,
+        snapshot: bool,
+    ) -> Result<()> {
+        let mut inner = self.lock()?;
+        let mut live = LiveSink {
+            sink,
+            from,
+            token: None,
+            failure: None,
+            dormant: false,
+        };
+        if self.restoring()? {
+            match self.restored(|c| c.sinks.get(&id).cloned())? {
+                Some(token) => {
+                    live.sink.start(Some(&token))?;
+                    live.token = Some(token);
+                }
+                None => live.dormant = true,
+            }
+        } else {
+            live.sink.start(None)?;
+            if snapshot {
+                let current = self.committed();
+                let snap = current.relations.get(&from).ok_or_else(|| {
+                    KappaError::internal(format!("relation {from} has no committed snapshot"))
+                })?;
+                if let Some(f) = &snap.failure {
+                    return Err(KappaError::user(
+                        kappa_common::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!("cannot write a failed view: {f}"),
+                    ));
+                }
+                let rows: Vec<ChangeBatch> = snap
+                    .batches()?
+                    .iter()
+                    .cloned()
+                    .map(ChangeBatch::inserts)
+                    .collect();
+                live.sink.write(current.epoch, &rows)?;
+            }
+        }
+        self.record_ddl_locked(&mut inner, ddl)?;
+        inner.sinks.insert(id, live);
+        Ok(())
+    }
+
     /// Removes a relation's dataflow or table. Readers stop seeing it at the next commit.
     /// `ddl` is the statement, for the history, on the first of its drops.
     pub fn drop_relation(&self, ddl: Option<&str>, relation: RelationId) -> Result<()> {
@@ -1019,6 +1129,7 @@ impl Runtime {
         inner.views.retain(|v| v.relation != relation);
         let view = inner.views.len() < views;
         inner.sources.remove(&relation);
+        inner.sinks.remove(&relation);
         set_columns_read(&mut inner, None);
         if self.restoring()? {
             // The checkpoint holds no state of it any more.
@@ -1071,21 +1182,26 @@ impl Runtime {
         let mut changed = inner.relations_changed;
         let mut positions = Vec::with_capacity(inner.sources.len());
         for (id, s) in inner.sources.iter_mut() {
-            let (batches, finished) = match &recorded {
+            let (read, finished) = match &recorded {
                 Some(r) => match r.sources.iter().find(|p| p.source == *id) {
-                    Some(p) => (s.reader.read_range(s.rows, p.rows)?, p.finished),
+                    Some(p) => {
+                        let to = Position::decode(&p.position)?;
+                        let read = s.source.read_range(&s.position, &to)?;
+                        s.position = to;
+                        (read, p.finished)
+                    }
                     None => (vec![], s.finished),
                 },
                 None if s.finished => (vec![], true),
                 None => {
-                    let poll = s.reader.poll(MAX_SOURCE_ROWS_PER_EPOCH)?;
-                    (poll.batches, poll.finished)
+                    let poll = s.source.poll(MAX_SOURCE_ROWS_PER_EPOCH)?;
+                    s.position = s.source.position();
+                    (poll.changes, poll.finished)
                 }
             };
-            let mut changes = Vec::with_capacity(batches.len());
-            for b in batches {
-                s.rows += b.num_rows() as u64;
-                let change = ChangeBatch::inserts(b);
+            let mut changes = Vec::with_capacity(read.len());
+            for change in read {
+                s.rows += change.num_rows() as u64;
                 let change = match s.clock.as_mut() {
                     Some(c) => {
                         let admitted = c.admit(change.clone())?;
@@ -1124,7 +1240,7 @@ impl Runtime {
             );
             positions.push(SourcePosition {
                 source: *id,
-                rows: s.rows,
+                position: s.position.encode(),
                 finished: s.finished,
             });
         }
@@ -1255,6 +1371,26 @@ impl Runtime {
             };
             relations.insert(view.relation, rel);
         }
+        for (id, s) in inner.sinks.iter_mut() {
+            if s.dormant || s.failure.is_some() {
+                continue;
+            }
+            let failed = relations.get(&s.from).and_then(|r| r.failure.clone());
+            let written = match failed {
+                Some(f) => Err(KappaError::user(
+                    kappa_common::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    f,
+                )),
+                None => s.sink.write(
+                    epoch,
+                    deltas.get(&s.from).map(Vec::as_slice).unwrap_or_default(),
+                ),
+            };
+            if let Err(e) = written {
+                tracing::error!(sink = id, error = %e, "a sink stopped writing");
+                s.failure = Some(format!("stopped at epoch {epoch}: {e}"));
+            }
+        }
         self.commits.publish(Commit {
             epoch,
             now,
@@ -1351,6 +1487,8 @@ impl Runtime {
             changes: Vec::new(),
             watermarks: HashMap::new(),
             tables: Vec::new(),
+            positions: Vec::new(),
+            sinks: HashMap::new(),
         };
         for (id, table) in tables {
             cp.tables.push(table.clone());
@@ -1391,6 +1529,33 @@ impl Runtime {
             self.checkpoint_ended(inner, &cp, &taken, Err(e));
             return;
         }
+        cp.positions = inner
+            .sources
+            .iter()
+            .map(|(id, s)| (*id, s.position.clone()))
+            .collect();
+        // Sinks make what they wrote durable before the checkpoint that records how far
+        // they got; a failed sink keeps its last good token.
+        let mut sink_tokens = HashMap::new();
+        let epoch = inner.epoch;
+        for (id, s) in inner.sinks.iter_mut() {
+            if s.dormant {
+                continue;
+            }
+            if s.failure.is_none() {
+                match s.sink.pre_commit(epoch) {
+                    Ok(token) => s.token = Some(token),
+                    Err(e) => {
+                        tracing::error!(sink = id, error = %e, "a sink cannot make its output durable");
+                        s.failure = Some(format!("stopped at epoch {epoch}: {e}"));
+                    }
+                }
+            }
+            if let Some(t) = &s.token {
+                sink_tokens.insert(*id, t.clone());
+            }
+        }
+        cp.sinks = sink_tokens.clone();
         let state = RuntimeCheckpoint {
             epoch: inner.epoch,
             now: inner.now,
@@ -1399,18 +1564,18 @@ impl Runtime {
                 .sources
                 .iter()
                 .map(|(id, s)| {
-                    (
-                        *id,
-                        (
-                            s.rows,
-                            s.finished,
-                            s.clock.as_ref().and_then(|c| c.watermark),
-                        ),
-                    )
+                    let saved = SourceCheckpoint {
+                        position: s.position.encode(),
+                        rows: s.rows,
+                        finished: s.finished,
+                        watermark: s.clock.as_ref().and_then(|c| c.watermark),
+                    };
+                    (*id, saved)
                 })
                 .collect(),
             tables: std::mem::take(&mut cp.watermarks),
             views: taken.clone(),
+            sinks: sink_tokens,
         };
         let Some(history) = self.history.clone() else {
             return;
@@ -1507,6 +1672,23 @@ impl Runtime {
                 // Records appended while it was written are after it.
                 inner.changed_since_checkpoint =
                     self.history.as_ref().is_some_and(|h| h.last_seq() > cp.seq);
+                for (id, token) in &cp.sinks {
+                    if let Some(s) = inner.sinks.get_mut(id)
+                        && s.failure.is_none()
+                        && let Err(e) = s.sink.commit(token)
+                    {
+                        tracing::error!(sink = id, error = %e, "a sink cannot commit");
+                        s.failure = Some(e.to_string());
+                    }
+                }
+                // Recovery never reads a source before these positions again.
+                for (id, at) in &cp.positions {
+                    if let Some(s) = inner.sources.get_mut(id)
+                        && let Err(e) = s.source.checkpoint_durable(at)
+                    {
+                        tracing::warn!(source = id, error = %e, "a source could not take note of a durable checkpoint");
+                    }
+                }
             }
             (Err(e), _) | (_, Err(e)) => {
                 tracing::error!(error = %e, "checkpoint failed; the next one will retry");
@@ -1525,6 +1707,11 @@ struct PendingCheckpoint {
     watermarks: HashMap<RelationId, Option<i64>>,
     /// The tables whose changes were taken.
     tables: Vec<Arc<Table>>,
+    /// Each source's position at the checkpoint: once it is written, told to the source
+    /// ([`Source::checkpoint_durable`]).
+    positions: Vec<(RelationId, Position)>,
+    /// Each sink's token in the checkpoint: once it is written, the sink commits.
+    sinks: HashMap<RelationId, Vec<u8>>,
 }
 
 /// Back-pressure: holds a writer while `waiting` says so, for at most a minute. What it
@@ -1546,24 +1733,28 @@ mod tests {
 
     struct Silent;
 
-    impl kappa_connectors::SourceReader for Silent {
-        fn poll(&mut self, _max_rows: usize) -> Result<kappa_connectors::Poll> {
-            Ok(kappa_connectors::Poll {
-                batches: vec![],
-                finished: false,
-            })
+    impl Source for Silent {
+        fn position(&self) -> Position {
+            Position::rows(0)
         }
-        fn read_range(&self, _from: u64, _to: u64) -> Result<Vec<RecordBatch>> {
+        fn earliest(&self) -> Position {
+            Position::rows(0)
+        }
+        fn poll(&mut self, _max_rows: usize) -> Result<kappa_connectors::Poll> {
+            Ok(kappa_connectors::Poll::inserts(vec![], false))
+        }
+        fn read_range(&self, _from: &Position, _to: &Position) -> Result<Vec<ChangeBatch>> {
             Ok(vec![])
         }
-        fn seek(&mut self, _rows: u64) -> Result<()> {
+        fn seek(&mut self, _to: &Position) -> Result<()> {
             Ok(())
         }
     }
 
     fn source(idle_timeout: Option<Duration>, quiet_for: Duration, finished: bool) -> LiveSource {
         LiveSource {
-            reader: Box::new(Silent),
+            source: Box::new(Silent),
+            position: Position::rows(0),
             rows: 0,
             finished,
             busy: false,

@@ -72,11 +72,11 @@ async fn a_data_directory_in_another_format_is_refused_naming_both() {
     let dir = fresh_dir("format-dir");
     checkpointed_dir(&dir).await;
     history(&dir)
-        .overwrite_format(b"kappa-history-2")
+        .overwrite_format(b"kappa-history-3")
         .expect("alter the marker");
     let err = refused(&dir);
     assert!(
-        err.contains("kappa-history-2") && err.contains("kappa-history-3"),
+        err.contains("kappa-history-3") && err.contains("kappa-history-4"),
         "the message names both formats: {err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

@@ -7,17 +7,23 @@
 use std::collections::BTreeMap;
 
 use datafusion::arrow::datatypes::SchemaRef;
-use kappa_common::{KappaError, RelationId, Result, SqlState};
+use kappa_common::{Envelope, KappaError, RelationId, Result, SqlState};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RelationKind {
     /// An engine table: a changelog fed by INSERT/UPDATE/DELETE/COPY.
     Table { primary_key: Option<Vec<usize>> },
-    /// A source: an append-only stream from a connector, read by materialized views; it
-    /// keeps no contents of its own.
-    Source { connector: String },
+    /// A source: a stream of changes from a connector, read by materialized views; it keeps
+    /// no contents of its own. `envelope`: what its changes mean (the connector's).
+    Source {
+        connector: String,
+        envelope: Envelope,
+    },
     /// A materialized view, kept up to date by the runtime.
     MaterializedView,
+    /// A sink: where a relation's changes are written (`CREATE SINK … FROM …`); it keeps no
+    /// contents. It depends on the relation it writes.
+    Sink { connector: String },
     /// A view: a named query, expanded where it is used.
     View,
 }
@@ -28,7 +34,19 @@ impl RelationKind {
             Self::Table { .. } => "table",
             Self::Source { .. } => "source",
             Self::MaterializedView => "materialized view",
+            Self::Sink { .. } => "sink",
             Self::View => "view",
+        }
+    }
+}
+
+impl Relation {
+    /// What the changes of this relation mean to a reader: the planner asks this, never the
+    /// kind, whether an input can retract. Tables and views change with retractions.
+    pub fn envelope(&self) -> Envelope {
+        match &self.kind {
+            RelationKind::Source { envelope, .. } => envelope.clone(),
+            _ => Envelope::Changelog,
         }
     }
 }

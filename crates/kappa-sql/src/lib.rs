@@ -8,6 +8,7 @@ pub mod catalog;
 mod join;
 mod lower;
 pub mod parse;
+pub mod sink;
 pub mod subscribe;
 pub mod temporal;
 mod top_n;

@@ -72,13 +72,13 @@ fn syntax(msg: impl std::fmt::Display) -> KappaError {
 }
 
 /// Tokens without whitespace and comments.
-struct Tokens {
-    toks: Vec<Token>,
-    pos: usize,
+pub(crate) struct Tokens {
+    pub(crate) toks: Vec<Token>,
+    pub(crate) pos: usize,
 }
 
 impl Tokens {
-    fn new(sql: &str) -> Option<Self> {
+    pub(crate) fn new(sql: &str) -> Option<Self> {
         let toks = Tokenizer::new(&PostgreSqlDialect {}, sql).tokenize().ok()?;
         let toks = toks
             .into_iter()
@@ -91,18 +91,18 @@ impl Tokens {
         Some(Self { toks, pos: 0 })
     }
 
-    fn peek(&self) -> Option<&Token> {
+    pub(crate) fn peek(&self) -> Option<&Token> {
         self.toks.get(self.pos)
     }
 
-    fn next(&mut self) -> Option<Token> {
+    pub(crate) fn next(&mut self) -> Option<Token> {
         let t = self.toks.get(self.pos).cloned();
         self.pos += 1;
         t
     }
 
     /// The next token is the keyword `kw` (unquoted word, any case): consumes it.
-    fn keyword(&mut self, kw: &str) -> bool {
+    pub(crate) fn keyword(&mut self, kw: &str) -> bool {
         match self.peek() {
             Some(Token::Word(w)) if w.quote_style.is_none() && w.value.eq_ignore_ascii_case(kw) => {
                 self.pos += 1;
@@ -112,7 +112,7 @@ impl Tokens {
         }
     }
 
-    fn expect_keyword(&mut self, kw: &str) -> Result<()> {
+    pub(crate) fn expect_keyword(&mut self, kw: &str) -> Result<()> {
         if self.keyword(kw) {
             Ok(())
         } else {
@@ -120,7 +120,7 @@ impl Tokens {
         }
     }
 
-    fn token(&mut self, t: &Token) -> bool {
+    pub(crate) fn token(&mut self, t: &Token) -> bool {
         if self.peek() == Some(t) {
             self.pos += 1;
             true
@@ -129,7 +129,7 @@ impl Tokens {
         }
     }
 
-    fn expect(&mut self, t: &Token) -> Result<()> {
+    pub(crate) fn expect(&mut self, t: &Token) -> Result<()> {
         if self.token(t) {
             Ok(())
         } else {
@@ -137,7 +137,7 @@ impl Tokens {
         }
     }
 
-    fn found(&self) -> String {
+    pub(crate) fn found(&self) -> String {
         match self.peek() {
             Some(t) => format!("\"{t}\""),
             None => "the end of the statement".into(),
@@ -145,7 +145,7 @@ impl Tokens {
     }
 
     /// A name: an unquoted word is folded to lower case, a quoted one kept.
-    fn name(&mut self) -> Result<String> {
+    pub(crate) fn name(&mut self) -> Result<String> {
         match self.next() {
             Some(Token::Word(w)) if w.quote_style.is_some() => Ok(w.value),
             Some(Token::Word(w)) => Ok(w.value.to_lowercase()),
@@ -156,7 +156,7 @@ impl Tokens {
         }
     }
 
-    fn end(&self) -> Result<()> {
+    pub(crate) fn end(&self) -> Result<()> {
         match self.peek() {
             None => Ok(()),
             Some(_) => Err(syntax(format!("unexpected {}", self.found()))),
@@ -164,7 +164,7 @@ impl Tokens {
     }
 
     /// The tokens up to the `)` that closes an already consumed `(`, as SQL text.
-    fn parenthesized_text(&mut self) -> Result<String> {
+    pub(crate) fn parenthesized_text(&mut self) -> Result<String> {
         let mut depth = 1;
         let mut text = String::new();
         loop {
@@ -188,7 +188,7 @@ impl Tokens {
 
     /// `( key [[=] value], … )` as (lower-case key, value text) pairs; a key without a
     /// value is `true`.
-    fn options(&mut self) -> Result<Vec<(String, String)>> {
+    pub(crate) fn options(&mut self) -> Result<Vec<(String, String)>> {
         self.expect(&Token::LParen)?;
         let mut out = Vec::new();
         loop {

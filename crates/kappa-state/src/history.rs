@@ -42,8 +42,9 @@ use crate::codec::ipc_bytes;
 /// The key under which the format version is kept.
 const FORMAT_KEY: &[u8] = b"m/format";
 /// Bumped whenever what is stored changes meaning (3: a join's state is the log of its
-/// inputs), so an older data directory is refused rather than misread.
-const FORMAT: &[u8] = b"kappa-history-3";
+/// inputs; 4: a source's position is the source's own bytes, not a row count), so an older
+/// data directory is refused rather than misread.
+const FORMAT: &[u8] = b"kappa-history-4";
 /// Write and epoch records are keyed `h` ‖ seq (big-endian), so key order is sequence
 /// order; DDL records `d` ‖ seq, in the same sequence.
 const RECORD_PREFIX: u8 = b'h';
@@ -84,11 +85,11 @@ pub struct EpochRecord {
     pub idle: Vec<RelationId>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SourcePosition {
     pub source: RelationId,
-    /// Rows read from the start of the stream.
-    pub rows: u64,
+    /// Where the source stands after the epoch, as the source encodes it (opaque here).
+    pub position: Vec<u8>,
     pub finished: bool,
 }
 
@@ -289,7 +290,8 @@ impl History {
         v.extend_from_slice(&(e.sources.len() as u64).to_le_bytes());
         for s in &e.sources {
             v.extend_from_slice(&s.source.to_le_bytes());
-            v.extend_from_slice(&s.rows.to_le_bytes());
+            v.extend_from_slice(&(s.position.len() as u64).to_le_bytes());
+            v.extend_from_slice(&s.position);
             v.push(u8::from(s.finished));
         }
         v.extend_from_slice(&(e.idle.len() as u64).to_le_bytes());
@@ -667,11 +669,13 @@ fn decode(v: &[u8]) -> std::result::Result<Record, String> {
             let mut sources = vec![];
             for _ in 0..n {
                 let source = f.u64()?;
-                let rows = f.u64()?;
+                let len =
+                    usize::try_from(f.u64()?).map_err(|_| "a position is too long".to_string())?;
+                let position = f.take(len)?.to_vec();
                 let finished = f.take(1)?[0] != 0;
                 sources.push(SourcePosition {
                     source,
-                    rows,
+                    position,
                     finished,
                 });
             }
@@ -739,7 +743,7 @@ mod tests {
             now: 1_700_000_000_000_000,
             sources: vec![SourcePosition {
                 source: 7,
-                rows: 30_000,
+                position: 30_000u64.to_le_bytes().to_vec(),
                 finished: true,
             }],
             idle: vec![3, 7],
