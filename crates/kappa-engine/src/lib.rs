@@ -18,7 +18,7 @@ mod source;
 mod subscribe;
 pub mod types;
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::RecordBatch;
@@ -120,7 +120,6 @@ impl Default for EngineConfig {
 }
 
 pub struct Engine {
-    catalog: RwLock<Arc<Catalog>>,
     runtime: Arc<Runtime>,
     /// Serializes DDL so catalog changes and runtime changes happen in one order.
     ddl: tokio::sync::Mutex<()>,
@@ -178,7 +177,6 @@ impl Engine {
             runtime = runtime.with_checkpoints(interval);
         }
         Arc::new(Self {
-            catalog: RwLock::new(Arc::new(Catalog::default())),
             runtime: Arc::new(runtime),
             ddl: tokio::sync::Mutex::new(()),
             parallelism: config.parallelism.max(1),
@@ -262,18 +260,14 @@ impl Engine {
         });
     }
 
+    /// The catalog of the last commit.
     pub fn catalog(&self) -> Arc<Catalog> {
-        match self.catalog.read() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.runtime.committed().catalog.clone()
     }
 
+    /// Publishes `c` as the catalog (in the current commit; DDL holds its lock).
     fn set_catalog(&self, c: Catalog) {
-        match self.catalog.write() {
-            Ok(mut g) => *g = Arc::new(c),
-            Err(p) => *p.into_inner() = Arc::new(c),
-        }
+        self.runtime.set_catalog(c);
     }
 
     /// Shards of a view that does not choose.
@@ -307,9 +301,11 @@ impl Engine {
 
     /// A DataFusion context over the current catalog.
     pub fn context(&self, reads: TableReads) -> datafusion::prelude::SessionContext {
+        // One commit: its catalog names exactly the relations its snapshots hold.
+        let commit = self.runtime.committed();
         context::session_context(
-            self.catalog(),
-            self.runtime.committed(),
+            commit.catalog.clone(),
+            commit,
             self.runtime.clone(),
             reads,
             false,

@@ -2,9 +2,15 @@
 //!
 //! # What a commit is
 //! A [`Commit`] is everything an epoch produced, published at once: the epoch number, its
-//! processing time, every relation's contents at the end of the epoch, every relation's
-//! changes *in* the epoch, and every source's position. Readers take the whole value
-//! ([`crate::Runtime::committed`]), so a query sees all relations at one epoch.
+//! processing time, the catalog, every relation's contents at the end of the epoch, every
+//! relation's changes *in* the epoch, and every source's position. Readers take the whole
+//! value ([`crate::Runtime::committed`]), so a query sees all relations at one epoch, and
+//! names them through the catalog of that same value.
+//!
+//! The catalog is the engine's: a DDL statement replaces it in the current commit
+//! ([`Listeners::set_catalog`]) once the runtime holds what it names, and every later
+//! commit carries it on. Both happen under the listeners' lock, so an epoch published
+//! concurrently never brings back an older catalog.
 //!
 //! # Invariants
 //! - Epochs of successive commits increase by exactly one, and every epoch is published
@@ -32,6 +38,8 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use kappa_common::{ChangeBatch, Epoch, KappaError, RelationId, Result, SqlState};
 
+use kappa_sql::catalog::Catalog;
+
 use crate::{RelationSnapshot, SourceStats, ViewStats};
 
 /// One epoch's published result (see the module's documentation for its invariants).
@@ -40,6 +48,8 @@ pub struct Commit {
     pub epoch: Epoch,
     /// The epoch's processing time (µs since the Unix epoch): what `now()` was in it.
     pub now: i64,
+    /// The catalog readers resolve names with (set by the engine, carried over by epochs).
+    pub catalog: Arc<Catalog>,
     /// Every relation's contents at the end of the epoch.
     pub relations: HashMap<RelationId, Arc<RelationSnapshot>>,
     /// What changed in the epoch, and the statistics at its end.
@@ -203,12 +213,15 @@ impl Listeners {
 
     /// Publishes `commit` and hands its delta to every listener. Never waits for a
     /// listener: one over its limits is dropped with the reason.
-    pub fn publish(&self, commit: Commit) {
-        let commit = Arc::new(commit);
+    pub fn publish(&self, mut commit: Commit) {
         let mut listeners = match self.listeners.lock() {
             Ok(l) => l,
             Err(p) => p.into_inner(),
         };
+        // The catalog is carried over from the commit it replaces (under the lock: a
+        // concurrent `set_catalog` is never lost).
+        commit.catalog = self.current().catalog.clone();
+        let commit = Arc::new(commit);
         // Under the listeners' lock, so that `listen` sees either this commit as current
         // or receives its delta, never neither or both.
         match self.current.write() {
@@ -237,6 +250,27 @@ impl Listeners {
             // A receiver that is gone (its client disconnected) removes the listener.
             l.tx.send(delta).is_ok()
         });
+    }
+
+    /// Replaces the catalog of the current commit (and so of every later one). Listeners
+    /// are not told: no epoch passed.
+    pub fn set_catalog(&self, catalog: Catalog) {
+        let _listeners = match self.listeners.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let cur = self.current();
+        let next = Arc::new(Commit {
+            epoch: cur.epoch,
+            now: cur.now,
+            catalog: Arc::new(catalog),
+            relations: cur.relations.clone(),
+            delta: cur.delta.clone(),
+        });
+        match self.current.write() {
+            Ok(mut c) => *c = next,
+            Err(p) => *p.into_inner() = next,
+        }
     }
 
     /// Registers a listener of `relations`' changes (`None`: every relation's) and returns
