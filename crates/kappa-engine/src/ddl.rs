@@ -322,20 +322,33 @@ fn direct_dependencies(
     Ok(out)
 }
 
+/// A planning context over one commit, and that commit's catalog: the names a plan
+/// resolves and the relations it reads come from the same epoch.
+fn planning_context(
+    engine: &Engine,
+) -> (
+    Arc<kappa_sql::catalog::Catalog>,
+    datafusion::prelude::SessionContext,
+) {
+    let commit = engine.runtime().committed();
+    let catalog = commit.catalog.clone();
+    let ctx = session_context(
+        catalog.clone(),
+        commit,
+        engine.runtime().clone(),
+        TableReads::Committed,
+        true,
+    );
+    (catalog, ctx)
+}
+
 /// `EXPLAIN CREATE MATERIALIZED VIEW …`: the streaming plan, without creating anything.
 pub(crate) async fn explain_create(engine: &Engine, cv: CreateView) -> Result<Output> {
     if !cv.materialized {
         return Err(KappaError::not_supported("EXPLAIN CREATE VIEW"));
     }
     let name = object_name(&cv.name)?;
-    let catalog = engine.catalog();
-    let ctx = session_context(
-        catalog.clone(),
-        engine.runtime().committed(),
-        engine.runtime().clone(),
-        TableReads::Committed,
-        true,
-    );
+    let (catalog, ctx) = planning_context(engine);
     let eowc = view_options(&cv.options)?.emit_on_window_close;
     let plan = plan_statement(&ctx, Statement::Query(cv.query)).await?;
     let graph = lower(&ctx, &catalog, &plan, 0, &name, eowc)?;
@@ -391,16 +404,9 @@ pub(crate) async fn plan_query_graph(
             ));
         }
     };
-    let catalog = engine.catalog();
+    let (catalog, ctx) = planning_context(engine);
     kappa_sql::tvf::rewrite_window_tvfs(&mut query, &catalog)?;
     kappa_sql::as_of::rewrite_temporal_joins(&mut query, &catalog)?;
-    let ctx = session_context(
-        catalog.clone(),
-        engine.runtime().committed(),
-        engine.runtime().clone(),
-        TableReads::Committed,
-        true,
-    );
     let plan = plan_statement(&ctx, Statement::Query(query)).await?;
     let schema = Arc::new(plan.schema().as_arrow().clone());
     let graph = lower(&ctx, &catalog, &plan, id, name, false)?;
@@ -502,15 +508,7 @@ async fn create_view(engine: &Engine, cv: CreateView, sql: &str) -> Result<Outpu
     kappa_sql::as_of::rewrite_temporal_joins(&mut query, &engine.catalog())?;
     let depends_on = direct_dependencies(engine, &query)?;
     let definition = query.to_string();
-    let catalog = engine.catalog();
-    let snapshot = engine.runtime().committed();
-    let ctx = session_context(
-        catalog.clone(),
-        snapshot,
-        engine.runtime().clone(),
-        TableReads::Committed,
-        true,
-    );
+    let (catalog, ctx) = planning_context(engine);
     let plan = plan_statement(&ctx, Statement::Query(query)).await?;
     let fields = plan.schema().as_arrow().fields().clone();
     let mut seen = std::collections::HashSet::new();

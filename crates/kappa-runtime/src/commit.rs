@@ -56,6 +56,28 @@ pub struct Commit {
     pub delta: Arc<CommitDelta>,
 }
 
+impl Commit {
+    /// Relation `id`'s contents at this commit, as inserts: what a new dataflow or sink
+    /// starts from. A failed view cannot be read (55000).
+    pub fn contents_as_inserts(&self, id: RelationId) -> Result<Vec<ChangeBatch>> {
+        let snap = self.relations.get(&id).ok_or_else(|| {
+            KappaError::internal(format!("relation {id} has no committed snapshot"))
+        })?;
+        if let Some(f) = &snap.failure {
+            return Err(KappaError::user(
+                SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!("cannot read a failed view: {f}"),
+            ));
+        }
+        Ok(snap
+            .batches()?
+            .iter()
+            .cloned()
+            .map(ChangeBatch::inserts)
+            .collect())
+    }
+}
+
 /// The part of a commit listeners receive: changes and statistics, no snapshots.
 #[derive(Debug, Default)]
 pub struct CommitDelta {

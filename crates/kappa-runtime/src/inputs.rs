@@ -237,21 +237,7 @@ impl Runtime {
             live.sink.start(None)?;
             if snapshot {
                 let current = self.committed();
-                let snap = current.relations.get(&from).ok_or_else(|| {
-                    KappaError::internal(format!("relation {from} has no committed snapshot"))
-                })?;
-                if let Some(f) = &snap.failure {
-                    return Err(KappaError::user(
-                        kappa_common::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        format!("cannot write a failed view: {f}"),
-                    ));
-                }
-                let rows: Vec<ChangeBatch> = snap
-                    .batches()?
-                    .iter()
-                    .cloned()
-                    .map(ChangeBatch::inserts)
-                    .collect();
+                let rows = current.contents_as_inserts(from)?;
                 live.sink.write(current.epoch, &rows)?;
             }
         }

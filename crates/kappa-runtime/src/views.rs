@@ -70,20 +70,7 @@ impl Runtime {
                 backfill.insert(src, changes);
                 continue;
             }
-            let snap = current.relations.get(&src).ok_or_else(|| {
-                KappaError::internal(format!("relation {src} has no committed snapshot"))
-            })?;
-            if let Some(f) = &snap.failure {
-                return Err(KappaError::user(
-                    kappa_common::SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("cannot read a failed view: {f}"),
-                ));
-            }
-            let batches = snap.batches()?;
-            backfill.insert(
-                src,
-                batches.iter().cloned().map(ChangeBatch::inserts).collect(),
-            );
+            backfill.insert(src, current.contents_as_inserts(src)?);
         }
         Ok(backfill)
     }
